@@ -1,0 +1,153 @@
+"""Convert a GGUF file or Hugging Face directory into a store split for N ranks.
+
+    python -m tpimpi.convert MODEL --ranks N [--ratios 2,1,1] [--dtype float32] [--out DIR]
+
+Tensors are read one layer at a time and each rank's slices are appended to that rank's file, so the
+model is never held twice. Everything is written under a temporary directory and renamed into place
+only after the manifest (sizes and sha256 of every file) is complete: an interrupted conversion never
+leaves something that looks like a store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from . import store
+from .errors import TpimpiError, UsageError
+from .shard import parse_ratios, plan
+from .sources import open_source
+
+
+class _RankFileWriter:
+    """Writes one rank file sequentially, hashing as it goes."""
+
+    def __init__(self, path: Path, entries, dtype: str, metadata: dict[str, str]):
+        self.path, self.entries, self.next = path, entries, 0
+        self.f = open(path, "wb")
+        self.h = hashlib.sha256()
+        self._put(store.encode_header(entries, dtype, metadata))
+
+    def _put(self, data) -> None:
+        self.f.write(data)
+        self.h.update(data)
+
+    def write(self, name: str, data) -> None:
+        want, _, nbytes = self.entries[self.next]
+        if name != want or len(data) != nbytes:
+            raise AssertionError(f"wrote {name} ({len(data)} B), expected {want} ({nbytes} B)")
+        self._put(data)
+        self.next += 1
+
+    def close(self) -> dict:
+        assert self.next == len(self.entries), "rank file incomplete"
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        return {"name": self.path.name, "bytes": self.path.stat().st_size, "sha256": self.h.hexdigest()}
+
+
+def _progress(msg: str, quiet: bool) -> None:
+    if not quiet:
+        end = "\r" if sys.stderr.isatty() else "\n"
+        print(msg, end=end, file=sys.stderr, flush=True)
+
+
+def convert(source: str | os.PathLike, out: str | os.PathLike, world: int, ratios=None,
+            dtype: str = "float32", quiet: bool = False) -> Path:
+    """Write a store for `world` ranks at `out` (replacing one already there) and return its path."""
+    if dtype not in store.DTYPES:
+        raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(store.DTYPES)}")
+    ratios = parse_ratios(ratios, world) if ratios is None or isinstance(ratios, str) else tuple(ratios)
+    src = open_source(source)
+    cfg = src.config
+    slices = plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, ratios)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        t0 = time.perf_counter()
+        writers = [
+            _RankFileWriter(tmp / store.rank_file_name(r), store.file_entries(cfg, s, r, dtype), dtype,
+                            {"format": store.FORMAT, "rank": str(r), "world": str(world)})
+            for r, s in enumerate(slices)
+        ]
+        layouts = [(store.attn_layout(cfg, s, dtype), store.mlp_layout(cfg, s, dtype)) for s in slices]
+        for i in range(cfg.n_layers):
+            t = src.layer(i)
+            for w, s, (la, lm) in zip(writers, slices, layouts):
+                attn, mlp = store.slice_layer(cfg, s, t)
+                w.write(f"layers.{i}.attn", store.pack_block(la, attn, dtype))
+                w.write(f"layers.{i}.mlp", store.pack_block(lm, mlp, dtype))
+            _progress(f"converting: layer {i + 1}/{cfg.n_layers}", quiet)
+        writers[0].write("embed", store.to_storage(src.embed(), dtype))
+        writers[0].write("final_norm", store.to_storage(src.final_norm(), dtype))
+        head = src.head()
+        if head is not None:
+            writers[0].write("head", store.to_storage(head, dtype))
+        files = [w.close() for w in writers]
+        unused = src.unused()
+        if unused:
+            raise TpimpiError(f"{source}: tensors not understood, refusing to drop them: {unused[:8]}")
+        tok = src.tokenizer_files()
+        for name, text in tok.items():
+            (tmp / name).write_text(text)
+        manifest = {
+            "format": store.FORMAT, "version": store.VERSION, "config": cfg.to_dict(), "world": world,
+            "ratios": list(ratios), "dtype": dtype, "files": files, "tokenizer": sorted(tok),
+            "source": src.identity(),
+            "plan": [{"q_heads": s.q_heads, "kv_heads": s.kv_heads, "ffn": s.ffn} for s in slices],
+        }
+        with open(tmp / store.MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+        _progress(f"converted {cfg.arch} ({cfg.n_layers} layers) for {world} ranks in "
+                  f"{time.perf_counter() - t0:.1f} s -> {out}", quiet)
+        if not quiet and sys.stderr.isatty():
+            print(file=sys.stderr)
+        return out
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tpimpi.convert", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="a .gguf file or a Hugging Face model directory")
+    p.add_argument("--ranks", type=int, required=True, help="number of MPI ranks the store is for")
+    p.add_argument("--ratios", help="comma-separated relative speed/memory of each rank (default equal)")
+    p.add_argument("--dtype", default="float32", choices=list(store.DTYPES), help="storage dtype")
+    p.add_argument("--out", help="output directory (default: MODEL's name + .n<RANKS> beside it)")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    out = args.out or str(Path(args.model).with_suffix("")) + f".n{args.ranks}"
+    try:
+        convert(args.model, out, args.ranks, args.ratios, args.dtype, args.quiet)
+    except TpimpiError as e:
+        print(f"tpimpi.convert: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

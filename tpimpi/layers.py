@@ -1,0 +1,95 @@
+"""The math of one rank's share of a layer: RMSNorm, rotary embeddings, an attention slice, an MLP slice.
+
+Plain functions on torch tensors. Each writes the rank's partial sum of the layer output into `out`;
+the caller adds the partials of all ranks (the allreduce) and the residual.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, h] -> [T, h], normalised by the root mean square and scaled by w [h]."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Rotary inverse frequencies [head_dim/2], with linear or Llama-3 scaling if the model asks."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv
+    if rs.kind == "linear":
+        return inv / rs.factor
+    # llama3: keep high frequencies, divide low ones by factor, blend in between
+    low_wavelen = rs.original_max_position / rs.low_freq_factor
+    high_wavelen = rs.original_max_position / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / rs.factor, inv)
+    smooth = (rs.original_max_position / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+    mid = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_mid, mid, scaled)
+
+
+def rope_tables(cfg: ModelConfig, max_seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [max_seq, head_dim] (frequencies repeated for both halves)."""
+    freqs = torch.outer(torch.arange(max_seq, dtype=torch.float32), inv_frequencies(cfg))  # [S, hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [S, hd]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [heads, T, hd] rotated by cos/sin [T, hd] (Hugging Face's half-split convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention(x, w, cache_k, cache_v, pos, cos, sin, kv_of_q, cfg: ModelConfig, out) -> None:
+    """This rank's heads of one attention layer; writes its partial output [T, h] into out.
+
+    x [T, h] hidden states at positions pos..pos+T; w: norm [h], wqkv [(q+2kv)*hd, h], bqkv, wo [h, q*hd];
+    cache_k/cache_v [kv, S, hd] this layer's cache for this rank's KV heads; kv_of_q [q] long.
+    """
+    n_q, n_kv, hd = kv_of_q.numel(), cache_k.shape[0], cfg.head_dim
+    if n_q == 0:
+        out.zero_()
+        return
+    T = x.shape[0]
+    qkv = F.linear(rms_norm(x, w["norm"], cfg.norm_eps), w["wqkv"], w.get("bqkv"))  # [T, (q+2kv)*hd]
+    q = qkv[:, : n_q * hd].view(T, n_q, hd).transpose(0, 1)  # [q, T, hd]
+    k = qkv[:, n_q * hd : (n_q + n_kv) * hd].view(T, n_kv, hd).transpose(0, 1)  # [kv, T, hd]
+    v = qkv[:, (n_q + n_kv) * hd :].view(T, n_kv, hd).transpose(0, 1)  # [kv, T, hd]
+    c, s = cos[pos : pos + T], sin[pos : pos + T]
+    q = apply_rope(q, c, s)
+    cache_k[:, pos : pos + T] = apply_rope(k, c, s)
+    cache_v[:, pos : pos + T] = v
+    L = pos + T
+    keys = cache_k[:, :L].index_select(0, kv_of_q)  # [q, L, hd]
+    vals = cache_v[:, :L].index_select(0, kv_of_q)  # [q, L, hd]
+    mask = None
+    if T > 1:  # causal: query t (at pos+t) sees keys 0..pos+t
+        mask = torch.arange(L).unsqueeze(0) <= (torch.arange(T) + pos).unsqueeze(1)  # [T, L]
+    o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=1.0 / math.sqrt(hd))  # [q, T, hd]
+    torch.matmul(o.transpose(0, 1).reshape(T, n_q * hd), w["wo"].t(), out=out)
+
+
+def mlp(x, w, cfg: ModelConfig, out) -> None:
+    """This rank's FFN columns; writes its partial output [T, h] into out.
+
+    w: norm [h], wgu [2f, h] (gate rows then up rows), wdown [h, f].
+    """
+    f = w["wdown"].shape[1]
+    if f == 0:
+        out.zero_()
+        return
+    gu = F.linear(rms_norm(x, w["norm"], cfg.norm_eps), w["wgu"])  # [T, 2f]
+    torch.matmul(F.silu(gu[:, :f]) * gu[:, f:], w["wdown"].t(), out=out)

@@ -1,0 +1,294 @@
+"""The weight store: a manifest plus one safetensors file per rank holding only that rank's slices.
+
+Layout of a rank file (a valid safetensors file; offsets below are from the start of the file):
+  [8-byte header length][JSON header, space-padded so the data starts on a 4096-byte boundary]
+  layers.0.attn, layers.0.mlp, layers.1.attn, ...   one flat tensor per block, each a multiple of 4096
+                                                    bytes, so a block lands in a buffer with one read
+  embed, final_norm[, head]                         rank 0 only
+Inside a block the sub-tensors (norm weight, fused projections) sit at 64-byte aligned offsets given by
+`attn_layout`/`mlp_layout`, which converter and runtime both compute from the config and split plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import StoreError
+from .shard import RankSlice, plan
+
+FORMAT = "tpimpi-store"
+VERSION = 1
+ALIGN = 4096  # block offsets and sizes: page size, and what O_DIRECT needs
+SUB_ALIGN = 64  # sub-tensor offsets inside a block: a cache line
+MAX_HEADER = 64 << 20
+MANIFEST = "manifest.json"
+
+# storage dtype -> (safetensors name, bytes per element)
+DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
+
+
+def _round_up(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class Part:
+    """One sub-tensor of a block: its shape and byte offset inside the block."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where each sub-tensor of a block lies; nbytes is padded to ALIGN."""
+
+    parts: tuple[Part, ...]
+    nbytes: int
+    itemsize: int
+
+    def part(self, name: str) -> Part:
+        return next(p for p in self.parts if p.name == name)
+
+
+def _layout(shapes: list[tuple[str, tuple[int, ...]]], itemsize: int) -> BlockLayout:
+    parts, off = [], 0
+    for name, shape in shapes:
+        parts.append(Part(name, shape, off))
+        off = _round_up(off + int(np.prod(shape)) * itemsize, SUB_ALIGN)
+    return BlockLayout(tuple(parts), max(ALIGN, _round_up(off, ALIGN)), itemsize)
+
+
+def attn_layout(cfg: ModelConfig, s: RankSlice, dtype: str) -> BlockLayout:
+    """A rank's attention block: norm [h], fused qkv [(q+2kv)*hd, h], bias [(q+2kv)*hd], o [h, q*hd]."""
+    qkv = (s.n_q + 2 * s.n_kv) * cfg.head_dim
+    shapes = [("norm", (cfg.hidden,)), ("wqkv", (qkv, cfg.hidden))]
+    if cfg.attn_bias:
+        shapes.append(("bqkv", (qkv,)))
+    shapes.append(("wo", (cfg.hidden, s.n_q * cfg.head_dim)))
+    return _layout(shapes, DTYPES[dtype][1])
+
+
+def mlp_layout(cfg: ModelConfig, s: RankSlice, dtype: str) -> BlockLayout:
+    """A rank's MLP block: norm [h], fused gate+up [2f, h], down [h, f]."""
+    shapes = [("norm", (cfg.hidden,)), ("wgu", (2 * s.n_ffn, cfg.hidden)), ("wdown", (cfg.hidden, s.n_ffn))]
+    return _layout(shapes, DTYPES[dtype][1])
+
+
+def block_name(b: int) -> str:
+    """Block b of a rank: even = attention of layer b//2, odd = MLP of layer b//2."""
+    return f"layers.{b // 2}.{'mlp' if b % 2 else 'attn'}"
+
+
+def file_entries(cfg: ModelConfig, s: RankSlice, rank: int, dtype: str) -> list[tuple[str, tuple[int, ...], int]]:
+    """(name, shape, nbytes) of every tensor of a rank file, in file order."""
+    st, size = DTYPES[dtype]
+    la, lm = attn_layout(cfg, s, dtype), mlp_layout(cfg, s, dtype)
+    out = []
+    for b in range(2 * cfg.n_layers):
+        lay = lm if b % 2 else la
+        out.append((block_name(b), (lay.nbytes // size,), lay.nbytes))
+    if rank == 0:
+        out.append(("embed", (cfg.vocab, cfg.hidden), cfg.vocab * cfg.hidden * size))
+        out.append(("final_norm", (cfg.hidden,), cfg.hidden * size))
+        if not cfg.tied_embeddings:
+            out.append(("head", (cfg.vocab, cfg.hidden), cfg.vocab * cfg.hidden * size))
+    return out
+
+
+def rank_file_name(rank: int) -> str:
+    return f"rank{rank:03d}.safetensors"
+
+
+def encode_header(entries, dtype: str, metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and JSON header of a rank file, padded so that data starts at ALIGN."""
+    st = DTYPES[dtype][0]
+    header, off = {"__metadata__": metadata}, 0
+    for name, shape, nbytes in entries:
+        header[name] = {"dtype": st, "shape": list(shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    total = _round_up(8 + len(raw), ALIGN)
+    raw += b" " * (total - 8 - len(raw))
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def decode_header(f, file_size: int, path: str) -> tuple[int, dict]:
+    """Parse a rank file's header defensively; returns (data start, header dict)."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise StoreError(f"{path}: file is {file_size} bytes, too short for a header")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER or 8 + n > file_size:
+        raise StoreError(f"{path}: header length {n} is impossible for a file of {file_size} bytes")
+    try:
+        header = json.loads(f.read(n).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise StoreError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise StoreError(f"{path}: header is not a JSON object")
+    return 8 + n, header
+
+
+def to_storage(a: np.ndarray, dtype: str) -> bytes:
+    """float32 array -> raw little-endian bytes in the storage dtype."""
+    import torch
+
+    t = torch.from_numpy(np.require(a, np.float32, ["C", "W"]))
+    if dtype != "float32":
+        t = t.to(getattr(torch, dtype))
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def pack_block(layout: BlockLayout, tensors: dict[str, np.ndarray], dtype: str) -> bytearray:
+    """Lay out sub-tensors into one zero-padded block as `layout` says."""
+    buf = bytearray(layout.nbytes)
+    for p in layout.parts:
+        a = tensors[p.name]
+        if tuple(a.shape) != p.shape:
+            raise AssertionError(f"{p.name}: shape {a.shape} != layout {p.shape}")
+        raw = to_storage(a, dtype)
+        buf[p.offset : p.offset + len(raw)] = raw
+    return buf
+
+
+def slice_layer(cfg: ModelConfig, s: RankSlice, t: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """One rank's attention and MLP sub-tensors from a layer's full float32 tensors (HF layout)."""
+    hd = cfg.head_dim
+    q = slice(s.q_heads[0] * hd, s.q_heads[1] * hd)
+    kv = slice(s.kv_heads[0] * hd, s.kv_heads[1] * hd)
+    f = slice(*s.ffn)
+    attn = {"norm": t["attn_norm"], "wqkv": np.concatenate([t["q"][q], t["k"][kv], t["v"][kv]]),
+            "wo": t["o"][:, q]}
+    if cfg.attn_bias:
+        attn["bqkv"] = np.concatenate([t["bq"][q], t["bk"][kv], t["bv"][kv]])
+    mlp = {"norm": t["ffn_norm"], "wgu": np.concatenate([t["gate"][f], t["up"][f]]), "wdown": t["down"][:, f]}
+    return attn, mlp
+
+
+# ---------------------------------------------------------------------------------------------------
+# Manifest
+
+
+def load_manifest(directory: str | os.PathLike) -> dict:
+    """Read and sanity-check a store's manifest."""
+    path = Path(directory) / MANIFEST
+    if not Path(directory).exists():
+        raise StoreError(f"store {str(directory)!r} does not exist")
+    try:
+        m = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"{str(directory)!r} is not a tpimpi store (no {MANIFEST}); "
+                         f"an interrupted conversion leaves none — run the conversion again") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise StoreError(f"{path}: unreadable manifest ({e})") from None
+    try:
+        if m["format"] != FORMAT or m["version"] != VERSION:
+            raise StoreError(f"{path}: format {m['format']!r} v{m['version']} is not {FORMAT} v{VERSION}")
+        if m["dtype"] not in DTYPES:
+            raise StoreError(f"{path}: unknown dtype {m['dtype']!r}")
+        world, ratios, files = int(m["world"]), m["ratios"], m["files"]
+        if len(ratios) != world or len(files) != world:
+            raise StoreError(f"{path}: world {world} but {len(ratios)} ratios and {len(files)} files")
+        m["config"] = ModelConfig.from_dict(m["config"])
+        for f in files:
+            int(f["bytes"]), str(f["sha256"]), str(f["name"])
+    except StoreError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise StoreError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+    return m
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+class RankStore:
+    """One rank's view of a store: validated on open, blocks read into caller-owned buffers."""
+
+    def __init__(self, directory: str | os.PathLike, rank: int, world: int, verify: bool = False):
+        self.directory = Path(directory)
+        m = load_manifest(self.directory)
+        if m["world"] != world:
+            src = m.get("source", {}).get("path", "MODEL")
+            raise StoreError(f"store {str(self.directory)!r} was split for {m['world']} ranks, launched with {world}; "
+                             f"split it for {world} with: python -m tpimpi.convert {src} --ranks {world} "
+                             f"--out {str(self.directory).rstrip('/')}-n{world}")
+        self.manifest = m
+        self.cfg: ModelConfig = m["config"]
+        self.dtype: str = m["dtype"]
+        self.rank = rank
+        self.slice = plan(self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.ffn, m["ratios"])[rank]
+        self.attn = attn_layout(self.cfg, self.slice, self.dtype)
+        self.mlp = mlp_layout(self.cfg, self.slice, self.dtype)
+        info = m["files"][rank]
+        self.path = self.directory / info["name"]
+        self._check_file(info, verify)
+        self.fd = os.open(self.path, os.O_RDONLY)
+
+    def _check_file(self, info: dict, verify: bool) -> None:
+        p = str(self.path)
+        try:
+            size = self.path.stat().st_size
+        except OSError as e:
+            raise StoreError(f"{p}: cannot open weight file ({e.strerror})") from None
+        if size != info["bytes"]:
+            raise StoreError(f"{p}: {size} bytes, manifest says {info['bytes']} (truncated or replaced?)")
+        with open(self.path, "rb") as f:
+            start, header = decode_header(f, size, p)
+        expect = json.loads(encode_header(file_entries(self.cfg, self.slice, self.rank, self.dtype), self.dtype,
+                                          header.get("__metadata__", {}))[8:].decode())
+        if header != expect:
+            raise StoreError(f"{p}: header does not match the manifest's model and split plan")
+        if start % ALIGN:
+            raise StoreError(f"{p}: data starts at {start}, not a multiple of {ALIGN}")
+        self.data_start = start
+        self.offsets = {k: start + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+        if verify and sha256_file(self.path) != info["sha256"]:
+            raise StoreError(f"{p}: checksum does not match the manifest (the file is damaged)")
+
+    @property
+    def n_blocks(self) -> int:
+        return 2 * self.cfg.n_layers
+
+    def layout(self, b: int) -> BlockLayout:
+        return self.mlp if b % 2 else self.attn
+
+    def block_offset(self, b: int) -> int:
+        return self.offsets[block_name(b)]
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill buf from the file at offset with positional reads (the GIL is released while reading)."""
+        done, n = 0, len(buf)
+        while done < n:
+            got = os.preadv(self.fd, [buf[done:]], offset + done)
+            if got <= 0:
+                raise StoreError(f"{self.path}: short read at byte {offset + done} (file truncated?)")
+            done += got
+
+    def read_tensor(self, name: str) -> np.ndarray:
+        """A rank-0 tensor (embed, final_norm, head) as raw storage bytes shaped by the caller."""
+        entries = {e[0]: e for e in file_entries(self.cfg, self.slice, self.rank, self.dtype)}
+        _, shape, nbytes = entries[name]
+        buf = np.empty(nbytes, dtype=np.uint8)
+        self.read_into(self.offsets[name], memoryview(buf))
+        return buf
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
