@@ -143,6 +143,8 @@ def to_storage(a: np.ndarray, dtype: str) -> bytes:
     """float32 array -> raw little-endian bytes in the storage dtype."""
     import torch
 
+    if a.size == 0:
+        return b""
     t = torch.from_numpy(np.require(a, np.float32, ["C", "W"]))
     if dtype != "float32":
         t = t.to(getattr(torch, dtype))

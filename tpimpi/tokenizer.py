@@ -16,15 +16,15 @@ differ only on runs of spaces right before a digit: "x  1" is [x, Ġ, Ġ, 1] her
 
 from __future__ import annotations
 
-import codecs
 import json
 import os
 import tempfile
 from datetime import datetime
 from functools import lru_cache
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
 
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG_JSON = "tokenizer_config.json"
 CHAT_TEMPLATE_JINJA = "chat_template.jinja"
+CHAT_TEMPLATE_JSON = "chat_template.json"
 
 # llama.cpp's llama_token_type values stored in tokenizer.ggml.token_type.
 _CONTROL = 3
@@ -105,20 +106,39 @@ def _gguf_value(reader: "gguf.GGUFReader", key: str, default=None):
 
 def tokenizer_files_from_gguf(reader: "gguf.GGUFReader") -> dict[str, str]:
     """File name -> text for tokenizer.json and tokenizer_config.json, built from GGUF metadata."""
-    model = _gguf_value(reader, "tokenizer.ggml.model")
     tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
-    if model is None or not tokens:
-        raise TokenizerError("GGUF has no tokenizer (tokenizer.ggml.model / tokenizer.ggml.tokens missing)")
+    if not tokens:
+        raise TokenizerError("GGUF has no tokenizer.ggml.tokens")
     token_types = _gguf_value(reader, "tokenizer.ggml.token_type") or []
     if token_types and len(token_types) != len(tokens):
         raise TokenizerError(f"GGUF has {len(tokens)} tokens but {len(token_types)} token types")
-    merges = _gguf_value(reader, "tokenizer.ggml.merges")
-    pre = _gguf_value(reader, "tokenizer.ggml.pre", "default")
+    backend, add_bos = _gguf_backend(reader, tokens)
+    byte_level = _gguf_value(reader, "tokenizer.ggml.model") == "gpt2"
+    _add_gguf_added_tokens(backend, tokens, token_types, byte_level)
+    config = _gguf_config(reader, tokens, add_bos)
 
+    # transformers registers the named special tokens (e.g. a SentencePiece "<unk>") as special too;
+    # one the vocabulary cannot spell is not added, so no id beyond the model's vocabulary appears.
+    named = [config[name] for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+             if name in config and backend.token_to_id(config[name]) is not None]
+    backend.add_special_tokens([AddedToken(text, normalized=False, special=True) for text in named])
+    if add_bos:
+        bos = config["bos_token"]
+        if backend.token_to_id(bos) is None:
+            raise TokenizerError(f"GGUF BOS token {bos!r} is not in the rebuilt vocabulary")
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, backend.token_to_id(bos))])
+    return {TOKENIZER_JSON: backend.to_str(), TOKENIZER_CONFIG_JSON: json.dumps(config, indent=2, ensure_ascii=False)}
+
+
+def _gguf_backend(reader: "gguf.GGUFReader", tokens: list[str]) -> tuple[_Backend, bool]:
+    """The tokenizers object for tokenizer.ggml.model, and whether to add BOS."""
+    model = _gguf_value(reader, "tokenizer.ggml.model")
+    merges = _gguf_value(reader, "tokenizer.ggml.merges")
     if model == "gpt2":
-        backend = _byte_level_backend(tokens, merges, pre)
-        add_bos = _gguf_value(reader, "tokenizer.ggml.add_bos_token", False)
-    elif model == "llama":
+        backend = _byte_level_backend(tokens, merges, _gguf_value(reader, "tokenizer.ggml.pre", "default"))
+        return backend, bool(_gguf_value(reader, "tokenizer.ggml.add_bos_token", False))
+    if model == "llama":
         arch = _gguf_value(reader, "general.architecture", "")
         if arch.startswith("gemma") or arch == "phi3":
             raise TokenizerError(f"SentencePiece GGUF tokenizer for architecture {arch!r} is not supported "
@@ -127,12 +147,13 @@ def tokenizer_files_from_gguf(reader: "gguf.GGUFReader") -> dict[str, str]:
         add_prefix = _gguf_value(reader, "tokenizer.ggml.add_space_prefix", True)
         backend = _sentencepiece_backend(tokens, scores, merges, add_prefix)
         # Older files have no flag; llama.cpp and transformers then add BOS for a SentencePiece vocab.
-        add_bos = _gguf_value(reader, "tokenizer.ggml.add_bos_token", True)
-    else:
-        raise TokenizerError(f"GGUF tokenizer model {model!r} is not supported; supported: 'gpt2', 'llama'")
-    _add_gguf_added_tokens(backend, tokens, token_types, byte_level=(model == "gpt2"))
+        return backend, bool(_gguf_value(reader, "tokenizer.ggml.add_bos_token", True))
+    raise TokenizerError(f"GGUF tokenizer.ggml.model {model!r} is not supported; supported: 'gpt2', 'llama'")
 
-    config: dict = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": bool(add_bos),
+
+def _gguf_config(reader: "gguf.GGUFReader", tokens: list[str], add_bos: bool) -> dict:
+    """tokenizer_config.json: special token strings, BOS/EOS flags and the chat template."""
+    config: dict = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos,
                     "clean_up_tokenization_spaces": False}
     add_eos = _gguf_value(reader, "tokenizer.ggml.add_eos_token")
     if add_eos is not None:
@@ -144,16 +165,12 @@ def tokenizer_files_from_gguf(reader: "gguf.GGUFReader") -> dict[str, str]:
             if not 0 <= index < len(tokens):
                 raise TokenizerError(f"GGUF tokenizer.ggml.{key} = {index} is outside the {len(tokens)} tokens")
             config[name] = tokens[index]
-    if config["add_bos_token"] and "bos_token" not in config:
+    if add_bos and "bos_token" not in config:
         raise TokenizerError("GGUF asks to add a BOS token but has no tokenizer.ggml.bos_token_id")
     template = _gguf_value(reader, "tokenizer.chat_template")
     if template:
         config["chat_template"] = template
-    if config["add_bos_token"]:
-        bos = config["bos_token"]
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, backend.token_to_id(bos))])
-    return {TOKENIZER_JSON: backend.to_str(), TOKENIZER_CONFIG_JSON: json.dumps(config, indent=2, ensure_ascii=False)}
+    return config
 
 
 def _split_merges(merges: list[str]) -> list[tuple[str, str]]:
@@ -268,7 +285,8 @@ def _read_text(path: str) -> str:
 
 def tokenizer_files_from_hf_dir(path: str | os.PathLike) -> dict[str, str]:
     """tokenizer.json (required) and tokenizer_config.json from a Hugging Face model directory;
-    a chat_template.jinja file, if present, becomes the config's chat_template."""
+    a chat_template.jinja file (or an older chat_template.json), if present, becomes the config's
+    chat_template."""
     path = os.fspath(path)
     tok_path = os.path.join(path, TOKENIZER_JSON)
     if not os.path.isfile(tok_path):
@@ -277,8 +295,14 @@ def tokenizer_files_from_hf_dir(path: str | os.PathLike) -> dict[str, str]:
     config_path = os.path.join(path, TOKENIZER_CONFIG_JSON)
     config = _load_json(_read_text(config_path), config_path) if os.path.isfile(config_path) else {}
     template_path = os.path.join(path, CHAT_TEMPLATE_JINJA)
+    legacy_path = os.path.join(path, CHAT_TEMPLATE_JSON)  # older processors: {"chat_template": "..."}
     if os.path.isfile(template_path):
         config["chat_template"] = _read_text(template_path)
+    elif os.path.isfile(legacy_path) and not config.get("chat_template"):
+        legacy = _load_json(_read_text(legacy_path), legacy_path)
+        if not isinstance(legacy, dict) or not isinstance(legacy.get("chat_template"), str):
+            raise TokenizerError(f"{legacy_path} has no \"chat_template\" string")
+        config["chat_template"] = legacy["chat_template"]
     if config or os.path.isfile(config_path):
         files[TOKENIZER_CONFIG_JSON] = json.dumps(config, indent=2, ensure_ascii=False)
     return files
@@ -378,6 +402,7 @@ class Tokenizer:
         self.eos_id = self._special_id("eos_token")
         self.add_bos = self._resolve_add_bos()
         self.eos_ids = self._end_ids()
+        self._byte_ids = self._byte_fallback_ids()
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Tokenizer":
@@ -397,7 +422,6 @@ class Tokenizer:
         """Build from the file texts that tokenizer_files_from_gguf / _from_hf_dir return."""
         if TOKENIZER_JSON not in files:
             raise TokenizerError(f"{TOKENIZER_JSON} missing from tokenizer files of {where}")
-        _load_json(files[TOKENIZER_JSON], f"{where}/{TOKENIZER_JSON}")
         try:
             backend = _Backend.from_str(files[TOKENIZER_JSON])
         except Exception as e:  # the tokenizers library raises plain Exception subclasses
@@ -433,6 +457,13 @@ class Tokenizer:
                 ids.add(index)
         return frozenset(ids)
 
+    def _byte_fallback_ids(self) -> frozenset[int]:
+        """Ids of "<0xNN>" tokens when the model decodes them by byte fallback (SentencePiece-style)."""
+        if not getattr(self._backend.model, "byte_fallback", False):
+            return frozenset()
+        return frozenset(i for tok, i in self._backend.get_vocab(with_added_tokens=False).items()
+                         if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"))
+
     @property
     def has_chat_template(self) -> bool:
         return bool(self._config.get("chat_template"))
@@ -467,8 +498,13 @@ class Tokenizer:
             template = named["default"]
         messages = ([{"role": "system", "content": system}] if system is not None else [])
         messages.append({"role": "user", "content": user_text})
-        return _compile_template(template).render(
-            messages=messages, tools=None, documents=None, add_generation_prompt=True, **self._specials)
+        from jinja2 import TemplateError
+
+        try:
+            return _compile_template(template).render(
+                messages=messages, tools=None, documents=None, add_generation_prompt=True, **self._specials)
+        except TemplateError as e:  # e.g. raise_exception("System role not supported")
+            raise TokenizerError(f"the chat template refused this conversation: {e}") from None
 
     def stream(self, skip_special_tokens: bool = False) -> "TextStream":
         """A fresh incremental decoder for text being generated."""
@@ -479,9 +515,11 @@ class TextStream:
     """Incremental detokenizer: push ids one at a time, get back only newly printable text.
 
     Text is held back while the window decodes to a trailing U+FFFD (a multi-byte character still
-    incomplete). Only a short window is decoded per push: the tokens already printed in the previous
-    step serve as context (so leading-space rules match a full decode), plus the ones not yet printed.
-    The window grows only while the output stays an incomplete or invalid UTF-8 run.
+    incomplete), and while the last id is a byte-fallback token: byte fallback decodes a whole run
+    of "<0xNN>" tokens at once (an invalid run becomes one U+FFFD per byte), so a run is never cut.
+    Each push decodes a short window only: the ids printed by the previous step, as context (so
+    leading-space rules come out as in a full decode), then the ids not yet printed. The window grows
+    only while the output stays an unfinished or invalid UTF-8 run.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
@@ -499,6 +537,8 @@ class TextStream:
         token_id = int(token_id)
         self._tok._check_ids([token_id])
         self._ids.append(token_id)
+        if token_id in self._tok._byte_ids:
+            return ""
         text = self._decode(self._ids)
         if text.endswith("\ufffd") or len(text) <= len(self._context_text):
             return ""
@@ -510,9 +550,9 @@ class TextStream:
         return new
 
     def flush(self) -> str:
-        """Whatever is still held back (e.g. an unfinished character, printed as U+FFFD)."""
+        """End the text: return whatever is still held back (an unfinished character prints as
+        U+FFFD). Ids pushed afterwards start a new text, decoded as if on their own."""
         text = self._decode(self._ids)
         new = text[len(self._context_text):]
-        self._ids = self._ids[self._read:] if len(text) > len(self._context_text) else self._ids
         self._ids, self._read, self._context_text = [], 0, ""
         return new

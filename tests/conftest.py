@@ -1,0 +1,36 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+PROMPT_IDS = [1, 9690, 198, 2683, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+
+
+@pytest.fixture(scope="session")
+def prompt_ids():
+    return list(PROMPT_IDS)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    from tinymodels import make_tiny_hf
+
+    return make_tiny_hf(tmp_path_factory.mktemp("tiny") / "llama", arch="llama", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_hf, tmp_path_factory):
+    from tinymodels import make_tiny_gguf
+
+    return make_tiny_gguf(tmp_path_factory.mktemp("tinygguf") / "tiny.gguf", hf_dir=tiny_hf)
+
+
+@pytest.fixture(scope="session")
+def tiny_ref(tiny_gguf, prompt_ids):
+    """Reference logits and 8 greedy tokens from transformers on the tiny GGUF."""
+    from tinymodels import hf_greedy, hf_last_logits, hf_model
+
+    m = hf_model(tiny_gguf)
+    return hf_last_logits(m, prompt_ids), hf_greedy(m, prompt_ids, 8)

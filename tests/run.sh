@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The test command: plain pytest for everything serial, then the MPI tests under mpirun at several
+# rank counts (each rank runs pytest; rank 0's report is shown, the others' only if they fail).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source jobs/mpi-env.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
+
+status=0
+for n in ${MPI_SIZES:-2 3 4 8}; do
+  echo "== MPI tests at $n ranks"
+  if ! mpirun -np "$n" bash -c 'if [ "$OMPI_COMM_WORLD_RANK" = 0 ]; then exec "$@"; else exec "$@" > "'"$logs"'/rank$OMPI_COMM_WORLD_RANK.log" 2>&1; fi' _ \
+       python3 -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests/; then
+    status=1
+    for f in "$logs"/rank*.log; do [ -f "$f" ] && { echo "--- $f"; tail -30 "$f"; }; done
+  fi
+done
+echo "== serial tests"
+python3 -m pytest -q -p no:cacheprovider tests/ "$@" || status=1
+exit $status
