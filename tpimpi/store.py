@@ -105,6 +105,13 @@ def file_entries(cfg: ModelConfig, s: RankSlice, rank: int, dtype: str) -> list[
     return out
 
 
+def file_metadata(cfg: ModelConfig, s: RankSlice, rank: int, world: int) -> dict[str, str]:
+    """What a rank file records about itself, checked against the manifest when it is opened."""
+    return {"format": FORMAT, "rank": str(rank), "world": str(world),
+            "config": json.dumps(cfg.to_dict(), sort_keys=True),
+            "slice": json.dumps([s.q_heads, s.kv_heads, s.ffn])}
+
+
 def rank_file_name(rank: int) -> str:
     return f"rank{rank:03d}.safetensors"
 
@@ -252,10 +259,12 @@ class RankStore:
             raise StoreError(f"{p}: {size} bytes, manifest says {info['bytes']} (truncated or replaced?)")
         with open(self.path, "rb") as f:
             start, header = decode_header(f, size, p)
+        meta = file_metadata(self.cfg, self.slice, self.rank, len(self.manifest["ratios"]))
         expect = json.loads(encode_header(file_entries(self.cfg, self.slice, self.rank, self.dtype), self.dtype,
-                                          header.get("__metadata__", {}))[8:].decode())
+                                          meta)[8:].decode())
         if header != expect:
-            raise StoreError(f"{p}: header does not match the manifest's model and split plan")
+            what = "model config or split plan" if header.get("__metadata__") != meta else "tensor table"
+            raise StoreError(f"{p}: the file's {what} does not match the manifest (edited, or from another store?)")
         if start % ALIGN:
             raise StoreError(f"{p}: data starts at {start}, not a multiple of {ALIGN}")
         self.data_start = start

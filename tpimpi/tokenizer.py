@@ -28,6 +28,8 @@ from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
 
+from .errors import TpimpiError
+
 if TYPE_CHECKING:
     import gguf
 
@@ -91,7 +93,7 @@ _GPT2_REGEX_PRES = frozenset({"default", "gpt-2", "gpt2", "mpt", "olmo", "jais",
                               "smollm", "starcoder", "refact", "codeshell", "exaone", "minerva", "command-r"})
 
 
-class TokenizerError(ValueError):
+class TokenizerError(TpimpiError, ValueError):
     """A tokenizer file or GGUF field that tpimpi cannot use, named with its actual value."""
 
 

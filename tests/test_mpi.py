@@ -1,0 +1,128 @@
+"""Over real MPI, at whatever size mpirun launched (tests/run.sh runs 2, 3, 4 and 8 ranks):
+the same logits and greedy tokens as transformers, with both allreduce algorithms and with ratios,
+and the worker ranks see nothing but hidden-state floats and control words."""
+
+import shutil
+import tempfile
+
+import numpy as np
+import pytest
+
+from harness import rel_err, run_store
+from tpimpi import comm as comm_mod
+from tpimpi.convert import convert
+
+pytestmark = pytest.mark.mpi(min_size=2)
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def comm():
+    import torch
+
+    torch.set_num_threads(1)
+    c = comm_mod.world()
+    assert isinstance(c, comm_mod.MPIComm) and c.size >= 2
+    return c
+
+
+def _shared_dir(comm):
+    path = tempfile.mkdtemp(prefix="tpimpi-mpi-") if comm.rank == 0 else None
+    return comm.bcast_bytes(path.encode() if path else None).decode()
+
+
+@pytest.fixture(scope="module")
+def stores(comm, tiny_gguf_shared):
+    """The tiny model split for this size, equally and with uneven ratios (made on rank 0)."""
+    root = _shared_dir(comm)
+    ratios = ",".join(str(1 + r % 3) for r in range(comm.size))
+    if comm.rank == 0:
+        convert(tiny_gguf_shared, f"{root}/eq", comm.size, quiet=True)
+        convert(tiny_gguf_shared, f"{root}/ratios", comm.size, ratios, quiet=True)
+    comm.barrier()
+    yield {"eq": f"{root}/eq", "ratios": f"{root}/ratios"}
+    comm.barrier()
+    if comm.rank == 0:
+        shutil.rmtree(root)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf_shared(comm, tmp_path_factory):
+    """One tiny GGUF for all ranks (rank 0 writes it where everyone can read it)."""
+    root = _shared_dir(comm)
+    if comm.rank == 0:
+        from tinymodels import make_tiny_gguf, make_tiny_hf
+
+        hf = make_tiny_hf(f"{root}/hf", seed=1)
+        make_tiny_gguf(f"{root}/tiny.gguf", hf_dir=hf)
+    comm.barrier()
+    yield f"{root}/tiny.gguf"
+    comm.barrier()
+    if comm.rank == 0:
+        shutil.rmtree(root)
+
+
+@pytest.fixture(scope="module")
+def reference(comm, tiny_gguf_shared, prompt_ids):
+    if comm.rank != 0:
+        return None, None
+    from tinymodels import hf_greedy, hf_last_logits, hf_model
+
+    m = hf_model(tiny_gguf_shared)
+    return hf_last_logits(m, prompt_ids), hf_greedy(m, prompt_ids, 8)
+
+
+@pytest.mark.parametrize("split", ["eq", "ratios"])
+@pytest.mark.parametrize("algo", ["star", "mpi"])
+def test_matches_transformers(comm, stores, reference, prompt_ids, split, algo):
+    logits, tokens = run_store(stores[split], comm, prompt_ids, 8, allreduce=algo)
+    if comm.rank == 0:
+        assert rel_err(logits, reference[0]) < TOL
+        assert tokens == reference[1]
+
+
+def test_star_allreduce_sums_exactly_and_identically(comm):
+    comm.setup(4096, "star")
+    rng = np.random.default_rng(comm.rank)
+    for n in (1, 576, 4096):
+        buf = rng.standard_normal(n).astype(np.float32)
+        parts = np.empty((comm.size, n), dtype=np.float32)
+        comm.comm.Allgather(buf, parts)
+        comm.allreduce_(buf)
+        expect = parts[0].copy()
+        for r in range(1, comm.size):
+            expect += parts[r]
+        assert np.array_equal(buf, expect)  # rank order, bit for bit, on every rank
+
+
+class RecordingComm:
+    """Wraps a communicator and records every buffer that arrives on this rank."""
+
+    def __init__(self, inner):
+        self.inner, self.rank, self.size, self.seen = inner, inner.rank, inner.size, []
+
+    def setup(self, *a):
+        self.inner.setup(*a)
+
+    def bcast_(self, buf):
+        self.inner.bcast_(buf)
+        self.seen.append(("bcast", buf.dtype.str, buf.shape, buf.copy()))
+
+    def allreduce_(self, buf):
+        self.inner.allreduce_(buf)
+        self.seen.append(("allreduce", buf.dtype.str, buf.shape, None))
+
+
+def test_workers_receive_only_hidden_states_and_control_words(comm, stores, prompt_ids):
+    rec = RecordingComm(comm)
+    run_store(stores["eq"], rec, prompt_ids, 5)
+    if comm.rank == 0:
+        return
+    hidden = 72  # tiny model
+    ctrl = [s for s in rec.seen if s[1] == "<i8"]
+    floats = [s for s in rec.seen if s[1] == "<f4"]
+    assert len(ctrl) + len(floats) == len(rec.seen)
+    assert all(s[2] == (3,) for s in ctrl)  # [command, T, pos]: lengths and positions, never token ids
+    assert [tuple(c[3][1:]) for c in ctrl if c[3][0] == 1] == [(len(prompt_ids), 0)] + [
+        (1, len(prompt_ids) + i) for i in range(4)]
+    assert all(len(s[2]) == 2 and s[2][1] == hidden for s in floats)  # [T, hidden] and nothing else
