@@ -133,59 +133,88 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run(comm, argv=None) -> int:
-    args = build_parser(comm.rank).parse_args(argv)
-    samp, ratios = _validate(args, comm.size)
-    torch.set_num_threads(args.threads or max(1, (torch.get_num_threads() or 1) // comm_mod.local_size()))
+class Engine:
+    """A loaded model on every rank, ready to answer prompts one after another."""
 
-    # 1. rank 0 finds or prepares the store; the others wait without spinning
-    path = _collective(comm, lambda: str(prepare(args.model, comm.size, ratios, args.dtype)) if comm.rank == 0 else "")
-    comm.barrier()
-    path = comm.bcast_bytes(path.encode()).decode()
+    def __init__(self, comm, model: str | None, *, ratios, dtype="float32", max_seq=None, allreduce="star",
+                 verify=False):
+        self.comm = comm
+        # rank 0 finds or prepares the store; the others wait without spinning
+        path = _collective(comm, lambda: str(prepare(model, comm.size, ratios, dtype)) if comm.rank == 0 else "")
+        comm.barrier()
+        self.path = comm.bcast_bytes(path.encode()).decode()
+        # every rank opens and checks its own weight file
+        self.store = st = _collective(comm, lambda: RankStore(self.path, comm.rank, comm.size, verify=verify))
+        self.cfg = cfg = st.cfg
+        self.max_seq = max_seq or min(cfg.max_context, DEFAULT_MAX_SEQ)
+        if self.max_seq > cfg.max_context:
+            raise UsageError(f"--max-seq-len {self.max_seq} exceeds the model's context of {cfg.max_context}")
+        # rank 0 alone: tokenizer, embedding and output head
+        self.tok, self.head = _collective(comm, self._load_master) if comm.rank == 0 else _collective(comm, lambda: (None, None))
+        self.blocks = _collective(comm, ResidentBlocks, st)
+        self.model = RankModel(cfg, st.slice, self.blocks, comm, self.max_seq, allreduce)
+        self.allreduce = allreduce
 
-    # 2. every rank opens and checks its own weight file, then reads its blocks
-    st = _collective(comm, lambda: RankStore(path, comm.rank, comm.size, verify=args.verify))
-    cfg = st.cfg
-    max_seq = args.max_seq_len or min(cfg.max_context, DEFAULT_MAX_SEQ)
-    if max_seq > cfg.max_context:
-        raise UsageError(f"--max-seq-len {max_seq} exceeds the model's context of {cfg.max_context}")
-
-    # 3. rank 0 alone: tokenizer, prompt, embedding and output head
-    def load_master():
+    def _load_master(self):
         from .tokenizer import Tokenizer
 
-        tok = Tokenizer.load(path)
-        text = _read_prompt(args, comm_mod.launched())
-        if tok.has_chat_template and not args.raw:
-            text = tok.render_chat(text, args.system)
+        return Tokenizer.load(self.path), Head(self.store)
+
+    def encode_prompt(self, text: str, raw: bool = False, system: str | None = None) -> list[int]:
+        """Rank 0: the prompt's token ids (chat template applied unless raw), checked against the context."""
+        tok = self.tok
+        if tok.has_chat_template and not raw:
+            text = tok.render_chat(text, system)
         ids = tok.encode(text)
         if not ids:
             raise UsageError("the prompt encodes to no tokens")
-        if len(ids) >= max_seq:
-            raise UsageError(f"the prompt is {len(ids)} tokens; --max-seq-len {max_seq} leaves no room to generate "
-                             f"(raise --max-seq-len, up to the model's {cfg.max_context}, or shorten the prompt)")
-        return tok, ids, Head(st)
+        if len(ids) >= self.max_seq:
+            raise UsageError(f"the prompt is {len(ids)} tokens; --max-seq-len {self.max_seq} leaves no room to "
+                             f"generate (raise --max-seq-len, up to the model's {self.cfg.max_context}, "
+                             f"or shorten the prompt)")
+        return ids
 
-    tok, prompt_ids, head = _collective(comm, load_master) if comm.rank == 0 else _collective(comm, lambda: (None,) * 3)
-    blocks = _collective(comm, ResidentBlocks, st)
-    model = RankModel(cfg, st.slice, blocks, comm, max_seq, args.allreduce)
-    result = decode_loop(comm, model, head, tok, prompt_ids, samp, args.max_new_tokens, max_seq, stream=not args.json)
+    def generate(self, prompt_ids, samp: SamplingConfig, max_new: int, stream: bool = False,
+                 stop_at_eos: bool = True) -> dict:
+        """All ranks: one generation. Rank 0 gets the result and per-rank figures; others get {}."""
+        comm, model = self.comm, self.model
+        model.t_comm = 0.0
+        result = decode_loop(comm, model, self.head, self.tok, prompt_ids, samp, max_new, self.max_seq, stream,
+                             stop_at_eos)
+        peaks = comm.gather_int(_peak_rss())
+        comm_us = comm.gather_int(int(model.t_comm * 1e6))
+        if comm.rank == 0:
+            result.update(peak_rss_bytes=peaks, allreduce_s=[c / 1e6 for c in comm_us], ranks=comm.size,
+                          allreduce=self.allreduce, store=self.path, threads=torch.get_num_threads())
+        return result
 
-    peaks = comm.gather_int(_peak_rss())
-    comm_s = comm.gather_int(int(model.t_comm * 1e6))
+
+def set_threads(threads: int | None) -> None:
+    """torch threads per rank: the cores divided among the ranks of this node, unless given."""
+    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // comm_mod.local_size()))
+
+
+def run(comm, argv=None) -> int:
+    args = build_parser(comm.rank).parse_args(argv)
+    samp, ratios = _validate(args, comm.size)
+    set_threads(args.threads)
+    eng = Engine(comm, args.model, ratios=ratios, dtype=args.dtype, max_seq=args.max_seq_len,
+                 allreduce=args.allreduce, verify=args.verify)
+    prompt_ids = _collective(comm, lambda: eng.encode_prompt(_read_prompt(args, comm_mod.launched()), args.raw,
+                                                             args.system) if comm.rank == 0 else None)
+    result = eng.generate(prompt_ids, samp, args.max_new_tokens, stream=not args.json)
     if comm.rank == 0:
-        result.update(peak_rss_bytes=peaks, allreduce_s=[c / 1e6 for c in comm_s], ranks=comm.size,
-                      allreduce=args.allreduce, store=path, threads=torch.get_num_threads())
         if args.json:
             print(json.dumps(result))
         else:
             print(f"\n[{result['prompt_tokens']} prompt tokens, {len(result['token_ids'])} generated; "
-                  f"TTFT {result['ttft_s']:.3f} s, {result['decode_tokens_per_s']:.2f} tokens/s; "
-                  f"peak RSS {max(peaks) / 2**20:.0f} MiB on the largest of {comm.size} ranks]", file=sys.stderr)
+                  f"TTFT {result['ttft_s']:.3f} s, {result['decode_tokens_per_s'] or 0:.2f} tokens/s; peak RSS "
+                  f"{max(result['peak_rss_bytes']) / 2**20:.0f} MiB on the largest of {comm.size} ranks]",
+                  file=sys.stderr)
     return 0
 
 
-def decode_loop(comm, model, head, tok, prompt_ids, samp, max_new, max_seq, stream=True) -> dict:
+def decode_loop(comm, model, head, tok, prompt_ids, samp, max_new, max_seq, stream=True, stop_at_eos=True) -> dict:
     """The loop every rank runs. Rank 0 decides; the others follow its control word."""
     ctrl = np.zeros(3, dtype=np.int64)  # [command, T, pos]
     gen = torch.Generator().manual_seed(samp.seed)
@@ -193,9 +222,11 @@ def decode_loop(comm, model, head, tok, prompt_ids, samp, max_new, max_seq, stre
     printer = tok.stream() if comm.rank == 0 and stream else None
     t0 = time.perf_counter()
     t_first = t_last = None
+    times = []  # seconds from the start to each generated token
     while True:
         if comm.rank == 0:
-            done = len(out_ids) >= max_new or (out_ids and out_ids[-1] in tok.eos_ids) or pos + len(pending) > max_seq
+            eos = stop_at_eos and out_ids and out_ids[-1] in tok.eos_ids
+            done = len(out_ids) >= max_new or eos or pos + len(pending) > max_seq
             ctrl[:] = (CMD_STOP if done else CMD_RUN, len(pending), pos)
         comm.bcast_(ctrl)
         if ctrl[0] == CMD_STOP:
@@ -212,6 +243,7 @@ def decode_loop(comm, model, head, tok, prompt_ids, samp, max_new, max_seq, stre
             pending = [nxt]
             t_last = time.perf_counter()
             t_first = t_first or t_last
+            times.append(t_last - t0)
             if printer is not None and nxt not in tok.eos_ids:
                 sys.stdout.write(printer.push(nxt))
                 sys.stdout.flush()
@@ -229,6 +261,7 @@ def decode_loop(comm, model, head, tok, prompt_ids, samp, max_new, max_seq, stre
         "ttft_s": (t_first - t0) if t_first else None,
         "decode_tokens_per_s": (n - 1) / (t_last - t_first) if n > 1 and t_last > t_first else None,
         "decode_s_per_token": (t_last - t_first) / (n - 1) if n > 1 else None,
+        "token_times_s": times,
     }
 
 

@@ -1,0 +1,168 @@
+"""Benchmark generation: tpimpi at the launched rank count, or a baseline in one process.
+
+    mpirun -np 4 python -m tpimpi.bench --new-tokens 32 --repeat 5
+    python -m tpimpi.bench --baseline transformers --new-tokens 32 --repeat 5
+
+Each run warms up, then generates --repeat times with greedy decoding and a fixed number of new tokens
+(end-of-sequence does not stop it, so every system does the same work), and appends one JSON line with
+medians and the configuration to --out. Rank 0 prints a one-line summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from . import comm as comm_mod
+from .errors import TpimpiError, UsageError
+from .sampling import SamplingConfig
+
+DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
+DEFAULT_OUT = "data/results/bench.jsonl"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tpimpi.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="store, .gguf or Hugging Face directory (default: the default model)")
+    p.add_argument("--baseline", choices=["transformers"], help="run a baseline in one process instead")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--allreduce", choices=comm_mod.ALLREDUCE_ALGOS, default="star")
+    p.add_argument("--threads", type=int, help="threads per rank (default: cores / local ranks)")
+    p.add_argument("--label", default="", help="free text stored with the result")
+    p.add_argument("--out", default=DEFAULT_OUT, help="JSON-lines file the result is appended to")
+    return p
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Medians over repetitions of TTFT and per-token decode latency (with its p90)."""
+    gaps = [b - a for r in runs for a, b in zip(r["token_times_s"], r["token_times_s"][1:])]
+    gaps.sort()
+    med = statistics.median(r["decode_s_per_token"] for r in runs)
+    return {
+        "ttft_s": statistics.median(r["ttft_s"] for r in runs),
+        "s_per_token": med,
+        "s_per_token_p90": gaps[min(len(gaps) - 1, int(0.9 * len(gaps)))] if gaps else None,
+        "tokens_per_s": 1.0 / med,
+        "repeat": len(runs),
+    }
+
+
+def machine() -> dict:
+    import mpi4py
+    import numpy
+    import torch
+
+    return {"host": platform.node(), "machine": platform.machine(), "cores": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+            "mpi4py": mpi4py.__version__, "tpimpi": __version__}
+
+
+def bench_tpimpi(comm, args) -> dict | None:
+    from .generate import Engine, _collective, set_threads
+
+    set_threads(args.threads)
+    eng = Engine(comm, args.model, ratios=(1.0,) * comm.size, allreduce=args.allreduce)
+    ids = _collective(comm, lambda: eng.encode_prompt(args.prompt) if comm.rank == 0 else None)
+    runs = []
+    for i in range(args.warmup + args.repeat):
+        r = eng.generate(ids, SamplingConfig(), args.new_tokens, stop_at_eos=False)
+        if i >= args.warmup:
+            runs.append(r)
+        if comm.rank == 0:
+            print(f"  run {i + 1}/{args.warmup + args.repeat}: {r['decode_s_per_token']:.4f} s/token"
+                  + (" (warm-up)" if i < args.warmup else ""), file=sys.stderr, flush=True)
+    if comm.rank != 0:
+        return None
+    import torch
+
+    last = runs[-1]
+    return {"system": "tpimpi", "ranks": comm.size, "allreduce": args.allreduce, "threads": torch.get_num_threads(),
+            "prompt_tokens": len(ids), "peak_rss_bytes": last["peak_rss_bytes"],
+            "allreduce_s_per_token": max(last["allreduce_s"]) / args.new_tokens, **summarize(runs)}
+
+
+def bench_transformers(args) -> dict:
+    """Hugging Face transformers, everything in memory, same weights, prompt ids and thread count."""
+    import resource
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .generate import set_threads
+    from .models import default_model_path, prepare
+    from .tokenizer import Tokenizer
+
+    set_threads(args.threads)
+    src = Path(args.model) if args.model else default_model_path()
+    tok = Tokenizer.load(prepare(str(src), 1, (1.0,)))
+    ids = tok.encode(tok.render_chat(args.prompt) if tok.has_chat_template else args.prompt)
+    kw = {"gguf_file": src.name} if src.suffix == ".gguf" else {}
+    model = AutoModelForCausalLM.from_pretrained(str(src.parent if kw else src), dtype=torch.float32, **kw).eval()
+    runs = []
+    for i in range(args.warmup + args.repeat):
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            times = []
+            out = model(input_ids=torch.tensor([ids]), use_cache=True)
+            for _ in range(args.new_tokens):
+                nxt = int(out.logits[0, -1].argmax())
+                times.append(time.perf_counter() - t0)
+                if len(times) == args.new_tokens:
+                    break
+                out = model(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+        if i >= args.warmup:
+            n = len(times)
+            runs.append({"ttft_s": times[0], "decode_s_per_token": (times[-1] - times[0]) / (n - 1),
+                         "token_times_s": times})
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"system": "transformers", "ranks": 1, "threads": torch.get_num_threads(), "prompt_tokens": len(ids),
+            "peak_rss_bytes": [rss], **summarize(runs)}
+
+
+def record(result: dict, args, out: str) -> None:
+    result.update(model=args.model or "default", new_tokens=args.new_tokens, label=args.label,
+                  time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  command=" ".join(sys.argv), machine=machine())
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(result) + "\n")
+    print(f"{result['system']} ranks={result['ranks']}: TTFT {result['ttft_s']:.3f} s, "
+          f"{result['s_per_token']:.4f} s/token (p90 {result['s_per_token_p90']:.4f}), "
+          f"{result['tokens_per_s']:.1f} tokens/s, peak RSS {max(result['peak_rss_bytes']) / 2**20:.0f} MiB "
+          f"-> {out}", flush=True)
+
+
+def main(argv=None) -> int:
+    comm = comm_mod.world()
+    try:
+        args = build_parser().parse_args(argv)
+        if args.new_tokens < 2 or args.repeat < 1 or args.warmup < 0:
+            raise UsageError("--new-tokens must be at least 2, --repeat at least 1, --warmup at least 0")
+        if args.baseline:
+            if comm.size > 1:
+                raise UsageError("a baseline runs in one process: start it without mpirun")
+            result = bench_transformers(args)
+        else:
+            result = bench_tpimpi(comm, args)
+        if comm.rank == 0:
+            record(result, args, args.out)
+    except TpimpiError as e:
+        if comm.rank == 0:
+            print(f"tpimpi.bench: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
