@@ -6,12 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tpimpi.generate import decode_loop
-from tpimpi.head import Head
-from tpimpi.model import RankModel
+from tpimpi.generate import Engine, MemoryOptions, decode_loop
 from tpimpi.sampling import SamplingConfig
-from tpimpi.scheduler import ResidentBlocks
-from tpimpi.store import RankStore
 
 
 @dataclass(frozen=True)
@@ -24,24 +20,28 @@ class NoStopTokenizer:
         return ""
 
 
-def prompt_logits(model: RankModel, head, comm, ids: list[int]) -> np.ndarray | None:
-    """Last-position logits of a fresh prefill of ids (rank 0), None elsewhere."""
-    T = len(ids)
-    if comm.rank == 0:
-        head.embed_into(ids, model.x[:T])
-    comm.bcast_(model.x_np[:T])
-    x = model.forward(T, 0)
-    return head.logits(x[T - 1]).numpy().copy() if comm.rank == 0 else None
+def prompt_logits(model, head, comm, ids: list[int]) -> np.ndarray | None:
+    """Last-position logits of a fresh prefill of ids, fed in the model's chunks (rank 0), None elsewhere."""
+    for pos in range(0, len(ids), model.chunk):
+        part = ids[pos : pos + model.chunk]
+        T = len(part)
+        if comm.rank == 0:
+            head.embed_into(part, model.x[:T])
+        comm.bcast_(model.x_np[:T])
+        x = model.forward(T, pos)
+        if comm.rank == 0:
+            logits = head.logits(x[T - 1])  # every pass, as generate does: the head is in the block cycle
+    return logits.numpy().copy() if comm.rank == 0 else None
 
 
-def run_store(path, comm, ids: list[int], n_new: int, allreduce: str = "star", max_seq: int = 64):
+def run_store(path, comm, ids: list[int], n_new: int, allreduce: str = "star", max_seq: int = 64,
+              mem: MemoryOptions = MemoryOptions(resident=True)):
     """(prompt logits, greedy ids) on rank 0 and (None, None) elsewhere."""
-    st = RankStore(path, comm.rank, comm.size)
-    head = Head(st) if comm.rank == 0 else None
-    model = RankModel(st.cfg, st.slice, ResidentBlocks(st), comm, max_seq, allreduce)
-    logits = prompt_logits(model, head, comm, ids)
-    res = decode_loop(comm, model, head, NoStopTokenizer(), ids, SamplingConfig(), n_new, max_seq, stream=False)
-    st.close()
+    eng = Engine(comm, path, max_seq=max_seq, allreduce=allreduce, mem=mem).load()
+    logits = prompt_logits(eng.model, eng.head, comm, ids)
+    res = decode_loop(comm, eng.model, eng.head, NoStopTokenizer(), ids, SamplingConfig(), n_new, max_seq,
+                      stream=False)
+    eng.close()
     return (logits, res["token_ids"]) if comm.rank == 0 else (None, None)
 
 

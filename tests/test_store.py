@@ -11,7 +11,7 @@ import torch
 from tpimpi import store
 from tpimpi.convert import convert
 from tpimpi.errors import StoreError
-from tpimpi.scheduler import ResidentBlocks
+from tpimpi.scheduler import BlockScheduler
 from tpimpi.shard import plan
 from tpimpi.sources import open_source
 
@@ -19,6 +19,11 @@ from tpimpi.sources import open_source
 @pytest.fixture(scope="module")
 def store3(tiny_gguf, tmp_path_factory):
     return convert(tiny_gguf, tmp_path_factory.mktemp("st") / "s3", 3, "2,1,1", quiet=True)
+
+
+def resident(rs, compute="float32"):
+    """All blocks of a rank in memory; compute=bfloat16 keeps half-precision weights as stored."""
+    return BlockScheduler(rs, rs.specs(), set(range(rs.n_blocks)), 0, compute=compute)
 
 
 def test_rank_files_are_safetensors_with_aligned_blocks(store3):
@@ -45,7 +50,7 @@ def test_blocks_hold_exactly_each_ranks_slices(store3, tiny_gguf):
     q_rows, k_rows, gate_rows, o_cols = [], [], [], []
     for r, s in enumerate(plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, [2, 1, 1])):
         rs = store.RankStore(store3, r, 3)
-        blocks = ResidentBlocks(rs)
+        blocks = resident(rs)
         attn, mlp = blocks.get(2), blocks.get(3)  # layer 1
         q_rows.append(attn["wqkv"][: s.n_q * hd].numpy())
         k_rows.append(attn["wqkv"][s.n_q * hd : (s.n_q + s.n_kv) * hd].numpy())
@@ -63,7 +68,7 @@ def test_blocks_hold_exactly_each_ranks_slices(store3, tiny_gguf):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_stores_round_the_weights(tiny_gguf, tmp_path, dtype):
     st = convert(tiny_gguf, tmp_path / dtype, 1, dtype=dtype, quiet=True)
-    w = ResidentBlocks(store.RankStore(st, 0, 1)).get(0)["wqkv"]
+    w = resident(store.RankStore(st, 0, 1), compute="bfloat16").get(0)["wqkv"]
     assert w.dtype == getattr(torch, dtype)
     full = open_source(tiny_gguf).layer(0)["q"]
     np.testing.assert_array_equal(w[: full.shape[0]].float().numpy(),

@@ -69,10 +69,11 @@ def machine() -> dict:
 
 
 def bench_tpimpi(comm, args) -> dict | None:
-    from .generate import Engine, _collective, set_threads
+    from .generate import Engine, _collective, prepare_store, set_threads
 
     set_threads(args.threads)
-    eng = Engine(comm, args.model, ratios=(1.0,) * comm.size, allreduce=args.allreduce)
+    path = prepare_store(comm, args.model, (1.0,) * comm.size, "float32")
+    eng = Engine(comm, path, allreduce=args.allreduce).load()
     ids = _collective(comm, lambda: eng.encode_prompt(args.prompt) if comm.rank == 0 else None)
     runs = []
     for i in range(args.warmup + args.repeat):

@@ -42,8 +42,8 @@ class SerialComm:
         if error:
             raise RankFailure(error)
 
-    def gather_int(self, value: int) -> list[int]:
-        return [int(value)]
+    def gather_ints(self, values: list[int]) -> list[list[int]]:
+        return [[int(v) for v in values]]
 
     def bcast_bytes(self, data: bytes | None) -> bytes:
         return data or b""
@@ -125,10 +125,12 @@ class MPIComm:
         self.comm.Bcast(buf, root=0)
         return buf.tobytes()
 
-    def gather_int(self, value: int) -> list[int]:
-        out = np.empty(self.size, dtype=np.int64)
-        self.comm.Allgather(np.array([value], dtype=np.int64), out)
-        return [int(v) for v in out]
+    def gather_ints(self, values: list[int]) -> list[list[int]]:
+        """Every rank's list of integers (all of the same length), on every rank."""
+        mine = np.array(values, dtype=np.int64)
+        out = np.empty((self.size, mine.size), dtype=np.int64)  # [ranks, values]
+        self.comm.Allgather(mine, out)
+        return out.tolist()
 
     def barrier(self) -> None:
         """A barrier that sleeps while it waits, so waiting ranks leave the cores to the working one."""

@@ -87,7 +87,8 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, world: int, ratio
                 attn, mlp = store.slice_layer(cfg, s, t)
                 w.write(f"layers.{i}.attn", store.pack_block(la, attn, dtype))
                 w.write(f"layers.{i}.mlp", store.pack_block(lm, mlp, dtype))
-            _progress(f"converting: layer {i + 1}/{cfg.n_layers}", quiet)
+            if sys.stderr.isatty() or (i + 1) % max(1, cfg.n_layers // 5) == 0:
+                _progress(f"converting: layer {i + 1}/{cfg.n_layers}", quiet)
         writers[0].write("embed", store.to_storage(src.embed(), dtype))
         writers[0].write("final_norm", store.to_storage(src.final_norm(), dtype))
         head = src.head()

@@ -1,32 +1,54 @@
-"""Rank 0's private part: token embedding, final norm and output head. No other rank ever holds these."""
+"""Rank 0's private part: token embedding, final norm and output head. No other rank ever holds these.
+
+Embedding rows are read from rank 0's file for just the tokens being fed (a few KB per token), so the
+table is never held whole. The output head (the embedding table itself when tied) is a run of chunk
+blocks after the last layer in rank 0's block cycle: resident or streamed like any other block, and
+multiplied chunk by chunk in both cases, so every memory mode gives bit-identical logits.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .layers import rms_norm
 from .scheduler import TORCH_DTYPES
-from .store import RankStore
+from .store import DTYPES, RankStore
 
 
 class Head:
-    """Embedding lookup and logits on rank 0."""
+    """Embedding lookup and logits on rank 0; the head's chunks are blocks `chunks` of `blocks`."""
 
-    def __init__(self, store: RankStore):
-        cfg, td = store.cfg, TORCH_DTYPES[store.dtype]
-        self.cfg = cfg
-
-        def load(name, shape):
-            return torch.from_numpy(store.read_tensor(name)).view(td).view(shape).float()
-
-        self.embed = load("embed", (cfg.vocab, cfg.hidden))  # [V, h]
-        self.norm = load("final_norm", (cfg.hidden,))  # [h]
-        self.out = self.embed if cfg.tied_embeddings else load("head", (cfg.vocab, cfg.hidden))  # [V, h]
+    def __init__(self, store: RankStore, blocks, chunks: range):
+        cfg = store.cfg
+        self.cfg, self.store, self.blocks, self.chunks = cfg, store, blocks, chunks
+        self.td = TORCH_DTYPES[store.dtype]
+        self.row_bytes = cfg.hidden * DTYPES[store.dtype][1]
+        norm = store.read_tensor("final_norm")
+        self.norm = torch.from_numpy(norm).view(self.td).float()  # [h]
+        self.logits_buf = torch.empty(cfg.vocab)  # [V]
+        self._rows = np.empty(0, dtype=np.uint8)  # [T * row bytes], grows to the longest chunk fed
 
     def embed_into(self, ids: list[int], out: torch.Tensor) -> None:
-        """out [T, h] <- embedding rows of ids."""
-        torch.index_select(self.embed, 0, torch.tensor(ids, dtype=torch.long), out=out)
+        """out [T, h] <- embedding rows of ids, read from disk."""
+        n = len(ids) * self.row_bytes
+        if self._rows.size < n:
+            self._rows = np.empty(n, dtype=np.uint8)
+        rows = self._rows[:n]
+        self.store.embed_rows_into(ids, rows)
+        out.copy_(torch.from_numpy(rows).view(self.td).view(len(ids), self.cfg.hidden))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x [h] last hidden state -> logits [V]."""
-        return torch.mv(self.out, rms_norm(x.unsqueeze(0), self.norm, self.cfg.norm_eps)[0])
+        """x [h] last hidden state -> logits [V] (a buffer the next call reuses)."""
+        xn = rms_norm(x.unsqueeze(0), self.norm, self.cfg.norm_eps)[0]  # [h]
+        r0 = 0
+        for b in self.chunks:
+            w = self.blocks.get(b)["w"]  # [rows, h]
+            r1 = r0 + w.shape[0]
+            if w.dtype == torch.float32:
+                torch.mv(w, xn, out=self.logits_buf[r0:r1])
+            else:
+                self.logits_buf[r0:r1] = torch.mv(w, xn.to(w.dtype))
+            self.blocks.release(b)
+            r0 = r1
+        return self.logits_buf

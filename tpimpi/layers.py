@@ -14,6 +14,13 @@ import torch.nn.functional as F
 from .config import ModelConfig
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in] @ w[out, in].T (+ b): in float32, or in the weights' dtype (bfloat16) with a float32 result."""
+    if w.dtype == x.dtype:
+        return F.linear(x, w, b)
+    return F.linear(x.to(w.dtype), w, b).float()
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """x [T, h] -> [T, h], normalised by the root mean square and scaled by w [h]."""
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
@@ -64,7 +71,7 @@ def attention(x, w, cache_k, cache_v, pos, cos, sin, kv_of_q, cfg: ModelConfig, 
         out.zero_()
         return
     T = x.shape[0]
-    qkv = F.linear(rms_norm(x, w["norm"], cfg.norm_eps), w["wqkv"], w.get("bqkv"))  # [T, (q+2kv)*hd]
+    qkv = linear(rms_norm(x, w["norm"], cfg.norm_eps), w["wqkv"], w.get("bqkv"))  # [T, (q+2kv)*hd]
     q = qkv[:, : n_q * hd].view(T, n_q, hd).transpose(0, 1)  # [q, T, hd]
     k = qkv[:, n_q * hd : (n_q + n_kv) * hd].view(T, n_kv, hd).transpose(0, 1)  # [kv, T, hd]
     v = qkv[:, (n_q + n_kv) * hd :].view(T, n_kv, hd).transpose(0, 1)  # [kv, T, hd]
@@ -79,7 +86,7 @@ def attention(x, w, cache_k, cache_v, pos, cos, sin, kv_of_q, cfg: ModelConfig, 
     if T > 1:  # causal: query t (at pos+t) sees keys 0..pos+t
         mask = torch.arange(L).unsqueeze(0) <= (torch.arange(T) + pos).unsqueeze(1)  # [T, L]
     o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=1.0 / math.sqrt(hd))  # [q, T, hd]
-    torch.matmul(o.transpose(0, 1).reshape(T, n_q * hd), w["wo"].t(), out=out)
+    out.copy_(linear(o.transpose(0, 1).reshape(T, n_q * hd), w["wo"]))
 
 
 def mlp(x, w, cfg: ModelConfig, out) -> None:
@@ -91,5 +98,5 @@ def mlp(x, w, cfg: ModelConfig, out) -> None:
     if f == 0:
         out.zero_()
         return
-    gu = F.linear(rms_norm(x, w["norm"], cfg.norm_eps), w["wgu"])  # [T, 2f]
-    torch.matmul(F.silu(gu[:, :f]) * gu[:, f:], w["wdown"].t(), out=out)
+    gu = linear(rms_norm(x, w["norm"], cfg.norm_eps), w["wgu"])  # [T, 2f]
+    out.copy_(linear(F.silu(gu[:, :f]) * gu[:, f:], w["wdown"]))

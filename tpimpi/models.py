@@ -47,11 +47,16 @@ def cached_store_dir(source: Path, world: int, ratios, dtype: str) -> Path:
 
 
 def _matches(path: Path, world: int, ratios, dtype: str) -> bool:
+    """Whether a cached store is usable as it is (the cheap checks of every rank file pass)."""
     try:
         m = store.load_manifest(path)
+        if m["world"] != world or m["dtype"] != dtype or tuple(m["ratios"]) != tuple(ratios):
+            return False
+        for r in range(world):
+            store.RankStore(path, r, world).close()
     except StoreError:
         return False
-    return m["world"] == world and m["dtype"] == dtype and tuple(m["ratios"]) == tuple(ratios)
+    return True
 
 
 def prepare(model: str | None, world: int, ratios, dtype: str = "float32", quiet: bool = False) -> Path:

@@ -1,20 +1,28 @@
-"""Where a rank's weight blocks live while it computes.
+"""Where a rank's weight blocks live while it computes: TPI-LLM's sliding-window memory scheduler.
 
-`ResidentBlocks` reads every block once into page-aligned buffers. The runtime asks for block b with
-`get(b)` right before using it and says `release(b)` right after, so a streaming scheduler with a
-sliding window of buffers can take its place without changing the layer loop.
+The runtime walks the same cycle of blocks every token (attention and MLP of each layer, then on
+rank 0 the output head in chunks), calling `get(b)` right before block b is used and `release(b)`
+right after. Blocks marked resident are read once at start-up. The others stream through W
+page-aligned buffers: releasing block b hands its buffer to the block W places later in the
+cycle, and a background thread fills it with one positional read (which releases the GIL) while
+compute and allreduces go on. Compute waits only if that read has not finished.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
+import queue
+import threading
+import time
 
 import numpy as np
 import torch
 
-from .store import DTYPES, BlockLayout, RankStore
+from .store import DTYPES, ALIGN, BlockLayout, BlockSpec, RankStore
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+IO_MODES = ("cache", "direct", "dontneed")
 
 
 def aligned_buffer(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
@@ -34,25 +42,139 @@ def block_views(buf: np.ndarray, layout: BlockLayout, dtype: str) -> dict[str, t
     return out
 
 
-class ResidentBlocks:
-    """All of a rank's blocks in memory, read once at start-up."""
+def evenly_spaced(n: int, k: int) -> set[int]:
+    """k of the indices 0..n-1, spread evenly, so the streamed blocks between them are far apart."""
+    if k <= 0:
+        return set()
+    if k >= n:
+        return set(range(n))
+    return {int(i * n / k) for i in range(k)}
 
-    def __init__(self, store: RankStore):
-        self.store = store
-        self._bufs, self._views = [], []
-        for b in range(store.n_blocks):
-            layout = store.layout(b)
-            mm, arr = aligned_buffer(layout.nbytes)
-            store.read_into(store.block_offset(b), memoryview(mm))
-            self._bufs.append(mm)
-            self._views.append(block_views(arr, layout, store.dtype))
-        self.bytes_read = sum(store.layout(b).nbytes for b in range(store.n_blocks))
 
-    def get(self, b: int) -> dict[str, torch.Tensor]:
-        return self._views[b]
+class _Reader:
+    """One background thread serving (spec, buffer, done-event) reads in order."""
 
-    def release(self, b: int) -> None:
-        pass
+    def __init__(self, store: RankStore, io: str):
+        self.store, self.io = store, io
+        self.fd = store.fd
+        self.direct_fd = os.open(store.path, os.O_RDONLY | os.O_DIRECT) if io == "direct" else -1
+        self.jobs: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.bytes_read = 0
+        self.thread = threading.Thread(target=self._run, name="tpimpi-reader", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            spec, mm, done = job
+            try:
+                self._read(spec, mm)
+            except BaseException as e:  # handed to the compute thread, which raises it
+                self.error = e
+            done.set()
+
+    def _read(self, spec: BlockSpec, mm: mmap.mmap) -> None:
+        n = spec.layout.nbytes
+        aligned = spec.offset % ALIGN == 0 and n % ALIGN == 0
+        fd = self.direct_fd if self.direct_fd >= 0 and aligned else self.fd
+        done = 0
+        view = memoryview(mm)[:n]
+        while done < n:
+            got = os.preadv(fd, [view[done:]], spec.offset + done)
+            if got <= 0:
+                raise OSError(f"{self.store.path}: short read of {spec.name} at byte {spec.offset + done}")
+            done += got
+        if self.io != "cache" and fd == self.fd:  # buffered read: drop the pages it brought in
+            os.posix_fadvise(self.fd, spec.offset, n, os.POSIX_FADV_DONTNEED)
+        self.bytes_read += n
+
+    def submit(self, spec, mm, done) -> None:
+        done.clear()
+        self.jobs.put((spec, mm, done))
 
     def close(self) -> None:
-        self._views.clear()
+        self.jobs.put(None)
+        self.thread.join()
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
+
+
+class BlockScheduler:
+    """Blocks of one rank: `resident` ones loaded once, the rest streamed through `window` buffers."""
+
+    def __init__(self, store: RankStore, specs: list[BlockSpec], resident: set[int], window: int,
+                 io: str = "cache", compute: str = "float32"):
+        self.store, self.specs, self.dtype = store, specs, store.dtype
+        self.io_wait_s = 0.0
+        self.bytes_read = 0
+        self._resident: dict[int, dict] = {}
+        self._keep = []  # the mmaps behind every view
+        for b in sorted(resident):
+            mm, arr = aligned_buffer(specs[b].layout.nbytes)
+            store.read_into(specs[b].offset, memoryview(mm))
+            self._keep.append(mm)
+            self._resident[b] = block_views(arr, specs[b].layout, self.dtype)
+            self.bytes_read += specs[b].layout.nbytes
+        self.seq = [b for b in range(len(specs)) if b not in resident]  # the streamed cycle
+        self.window = min(window, len(self.seq))
+        # upcast scratch when the storage dtype differs from the compute dtype: one block at a time
+        self._upcast = compute == "float32" and self.dtype != "float32"
+        if self._upcast:
+            most = max(sum(int(np.prod(p.shape)) for p in s.layout.parts) for s in specs)
+            self._scratch = torch.empty(most, dtype=torch.float32)  # [elements of the largest block]
+        self._reader = None
+        if self.seq:
+            size = max(specs[b].layout.nbytes for b in self.seq)
+            self._bufs = [aligned_buffer(size) for _ in range(self.window)]  # (mmap, array) per slot
+            self._done = [threading.Event() for _ in range(self.window)]
+            self._slot: dict[int, int] = {}
+            self._pos = {b: i for i, b in enumerate(self.seq)}
+            self._reader = _Reader(store, io)
+            for i in range(self.window):
+                self._schedule(self.seq[i], i)
+
+    def _schedule(self, b: int, slot: int) -> None:
+        self._slot[b] = slot
+        self._reader.submit(self.specs[b], self._bufs[slot][0], self._done[slot])
+
+    def get(self, b: int) -> dict[str, torch.Tensor]:
+        """The tensors of block b, waiting for its read if it is still under way."""
+        views = self._resident.get(b)
+        if views is None:
+            slot = self._slot[b]
+            if not self._done[slot].is_set():
+                t = time.perf_counter()
+                self._done[slot].wait()
+                self.io_wait_s += time.perf_counter() - t
+            if self._reader.error is not None:
+                raise self._reader.error
+            views = block_views(self._bufs[slot][1], self.specs[b].layout, self.dtype)
+        return self._as_compute(views) if self._upcast else views
+
+    def _as_compute(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out, off = {}, 0
+        for name, t in views.items():
+            n = t.numel()
+            out[name] = self._scratch[off : off + n].view(t.shape).copy_(t)
+            off += n
+        return out
+
+    def release(self, b: int) -> None:
+        """Block b is done for this token: its buffer goes to the block `window` places later."""
+        if b in self._resident:
+            return
+        slot = self._slot.pop(b)
+        nxt = self.seq[(self._pos[b] + self.window) % len(self.seq)]
+        self._schedule(nxt, slot)
+
+    @property
+    def total_bytes_read(self) -> int:
+        return self.bytes_read + (self._reader.bytes_read if self._reader else 0)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None

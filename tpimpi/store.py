@@ -12,6 +12,7 @@ Inside a block the sub-tensors (norm weight, fused projections) sit at 64-byte a
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 import struct
@@ -82,6 +83,44 @@ def mlp_layout(cfg: ModelConfig, s: RankSlice, dtype: str) -> BlockLayout:
     """A rank's MLP block: norm [h], fused gate+up [2f, h], down [h, f]."""
     shapes = [("norm", (cfg.hidden,)), ("wgu", (2 * s.n_ffn, cfg.hidden)), ("wdown", (cfg.hidden, s.n_ffn))]
     return _layout(shapes, DTYPES[dtype][1])
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """A unit the scheduler loads with one read: a layer slice, or a chunk of rank 0's output head."""
+
+    name: str
+    offset: int
+    layout: BlockLayout
+
+
+def head_chunks(cfg: ModelConfig, dtype: str, target_bytes: int) -> list[tuple[int, int]]:
+    """[row0, row1) chunks of the [vocab, hidden] output head, each about target_bytes, starting on
+    page boundaries (the row count is a multiple of the rows that make a whole number of pages)."""
+    row = cfg.hidden * DTYPES[dtype][1]
+    step = ALIGN // math.gcd(ALIGN, row)  # rows per page-aligned step
+    rows = max(step, target_bytes // row // step * step)
+    return [(r, min(r + rows, cfg.vocab)) for r in range(0, cfg.vocab, rows)]
+
+
+def rank_specs(cfg: ModelConfig, s: RankSlice, rank: int, dtype: str, head_chunk_bytes: int = 0,
+               data_start: int = 0) -> list[BlockSpec]:
+    """The blocks of a rank in compute order: attention and MLP of each layer, then on rank 0 (if
+    head_chunk_bytes) the output head in chunks. Offsets are from data_start."""
+    size = DTYPES[dtype][1]
+    offsets, off = {}, data_start
+    for name, _, nbytes in file_entries(cfg, s, rank, dtype):
+        offsets[name] = off
+        off += nbytes
+    layouts = (attn_layout(cfg, s, dtype), mlp_layout(cfg, s, dtype))
+    out = [BlockSpec(block_name(b), offsets[block_name(b)], layouts[b % 2]) for b in range(2 * cfg.n_layers)]
+    if head_chunk_bytes and rank == 0:
+        base = offsets["embed" if cfg.tied_embeddings else "head"]
+        for r0, r1 in head_chunks(cfg, dtype, head_chunk_bytes):
+            shape = (r1 - r0, cfg.hidden)
+            lay = BlockLayout((Part("w", shape, 0),), shape[0] * shape[1] * size, size)
+            out.append(BlockSpec(f"head.{r0}", base + r0 * cfg.hidden * size, lay))
+    return out
 
 
 def block_name(b: int) -> str:
@@ -275,6 +314,18 @@ class RankStore:
     @property
     def n_blocks(self) -> int:
         return 2 * self.cfg.n_layers
+
+    def specs(self, head_chunk_bytes: int = 0) -> list[BlockSpec]:
+        """This rank's block cycle (see `rank_specs`) at its offsets in the file."""
+        return rank_specs(self.cfg, self.slice, self.rank, self.dtype, head_chunk_bytes, self.data_start)
+
+    def embed_rows_into(self, ids, out: np.ndarray) -> None:
+        """out [T, h] (storage dtype, as bytes) <- embedding rows of ids, read from disk one row each."""
+        row = self.cfg.hidden * DTYPES[self.dtype][1]
+        base = self.offsets["embed"]
+        flat = out.reshape(len(ids), row)  # [T, row bytes]
+        for t, i in enumerate(ids):
+            self.read_into(base + int(i) * row, memoryview(flat[t]))
 
     def layout(self, b: int) -> BlockLayout:
         return self.mlp if b % 2 else self.attn

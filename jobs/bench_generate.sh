@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=tpimpi-bench
+#SBATCH --ntasks=8
+#SBATCH --output=data/results/slurm-%x-%j.out
+# Decode latency and TTFT of the default model at several rank counts, beside Hugging Face
+# transformers on the same weights, prompt and cores. Appends JSON lines to $OUT.
+set -euo pipefail
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+RANKS=${RANKS:-"1 2 4 8"}
+NEW_TOKENS=${NEW_TOKENS:-32}
+REPEAT=${REPEAT:-5}
+OUT=${OUT:-data/results/bench.jsonl}
+MODEL_ARGS=${MODEL:+--model $MODEL}
+
+source jobs/mpi-env.sh
+python3 -m tpimpi.bench --baseline transformers $MODEL_ARGS --new-tokens "$NEW_TOKENS" --repeat "$REPEAT" --out "$OUT"
+for n in $RANKS; do
+  mpirun -np "$n" python3 -m tpimpi.bench $MODEL_ARGS --new-tokens "$NEW_TOKENS" --repeat "$REPEAT" --out "$OUT"
+done

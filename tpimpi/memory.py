@@ -1,0 +1,129 @@
+"""The memory model: what each rank will hold, predicted from shapes before anything is loaded, and the
+choice of which blocks stay resident and how many stream, given a window or a memory budget.
+
+Our analogue of TPI-LLM's Prop. 5. Per rank:
+  base runtime (Python, numpy, torch, MPI)          BASE_RSS, measured on this project's machines
+  resident blocks + window x largest streamed block weights actually held
+  upcast scratch (bf16/f16 storage, f32 compute)    one block in float32
+  KV cache for --max-seq-len                        2 * layers * kv_heads * max_seq * head_dim * 4
+  step buffers + star-allreduce receive buffers     (2 + (N-1) on rank 0) * prefill_chunk * hidden * 4
+  activations of one prefill chunk                  attention scores and projections
+  rank 0: tokenizer, logits                         TOKENIZER_RSS + vocab * 4
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .config import ModelConfig
+from .errors import UsageError
+from .shard import RankSlice
+from .store import BlockSpec
+
+BASE_RSS = 240 << 20  # measured: python + numpy + torch 2.13 (CPU) + mpi4py after MPI_Init, x86_64
+TOKENIZER_RSS = 40 << 20  # measured: a 49k-token BPE tokenizer loaded with `tokenizers`
+MiB = 1 << 20
+
+
+def parse_size(text: str) -> int:
+    """'1.5G', '800M', '2048K' or a byte count -> bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if mult > 1 else t)
+    except ValueError:
+        raise UsageError(f"--mem-budget {text!r} is not a size (examples: 800M, 1.5G)") from None
+    if value <= 0:
+        raise UsageError(f"--mem-budget {text!r} must be positive")
+    return int(value * mult)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Which blocks stay resident, how many stream through how many buffers, and the predicted bytes."""
+
+    resident: frozenset[int]
+    window: int
+    n_blocks: int
+    parts: dict[str, int] = field(hash=False)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def streamed(self) -> int:
+        return self.n_blocks - len(self.resident)
+
+    def describe(self) -> str:
+        mode = "all resident" if not self.streamed else (
+            f"{len(self.resident)} resident, {self.streamed} streamed through a window of {self.window}")
+        parts = ", ".join(f"{k} {v / MiB:.0f}" for k, v in self.parts.items() if v)
+        return f"{self.n_blocks} blocks {mode}; predicted peak {self.total / MiB:.0f} MiB ({parts} MiB)"
+
+
+def fixed_parts(cfg: ModelConfig, s: RankSlice, rank: int, world: int, max_seq: int, chunk: int) -> dict[str, int]:
+    """Bytes that do not depend on the memory mode."""
+    f32, T, hd = 4, min(chunk, max_seq), cfg.head_dim
+    attn_tmp = f32 * (T * (s.n_q + 2 * s.n_kv) * hd + 2 * s.n_q * max_seq * hd + 2 * s.n_q * T * max_seq)
+    mlp_tmp = f32 * T * 4 * s.n_ffn
+    parts = {
+        "base": BASE_RSS,
+        "kv_cache": 2 * cfg.n_layers * s.n_kv * max_seq * hd * f32,
+        "rope": 2 * max_seq * hd * f32,
+        "buffers": (2 + (world - 1 if rank == 0 else 0)) * T * cfg.hidden * f32,
+        "activations": max(attn_tmp, mlp_tmp),
+    }
+    if rank == 0:
+        parts["tokenizer+logits"] = TOKENIZER_RSS + cfg.vocab * f32
+    return parts
+
+
+def _upcast_bytes(specs: list[BlockSpec], dtype: str, compute: str) -> int:
+    if compute != "float32" or dtype == "float32":
+        return 0
+    return max(sum(math.prod(p.shape) for p in sp.layout.parts) for sp in specs) * 4
+
+
+def plan_memory(specs: list[BlockSpec], fixed: dict[str, int], *, dtype: str, compute: str,
+                window: int | None = None, budget: int | None = None) -> MemoryPlan:
+    """Resident set and window for: all resident (neither given), a window, or a budget (which keeps
+    as many evenly spaced blocks resident as fit beside a window of 2, or of `window`)."""
+    from .scheduler import evenly_spaced
+
+    n = len(specs)
+    sizes = [sp.layout.nbytes for sp in specs]
+    parts = dict(fixed, upcast=_upcast_bytes(specs, dtype, compute))
+
+    def make(resident: set[int], w: int) -> MemoryPlan:
+        streamed = [sizes[b] for b in range(n) if b not in resident]
+        w = min(w, len(streamed))
+        held = sum(sizes[b] for b in resident) + w * (max(streamed) if streamed else 0)
+        return MemoryPlan(frozenset(resident), w, n, dict(parts, weights=held))
+
+    if window is not None and budget is None:
+        if not 1 <= window <= n:
+            raise UsageError(f"--window {window} is out of range: this rank has {n} blocks (1..{n})")
+        return make(set(), window)
+    if budget is None:
+        return make(set(range(n)), 0)
+    everything = make(set(range(n)), 0)
+    if everything.total <= budget:
+        return everything
+    w = window or 2
+    smallest = make(set(), w)
+    if smallest.total > budget:
+        smallest = make(set(), 1)
+        if smallest.total > budget:
+            raise UsageError(f"--mem-budget {budget / MiB:.0f} MiB is too small: even one streamed block needs "
+                             f"{smallest.total / MiB:.0f} MiB on this rank ({smallest.describe()})")
+        return smallest
+    lo, hi = 0, n - 1  # the most evenly spaced resident blocks that still fit
+    while lo < hi:
+        k = (lo + hi + 1) // 2
+        if make(evenly_spaced(n, k), w).total <= budget:
+            lo = k
+        else:
+            hi = k - 1
+    return make(evenly_spaced(n, lo), w)
