@@ -28,6 +28,7 @@ class SerialComm:
     """One process, no MPI: every collective is the identity."""
 
     rank, size = 0, 1
+    in_lockstep = False  # set while every rank runs the decode loop
 
     def setup(self, max_elems: int, algo: str = "star") -> None:
         pass
@@ -67,6 +68,7 @@ class MPIComm:
         self.comm = MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.algo = "star"
+        self.in_lockstep = False  # set while every rank runs the decode loop
         self._recv = np.empty((0, 0), dtype=np.float32)
 
     def setup(self, max_elems: int, algo: str = "star") -> None:

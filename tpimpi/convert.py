@@ -59,13 +59,15 @@ def _progress(msg: str, quiet: bool) -> None:
         print(msg, end=end, file=sys.stderr, flush=True)
 
 
-def convert(source: str | os.PathLike, out: str | os.PathLike, world: int, ratios=None,
+def convert(source, out: str | os.PathLike, world: int, ratios=None,
             dtype: str = "float32", quiet: bool = False) -> Path:
-    """Write a store for `world` ranks at `out` (replacing one already there) and return its path."""
+    """Write a store for `world` ranks at `out` (replacing one already there) and return its path.
+
+    `source` is a path (GGUF file or Hugging Face directory) or a source object with the same methods."""
     if dtype not in store.DTYPES:
         raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(store.DTYPES)}")
     ratios = parse_ratios(ratios, world) if ratios is None or isinstance(ratios, str) else tuple(ratios)
-    src = open_source(source)
+    src = source if hasattr(source, "layer") else open_source(source)
     cfg = src.config
     slices = plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, ratios)
     out = Path(out)

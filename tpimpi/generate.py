@@ -244,7 +244,7 @@ class Engine:
         tok = Tokenizer.load(self.path)
         if tok.vocab_size > self.cfg.vocab:
             raise TpimpiError(f"the tokenizer has {tok.vocab_size} tokens but the model only {self.cfg.vocab} rows")
-        return tok, Head(self.store, self.blocks, range(2 * self.cfg.n_layers, len(self.specs)))
+        return tok, Head(self.store, self.blocks, range(2 * self.cfg.n_layers, len(self.specs)), tok.vocab_size)
 
     def encode_prompt(self, text: str, raw: bool = False, system: str | None = None) -> list[int]:
         """Rank 0: the prompt's token ids (chat template applied unless raw), checked against the context."""
@@ -347,6 +347,7 @@ def run(comm, argv=None) -> int:
 
 def decode_loop(comm, model, head, tok, prompt_ids, samp, max_new, max_seq, stream=True, stop_at_eos=True) -> dict:
     """The loop every rank runs. Rank 0 decides; the others follow its control word."""
+    comm.in_lockstep = True  # from here an error on one rank cannot be agreed on: it ends the job
     ctrl = np.zeros(3, dtype=np.int64)  # [command, T, pos]
     gen = torch.Generator().manual_seed(samp.seed)
     out_ids, pending, pos = [], list(prompt_ids or []), 0
@@ -383,6 +384,7 @@ def decode_loop(comm, model, head, tok, prompt_ids, samp, max_new, max_seq, stre
             if printer is not None and nxt not in tok.eos_ids:
                 sys.stdout.write(printer.push(nxt))
                 sys.stdout.flush()
+    comm.in_lockstep = False
     if comm.rank != 0:
         return {}
     if printer is not None:
@@ -406,9 +408,15 @@ def main(argv=None) -> int:
     try:
         code = run(comm, argv)
     except TpimpiError as e:
-        if comm.rank == 0:
-            print(f"tpimpi: error: {e}", file=sys.stderr)
-        code = 2
+        if isinstance(e, comm_mod.RankFailure) or not comm.in_lockstep:
+            # every rank raised this same error at the same point: rank 0 says it, all exit
+            if comm.rank == 0:
+                print(f"tpimpi: error: {e}", file=sys.stderr)
+            code = 2
+        else:  # one rank, mid-run: the others are waiting on it, so end the whole job
+            print(f"tpimpi: error on rank {comm.rank} during generation: {e}", file=sys.stderr)
+            comm.abort(2)
+            code = 2
     except KeyboardInterrupt:
         code = 130
     except SystemExit as e:  # --help

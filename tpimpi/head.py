@@ -19,8 +19,10 @@ from .store import DTYPES, RankStore
 class Head:
     """Embedding lookup and logits on rank 0; the head's chunks are blocks `chunks` of `blocks`."""
 
-    def __init__(self, store: RankStore, blocks, chunks: range):
+    def __init__(self, store: RankStore, blocks, chunks: range, n_tokens: int | None = None):
         cfg = store.cfg
+        # rows past the tokenizer's vocabulary (padding, or a synthetic model) are never sampled
+        self.n_tokens = min(n_tokens or cfg.vocab, cfg.vocab)
         self.cfg, self.store, self.blocks, self.chunks = cfg, store, blocks, chunks
         self.td = TORCH_DTYPES[store.dtype]
         self.row_bytes = cfg.hidden * DTYPES[store.dtype][1]
@@ -51,4 +53,5 @@ class Head:
                 self.logits_buf[r0:r1] = torch.mv(w, xn.to(w.dtype))
             self.blocks.release(b)
             r0 = r1
+        self.logits_buf[self.n_tokens :] = float("-inf")
         return self.logits_buf

@@ -272,10 +272,14 @@ class RankStore:
         self.directory = Path(directory)
         m = load_manifest(self.directory)
         if m["world"] != world:
-            src = m.get("source", {}).get("path", "MODEL")
+            src, out = m.get("source", {}), f"{str(self.directory).rstrip('/')}-n{world}"
+            if "synthetic" in src:
+                cmd = (f"python -m tpimpi.synth --shape {src['synthetic']} --layers {src.get('layers')} "
+                       f"--dtype {m['dtype']} --ranks {world} --out {out}")
+            else:
+                cmd = f"python -m tpimpi.convert {src.get('path', 'MODEL')} --dtype {m['dtype']} --ranks {world} --out {out}"
             raise StoreError(f"store {str(self.directory)!r} was split for {m['world']} ranks, launched with {world}; "
-                             f"split it for {world} with: python -m tpimpi.convert {src} --ranks {world} "
-                             f"--out {str(self.directory).rstrip('/')}-n{world}")
+                             f"split it for {world} with: {cmd}")
         self.manifest = m
         self.cfg: ModelConfig = m["config"]
         self.dtype: str = m["dtype"]

@@ -558,3 +558,13 @@ class TextStream:
         new = text[len(self._context_text):]
         self._ids, self._read, self._context_text = [], 0, ""
         return new
+
+
+def byte_tokenizer_files() -> dict[str, str]:
+    """A minimal byte-level tokenizer (256 byte tokens and <|endoftext|>, no merges) for synthetic models:
+    every text encodes, and its ids fit any model's vocabulary."""
+    tokens = [_byte_alphabet()[b] for b in range(256)]
+    backend = _byte_level_backend(tokens, [], "default")
+    backend.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+    config = {"eos_token": "<|endoftext|>", "add_bos_token": False, "tokenizer_class": "PreTrainedTokenizerFast"}
+    return {TOKENIZER_JSON: backend.to_str(), TOKENIZER_CONFIG_JSON: json.dumps(config, indent=1)}
