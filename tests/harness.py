@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tpimpi.generate import Engine, MemoryOptions, decode_loop
+from tpimpi.engine import Engine, MemoryOptions, decode_loop
 from tpimpi.sampling import SamplingConfig
 
 

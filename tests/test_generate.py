@@ -103,7 +103,7 @@ def test_prompt_longer_than_context(env, tiny_gguf):
 def test_store_split_for_another_rank_count(env, tiny_gguf, tmp_path):
     st = convert(tiny_gguf, tmp_path / "s3", 3, quiet=True)
     assert_one_clear_error(generate(env, "--model", st, "--prompt", "x", np=2),
-                           f"split for 3 ranks, launched with 2; split it for 2 with: python -m tpimpi.convert")
+                           "split for 3 ranks, launched with 2; split it for 2 with: python -m tpimpi.convert")
 
 
 def test_damaged_worker_file(env, tiny_gguf, tmp_path):

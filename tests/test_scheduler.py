@@ -15,7 +15,7 @@ from threadcomm import ThreadGroup
 from tpimpi import store
 from tpimpi.convert import convert
 from tpimpi.errors import UsageError
-from tpimpi.generate import MemoryOptions, memory_plan
+from tpimpi.engine import MemoryOptions, memory_plan
 from tpimpi.memory import parse_size
 from tpimpi.scheduler import BlockScheduler, evenly_spaced
 

@@ -23,6 +23,8 @@ from pathlib import Path
 from . import __version__
 from . import comm as comm_mod
 from .errors import TpimpiError, UsageError
+from .engine import MemoryOptions
+from .generate import add_memory_args
 from .sampling import SamplingConfig
 
 DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
@@ -39,7 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--allreduce", choices=comm_mod.ALLREDUCE_ALGOS, default="star")
     p.add_argument("--threads", type=int, help="threads per rank (default: cores / local ranks)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="storage dtype when a source has to be converted")
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--disk", action="store_true", help="first measure the raw O_DIRECT read bandwidth of the "
+                   "rank files, for the ratio of the bandwidth decode achieves")
     p.add_argument("--label", default="", help="free text stored with the result")
+    add_memory_args(p)
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON-lines file the result is appended to")
     return p
 
@@ -68,13 +76,38 @@ def machine() -> dict:
             "mpi4py": mpi4py.__version__, "tpimpi": __version__}
 
 
+def raw_read_seconds(store, chunk: int = 64 << 20) -> float:
+    """Seconds to read this rank's whole weight file sequentially with O_DIRECT (no page cache)."""
+    from .scheduler import aligned_buffer
+
+    mm, _ = aligned_buffer(chunk)
+    fd = os.open(store.path, os.O_RDONLY | os.O_DIRECT)
+    size, off = os.fstat(fd).st_size, 0
+    t = time.perf_counter()
+    while off < size:
+        got = os.preadv(fd, [memoryview(mm)], off)
+        if got <= 0:
+            break
+        off += got
+    os.close(fd)
+    return time.perf_counter() - t
+
+
 def bench_tpimpi(comm, args) -> dict | None:
-    from .generate import Engine, _collective, prepare_store, set_threads
+    from .engine import Engine, collective, prepare_store, set_threads
 
     set_threads(args.threads)
-    path = prepare_store(comm, args.model, (1.0,) * comm.size, "float32")
-    eng = Engine(comm, path, allreduce=args.allreduce).load()
-    ids = _collective(comm, lambda: eng.encode_prompt(args.prompt) if comm.rank == 0 else None)
+    path = prepare_store(comm, args.model, (1.0,) * comm.size, args.dtype)
+    mem = MemoryOptions.from_args(args)
+    eng = Engine(comm, path, allreduce=args.allreduce, mem=mem, max_seq=args.max_seq_len)
+    disk = None
+    if args.disk:
+        comm.barrier()
+        secs = comm.gather_ints([int(raw_read_seconds(eng.store) * 1e6)])
+        total = sum(comm.gather_ints([eng.store.path.stat().st_size]), [])
+        disk = sum(total) / (max(s[0] for s in secs) / 1e6)  # all ranks reading at once: bytes/s together
+    eng.load()
+    ids = collective(comm, lambda: eng.encode_prompt(args.prompt) if comm.rank == 0 else None)
     runs = []
     for i in range(args.warmup + args.repeat):
         r = eng.generate(ids, SamplingConfig(), args.new_tokens, stop_at_eos=False)
@@ -83,14 +116,23 @@ def bench_tpimpi(comm, args) -> dict | None:
         if comm.rank == 0:
             print(f"  run {i + 1}/{args.warmup + args.repeat}: {r['decode_s_per_token']:.4f} s/token"
                   + (" (warm-up)" if i < args.warmup else ""), file=sys.stderr, flush=True)
+    eng.close()
     if comm.rank != 0:
         return None
     import torch
 
-    last = runs[-1]
-    return {"system": "tpimpi", "ranks": comm.size, "allreduce": args.allreduce, "threads": torch.get_num_threads(),
-            "prompt_tokens": len(ids), "peak_rss_bytes": last["peak_rss_bytes"],
-            "allreduce_s_per_token": max(last["allreduce_s"]) / args.new_tokens, **summarize(runs)}
+    last, summary = runs[-1], summarize(runs)
+    out = {"system": "tpimpi", "ranks": comm.size, "allreduce": args.allreduce, "threads": torch.get_num_threads(),
+           "dtype": eng.store.dtype, "memory": last["memory"], "io": mem.io, "compute": mem.compute,
+           "prompt_tokens": len(ids), "peak_rss_bytes": last["peak_rss_bytes"],
+           "predicted_peak_bytes": last["predicted_peak_bytes"], "per_token": last["per_token"], **summary}
+    # every rank reads its share each token: the bandwidth decode achieves, all ranks together
+    read_per_token = sum(last["bytes_read"]) / len(last["token_ids"])
+    out["decode_read_Bps"] = read_per_token / summary["s_per_token"]
+    if disk:
+        out["raw_read_Bps"] = disk
+        out["read_ratio"] = out["decode_read_Bps"] / disk
+    return out
 
 
 def bench_transformers(args) -> dict:
@@ -100,7 +142,7 @@ def bench_transformers(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .generate import set_threads
+    from .engine import set_threads
     from .models import default_model_path, prepare
     from .tokenizer import Tokenizer
 
@@ -140,8 +182,10 @@ def record(result: dict, args, out: str) -> None:
         f.write(json.dumps(result) + "\n")
     print(f"{result['system']} ranks={result['ranks']}: TTFT {result['ttft_s']:.3f} s, "
           f"{result['s_per_token']:.4f} s/token (p90 {result['s_per_token_p90']:.4f}), "
-          f"{result['tokens_per_s']:.1f} tokens/s, peak RSS {max(result['peak_rss_bytes']) / 2**20:.0f} MiB "
-          f"-> {out}", flush=True)
+          f"{result['tokens_per_s']:.1f} tokens/s, peak RSS {max(result['peak_rss_bytes']) / 2**20:.0f} MiB"
+          + (f", decode reads {result['decode_read_Bps'] / 1e9:.2f} GB/s" if result.get("decode_read_Bps") else "")
+          + (f" = {result['read_ratio']:.2f} x raw {result['raw_read_Bps'] / 1e9:.2f} GB/s" if "read_ratio" in result
+             else "") + f" -> {out}", flush=True)
 
 
 def main(argv=None) -> int:
