@@ -101,8 +101,8 @@ class RecordingComm:
     def __init__(self, inner):
         self.inner, self.rank, self.size, self.seen = inner, inner.rank, inner.size, []
 
-    def setup(self, *a):
-        self.inner.setup(*a)
+    def __getattr__(self, name):  # agree, setup, ...: start-up collectives, passed through
+        return getattr(self.inner, name)
 
     def bcast_(self, buf):
         self.inner.bcast_(buf)

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=tpimpi-streaming
+#SBATCH --ntasks=8
+#SBATCH --output=data/results/slurm-%x-%j.out
+# The sliding-window scheduler's figures (README, "Streaming"): streaming vs resident for the default
+# model and a 1.7B-shaped synthetic model at 1, 2 and 4 ranks; peak memory of a Llama-2-70B-shaped
+# model at 8 ranks with a window of 2 in bfloat16; and decode's read bandwidth against the disk's
+# raw O_DIRECT bandwidth. Appends JSON lines to $OUT. Synthetic stores go to $STORES (a few GB each).
+set -euo pipefail
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+RANKS=${RANKS:-"1 2 4"}
+REPEAT=${REPEAT:-5}
+NEW_TOKENS=${NEW_TOKENS:-16}
+STORES=${STORES:-data/stores}
+L70_LAYERS=${L70_LAYERS:-4}
+OUT=${OUT:-data/results/streaming.jsonl}
+
+source jobs/mpi-env.sh
+bench() { mpirun -np "$1" python3 -m tpimpi.bench --new-tokens "$NEW_TOKENS" --repeat "$REPEAT" --out "$OUT" "${@:2}"; }
+synth() { [ -f "$1/manifest.json" ] || python3 -m tpimpi.synth --out "$@"; }
+
+for n in $RANKS; do
+  bench "$n" --resident --label default-resident
+  bench "$n" --window 2 --label default-window2
+  synth "$STORES/smollm2-1.7b-n$n" --shape smollm2-1.7b --ranks "$n" --dtype bfloat16
+  bench "$n" --model "$STORES/smollm2-1.7b-n$n" --resident --compute bfloat16 --label 1.7b-resident
+  bench "$n" --model "$STORES/smollm2-1.7b-n$n" --window 2 --compute bfloat16 --label 1.7b-window2
+done
+# cold cache: every block read with O_DIRECT, next to the raw O_DIRECT read of the same files
+bench 1 --model "$STORES/smollm2-1.7b-n1" --window 2 --io direct --compute bfloat16 --disk --label 1.7b-direct
+synth "$STORES/llama2-70b-n8" --shape llama2-70b --layers "$L70_LAYERS" --ranks 8 --dtype bfloat16
+bench 8 --model "$STORES/llama2-70b-n8" --window 2 --compute bfloat16 --max-seq-len 2048 --label 70b-window2
