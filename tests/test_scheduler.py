@@ -14,7 +14,7 @@ from harness import rel_err, run_store
 from threadcomm import ThreadGroup
 from tpimpi import store
 from tpimpi.convert import convert
-from tpimpi.errors import UsageError
+from tpimpi.errors import StoreError, UsageError
 from tpimpi.engine import MemoryOptions, memory_plan
 from tpimpi.memory import parse_size
 from tpimpi.scheduler import BlockScheduler, evenly_spaced
@@ -104,7 +104,7 @@ def test_a_read_error_surfaces_in_the_compute_thread(stores, tmp_path):
     s = BlockScheduler(rs, specs, set(), 2)
     _cycle(s, 1)
     os.truncate(path / "rank000.safetensors", specs[3].offset + 10)  # the disk loses the file's tail
-    with pytest.raises(OSError, match="short read"):
+    with pytest.raises(StoreError, match="rank000.safetensors: cannot read .*short read"):
         _cycle(s, 2)
     s.close()
 

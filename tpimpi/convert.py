@@ -5,12 +5,14 @@
 Tensors are read one layer at a time and each rank's slices are appended to that rank's file, so the
 model is never held twice. Everything is written under a temporary directory and renamed into place
 only after the manifest (sizes and sha256 of every file) is complete: an interrupted conversion never
-leaves something that looks like a store.
+leaves something that looks like a store, and what a killed one leaves beside the output (.OUT.tmp-PID)
+is removed by the next conversion of the same output.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import os
@@ -59,6 +61,28 @@ def _progress(msg: str, quiet: bool) -> None:
         print(msg, end=end, file=sys.stderr, flush=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process, or not a pid at all: leave its files alone
+        pass
+    return True
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Delete the temporary directories that killed conversions of `out` left beside it
+    (.OUT.tmp-PID and .OUT.old-PID whose PID is no longer running); return what was deleted."""
+    gone = []
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        kind, _, pid = p.name[len(out.name) + 2 :].rpartition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
+
+
 def convert(source, out: str | os.PathLike, world: int, ratios=None,
             dtype: str = "float32", quiet: bool = False) -> Path:
     """Write a store for `world` ranks at `out` (replacing one already there) and return its path.
@@ -72,6 +96,7 @@ def convert(source, out: str | os.PathLike, world: int, ratios=None,
     slices = plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, ratios)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

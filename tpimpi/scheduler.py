@@ -19,7 +19,8 @@ import time
 import numpy as np
 import torch
 
-from .store import DTYPES, ALIGN, BlockLayout, BlockSpec, RankStore
+from .errors import StoreError
+from .store import ALIGN, DTYPES, BlockLayout, BlockSpec, RankStore
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IO_MODES = ("cache", "direct", "dontneed")
@@ -57,7 +58,13 @@ class _Reader:
     def __init__(self, store: RankStore, io: str):
         self.store, self.io = store, io
         self.fd = store.fd
-        self.direct_fd = os.open(store.path, os.O_RDONLY | os.O_DIRECT) if io == "direct" else -1
+        self.direct_fd = -1
+        if io == "direct":
+            try:
+                self.direct_fd = os.open(store.path, os.O_RDONLY | os.O_DIRECT)
+            except OSError as e:
+                raise StoreError(f"{store.path}: cannot open for O_DIRECT ({e.strerror}); this file system may "
+                                 f"not support it: use --io dontneed") from None
         self.jobs: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.bytes_read = 0
@@ -72,7 +79,9 @@ class _Reader:
             spec, mm, done = job
             try:
                 self._read(spec, mm)
-            except BaseException as e:  # handed to the compute thread, which raises it
+            except OSError as e:  # handed to the compute thread, which raises it
+                self.error = StoreError(f"{self.store.path}: cannot read {spec.name} ({e.strerror or e})")
+            except BaseException as e:
                 self.error = e
             done.set()
 
@@ -85,7 +94,7 @@ class _Reader:
         while done < n:
             got = os.preadv(fd, [view[done:]], spec.offset + done)
             if got <= 0:
-                raise OSError(f"{self.store.path}: short read of {spec.name} at byte {spec.offset + done}")
+                raise OSError(f"short read at byte {spec.offset + done}, the file is shorter than the manifest says")
             done += got
         if self.io != "cache" and fd == self.fd:  # buffered read: drop the pages it brought in
             os.posix_fadvise(self.fd, spec.offset, n, os.POSIX_FADV_DONTNEED)

@@ -14,12 +14,13 @@ from typing import Sequence
 from .errors import UsageError
 
 MAX_RANKS = 1024
+MAX_RATIO = 1e15  # ratios are relative shares; a bound keeps the split arithmetic finite
 
 
 def split_counts(n: int, ratios: Sequence[float]) -> list[int]:
     """Split n items into len(ratios) counts proportional to ratios, summing exactly to n."""
     total = float(sum(ratios))
-    ideal = [n * r / total for r in ratios]
+    ideal = [n * (r / total) for r in ratios]
     counts = [int(x) for x in ideal]
     order = sorted(range(len(ratios)), key=lambda i: (-(ideal[i] - counts[i]), i))
     for i in order[: n - sum(counts)]:
@@ -82,6 +83,6 @@ def parse_ratios(text: str | None, world: int) -> tuple[float, ...]:
         raise UsageError(f"--ratios {text!r} is not a comma-separated list of numbers") from None
     if len(ratios) != world:
         raise UsageError(f"--ratios has {len(ratios)} values for {world} ranks; give one per rank")
-    if not all(r > 0 and r < float("inf") for r in ratios):
-        raise UsageError(f"--ratios {text!r}: every ratio must be a positive finite number")
+    if not all(0 < r <= MAX_RATIO for r in ratios):
+        raise UsageError(f"--ratios {text!r}: every ratio must be a positive number up to {MAX_RATIO:g}")
     return ratios

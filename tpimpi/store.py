@@ -11,19 +11,21 @@ Inside a block the sub-tensors (norm weight, fused projections) sit at 64-byte a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import json
 import os
 import struct
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import StoreError
-from .shard import RankSlice, plan
+from .config import ModelConfig, RopeScaling
+from .errors import ModelError, StoreError
+from .shard import MAX_RANKS, MAX_RATIO, RankSlice, plan
 
 FORMAT = "tpimpi-store"
 VERSION = 1
@@ -31,6 +33,9 @@ ALIGN = 4096  # block offsets and sizes: page size, and what O_DIRECT needs
 SUB_ALIGN = 64  # sub-tensor offsets inside a block: a cache line
 MAX_HEADER = 64 << 20
 MANIFEST = "manifest.json"
+MAX_MANIFEST = 1 << 20  # a manifest is a few KB; refuse to read a larger file whole
+MAX_LAYERS = 1 << 12  # bounds of a manifest's config (real models: a few hundred layers, widths below 1M)
+MAX_DIM = 1 << 24
 
 # storage dtype -> (safetensors name, bytes per element)
 DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
@@ -176,10 +181,7 @@ def decode_header(f, file_size: int, path: str) -> tuple[int, dict]:
     (n,) = struct.unpack("<Q", head)
     if n > MAX_HEADER or 8 + n > file_size:
         raise StoreError(f"{path}: header length {n} is impossible for a file of {file_size} bytes")
-    try:
-        header = json.loads(f.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise StoreError(f"{path}: header is not valid JSON ({e})") from None
+    header = _parse_json(f.read(n), f"{path}: header is not valid JSON")
     if not isinstance(header, dict):
         raise StoreError(f"{path}: header is not a JSON object")
     return 8 + n, header
@@ -227,34 +229,91 @@ def slice_layer(cfg: ModelConfig, s: RankSlice, t: dict[str, np.ndarray]) -> tup
 # Manifest
 
 
+def _parse_json(raw: bytes, what: str):
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        raise StoreError(f"{what} ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
+
+
+def _check_fields(cls, d, where: str) -> None:
+    """Every field of the dataclass cls that d gives has the declared type and a sane value: ints in
+    1..MAX_DIM (n_layers up to MAX_LAYERS), floats positive and finite. cls checks the relations."""
+    if not isinstance(d, dict):
+        raise StoreError(f"{where}: {cls.__name__} is {type(d).__name__}, not an object")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        v, t = d.get(f.name), hints[f.name]
+        if f.name not in d or t not in (int, float, bool, str):
+            continue  # a missing field is reported by the constructor, a nested one by the caller
+        if t is int:
+            ok = type(v) is int and 1 <= v <= (MAX_LAYERS if f.name == "n_layers" else MAX_DIM)
+        else:
+            ok = _positive(v) if t is float else type(v) is t
+        if not ok:
+            raise StoreError(f"{where}: {f.name} = {repr(v)[:40]} is not a valid {t.__name__} for this field")
+
+
+def _check_manifest(m, path: Path) -> dict:
+    """m with its config as a ModelConfig, if every field the runtime uses has the right type and range."""
+    if not isinstance(m, dict):
+        raise StoreError(f"{path}: the manifest is {type(m).__name__}, not an object")
+    missing = [k for k in ("format", "version", "dtype", "world", "ratios", "files", "config") if k not in m]
+    if missing:
+        raise StoreError(f"{path}: malformed manifest (no {', '.join(missing)})")
+    if m["format"] != FORMAT or m["version"] != VERSION or type(m["version"]) is not int:
+        raise StoreError(f"{path}: format {repr(m['format'])[:40]} v{repr(m['version'])[:20]} "
+                         f"is not {FORMAT} v{VERSION}")
+    if not isinstance(m["dtype"], str) or m["dtype"] not in DTYPES:
+        raise StoreError(f"{path}: unknown dtype {repr(m['dtype'])[:40]}")
+    world, ratios, files = m["world"], m["ratios"], m["files"]
+    if type(world) is not int or not 1 <= world <= MAX_RANKS:
+        raise StoreError(f"{path}: world {repr(world)[:40]} is not a rank count in 1..{MAX_RANKS}")
+    if not isinstance(ratios, list) or not isinstance(files, list):
+        raise StoreError(f"{path}: ratios and files must be lists")
+    if len(ratios) != world or len(files) != world:
+        raise StoreError(f"{path}: world {world} but {len(ratios)} ratios and {len(files)} files")
+    if not all(_positive(r) and r <= MAX_RATIO for r in ratios):
+        raise StoreError(f"{path}: ratios {repr(ratios)[:80]} are not all positive numbers up to {MAX_RATIO:g}")
+    for f in files:
+        name = f.get("name") if isinstance(f, dict) else None
+        if not (isinstance(name, str) and name not in ("", ".", "..") and not set(name) & set("/\\\0")):
+            raise StoreError(f"{path}: file entry {repr(f)[:80]} does not name a file in the store directory")
+        if type(f.get("bytes")) is not int or not 0 <= f["bytes"] < 1 << 63 or not isinstance(f.get("sha256"), str):
+            raise StoreError(f"{path}: file entry {repr(f)[:80]} has no valid bytes and sha256")
+    if not isinstance(m.get("source", {}), dict):
+        raise StoreError(f"{path}: source {repr(m['source'])[:40]} is not an object")
+    _check_fields(ModelConfig, m["config"], f"{path}: config")
+    if m["config"].get("rope_scaling") is not None:
+        _check_fields(RopeScaling, m["config"]["rope_scaling"], f"{path}: config.rope_scaling")
+    try:
+        m["config"] = ModelConfig.from_dict(m["config"])
+    except ModelError as e:
+        raise StoreError(f"{path}: {e}") from None
+    return m
+
+
 def load_manifest(directory: str | os.PathLike) -> dict:
-    """Read and sanity-check a store's manifest."""
+    """Read a store's manifest and check every field the runtime uses (types, ranges, file names), so
+    that a damaged or hand-edited manifest fails here with a StoreError and nowhere else."""
     path = Path(directory) / MANIFEST
     if not Path(directory).exists():
         raise StoreError(f"store {str(directory)!r} does not exist")
     try:
-        m = json.loads(path.read_text())
+        with open(path, "rb") as f:
+            raw = f.read(MAX_MANIFEST + 1)
     except FileNotFoundError:
         raise StoreError(f"{str(directory)!r} is not a tpimpi store (no {MANIFEST}); "
                          f"an interrupted conversion leaves none — run the conversion again") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise StoreError(f"{path}: unreadable manifest ({e})") from None
-    try:
-        if m["format"] != FORMAT or m["version"] != VERSION:
-            raise StoreError(f"{path}: format {m['format']!r} v{m['version']} is not {FORMAT} v{VERSION}")
-        if m["dtype"] not in DTYPES:
-            raise StoreError(f"{path}: unknown dtype {m['dtype']!r}")
-        world, ratios, files = int(m["world"]), m["ratios"], m["files"]
-        if len(ratios) != world or len(files) != world:
-            raise StoreError(f"{path}: world {world} but {len(ratios)} ratios and {len(files)} files")
-        m["config"] = ModelConfig.from_dict(m["config"])
-        for f in files:
-            int(f["bytes"]), str(f["sha256"]), str(f["name"])
-    except StoreError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise StoreError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
-    return m
+    except OSError as e:
+        raise StoreError(f"{path}: unreadable manifest ({e.strerror})") from None
+    if len(raw) > MAX_MANIFEST:
+        raise StoreError(f"{path}: unreadable manifest (larger than {MAX_MANIFEST} bytes)")
+    return _check_manifest(_parse_json(raw, f"{path}: unreadable manifest"), path)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
@@ -300,8 +359,11 @@ class RankStore:
             raise StoreError(f"{p}: cannot open weight file ({e.strerror})") from None
         if size != info["bytes"]:
             raise StoreError(f"{p}: {size} bytes, manifest says {info['bytes']} (truncated or replaced?)")
-        with open(self.path, "rb") as f:
-            start, header = decode_header(f, size, p)
+        try:
+            with open(self.path, "rb") as f:
+                start, header = decode_header(f, size, p)
+        except OSError as e:
+            raise StoreError(f"{p}: cannot read weight file ({e.strerror})") from None
         meta = file_metadata(self.cfg, self.slice, self.rank, len(self.manifest["ratios"]))
         expect = json.loads(encode_header(file_entries(self.cfg, self.slice, self.rank, self.dtype), self.dtype,
                                           meta)[8:].decode())
