@@ -121,7 +121,7 @@ class Engine:
         comm, st, plan = self.comm, self.store, self.plan
         self.blocks = collective(comm, lambda: BlockScheduler(st, self.specs, set(plan.resident), plan.window,
                                                                self.mem.io, self.mem.compute))
-        self.tok, self.head = collective(comm, self._load_master) if comm.rank == 0 else collective(comm, lambda: (None, None))
+        self.tok, self.head = collective(comm, lambda: self._load_master() if comm.rank == 0 else (None, None))
         self.model = RankModel(self.cfg, st.slice, self.blocks, comm, self.max_seq, self.allreduce,
                                self.mem.prefill_chunk)
         return self

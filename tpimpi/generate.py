@@ -71,7 +71,11 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--allreduce", choices=comm_mod.ALLREDUCE_ALGOS, default="star")
+    p.add_argument("--allreduce", choices=comm_mod.ALLREDUCE_ALGOS, default="star",
+                   help="star (default), MPI's Allreduce, Reduce+Bcast, ring, binomial tree, or auto: the "
+                   "fastest of them for each message size, measured at start-up")
+    p.add_argument("--link-latency-ms", type=float, default=0.0, help="emulate a network link: latency per message")
+    p.add_argument("--link-bandwidth-mbps", type=float, default=0.0, help="emulate a network link: bandwidth")
     p.add_argument("--ratios", help="relative share of each rank, e.g. 2,1,1 (when converting)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="storage dtype (when converting)")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: cores / local ranks)")
@@ -132,6 +136,7 @@ def _read_prompt(args, launched: bool) -> str:
 def run(comm, argv=None) -> int:
     args = build_parser(comm.rank).parse_args(argv)
     samp, ratios = _validate(args, comm.size)
+    comm.link = comm_mod.Link.from_cli(args.link_latency_ms, args.link_bandwidth_mbps)
     set_threads(args.threads)
     mem = MemoryOptions.from_args(args)
     if args.plan:
@@ -165,14 +170,15 @@ def main(argv=None) -> int:
     comm = comm_mod.world()
     try:
         code = run(comm, argv)
-    except TpimpiError as e:
-        if isinstance(e, comm_mod.RankFailure) or not comm.in_lockstep:
+    except (TpimpiError, OSError) as e:
+        if isinstance(e, comm_mod.RankFailure) or (isinstance(e, TpimpiError) and not comm.in_lockstep):
             # every rank raised this same error at the same point: rank 0 says it, all exit
             if comm.rank == 0:
                 print(f"tpimpi: error: {e}", file=sys.stderr)
             code = 2
-        else:  # one rank, mid-run: the others are waiting on it, so end the whole job
-            print(f"tpimpi: error on rank {comm.rank} during generation: {e}", file=sys.stderr)
+        else:  # one rank alone (mid-run, or its own file or disk failed): the others wait on it, so end the job
+            when = " during generation" if comm.in_lockstep else ""
+            print(f"tpimpi: error on rank {comm.rank}{when}: {e}", file=sys.stderr)
             comm.abort(2)
             code = 2
     except KeyboardInterrupt:
