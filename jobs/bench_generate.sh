@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-#SBATCH --job-name=tpimpi-bench
+#SBATCH --job-name=tpimpi-bench-loop
 #SBATCH --ntasks=8
 #SBATCH --output=data/results/slurm-%x-%j.out
 # Decode latency and TTFT of the default model at several rank counts, beside Hugging Face
-# transformers on the same weights, prompt and cores. Appends JSON lines to $OUT.
+# transformers on the same weights, prompt and cores, all in one 8-task job. Appends JSON lines to $OUT.
+# jobs/sweep.sh submits the same as one job per point instead (and memory modes too).
+# Launch: mpirun inside the allocation, like jobs/bench.sbatch (which says why not srun).
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 RANKS=${RANKS:-"1 2 4 8"}

@@ -13,10 +13,13 @@ REPEAT=${REPEAT:-5}
 NEW_TOKENS=${NEW_TOKENS:-16}
 STORES=${STORES:-data/stores}
 L70_LAYERS=${L70_LAYERS:-4}
+L70_TOKENS=${L70_TOKENS:-4}       # a 70B-shaped token reads about 8 GB here: fewer, slower tokens
+L70_REPEAT=${L70_REPEAT:-2}
 OUT=${OUT:-data/results/streaming.jsonl}
 
 source jobs/mpi-env.sh
 bench() { mpirun -np "$1" python3 -m tpimpi.bench --new-tokens "$NEW_TOKENS" --repeat "$REPEAT" --out "$OUT" "${@:2}"; }
+# (later options win: the 70B run overrides --new-tokens and --repeat)
 synth() { [ -f "$1/manifest.json" ] || python3 -m tpimpi.synth --out "$@"; }
 
 for n in $RANKS; do
@@ -29,4 +32,5 @@ done
 # cold cache: every block read with O_DIRECT, next to the raw O_DIRECT read of the same files
 bench 1 --model "$STORES/smollm2-1.7b-n1" --window 2 --io direct --compute bfloat16 --disk --label 1.7b-direct
 synth "$STORES/llama2-70b-n8" --shape llama2-70b --layers "$L70_LAYERS" --ranks 8 --dtype bfloat16
-bench 8 --model "$STORES/llama2-70b-n8" --window 2 --compute bfloat16 --max-seq-len 2048 --label 70b-window2
+bench 8 --model "$STORES/llama2-70b-n8" --window 2 --compute bfloat16 --max-seq-len 2048 --label 70b-window2 \
+  --new-tokens "$L70_TOKENS" --repeat "$L70_REPEAT" --warmup 0
