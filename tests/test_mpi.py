@@ -73,7 +73,7 @@ def reference(comm, tiny_gguf_shared, prompt_ids):
 
 
 @pytest.mark.parametrize("split", ["eq", "ratios"])
-@pytest.mark.parametrize("algo", ["star", "mpi"])
+@pytest.mark.parametrize("algo", ["star", "mpi", "ring", "tree", "auto"])
 def test_matches_transformers(comm, stores, reference, prompt_ids, split, algo):
     logits, tokens = run_store(stores[split], comm, prompt_ids, 8, allreduce=algo)
     if comm.rank == 0:
@@ -93,6 +93,37 @@ def test_star_allreduce_sums_exactly_and_identically(comm):
         for r in range(1, comm.size):
             expect += parts[r]
         assert np.array_equal(buf, expect)  # rank order, bit for bit, on every rank
+
+
+@pytest.mark.parametrize("algo", ["mpi", "reduce_bcast", "ring", "tree", "auto"])
+def test_other_allreduces_sum_and_agree_across_ranks(comm, algo):
+    comm.setup(5000, algo)
+    rng = np.random.default_rng(comm.rank)
+    for n in (1, 7, 576, 5000):
+        buf = rng.standard_normal(n).astype(np.float32)
+        parts = np.empty((comm.size, n), dtype=np.float32)
+        comm.comm.Allgather(buf, parts)
+        comm.allreduce_(buf)
+        np.testing.assert_allclose(buf, parts.astype(np.float64).sum(axis=0), rtol=1e-5, atol=1e-5)
+        every = np.empty((comm.size, n), dtype=np.float32)
+        comm.comm.Allgather(buf, every)
+        assert (every == every[0]).all()  # bit-identical on every rank, or the ranks' states drift apart
+    comm.setup(5000, "star")
+
+
+def test_emulated_link_makes_the_star_beat_the_ring(comm):
+    """Paper, Prop. 1: with 1 ms per message, star = 2 latencies, ring = 2(N-1)."""
+    if comm.size < 4:
+        pytest.skip("the gap needs a few ranks")
+    comm.setup(576, "star")
+    comm.link = comm_mod.Link(latency_s=1e-3)
+    buf = np.zeros(576, dtype=np.float32)
+    try:
+        star, ring = (comm.time_allreduce(a, buf, reps=5) for a in ("star", "ring"))
+    finally:
+        comm.link = comm_mod.Link()
+    assert star < 0.5 * ring
+    assert star >= 2e-3 and ring >= 2 * (comm.size - 1) * 1e-3
 
 
 class RecordingComm:

@@ -1,0 +1,74 @@
+"""Allreduce microbenchmark: star, MPI Allreduce, Reduce+Bcast, ring and binomial tree, over message
+sizes and an emulated edge link (latency and bandwidth injected per message, as the kernel here has
+no netem), to reproduce TPI-LLM's Prop. 1: at the sizes of one token's hidden state, latency and
+not bandwidth is the cost, and the star's two message latencies beat the ring's 2(N-1).
+
+    mpirun -np 8 python -m tpimpi.netbench --link-latency-ms 1 --link-bandwidth-mbps 300
+
+Rank 0 appends one JSON line per (algorithm, size) to --out and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import comm as comm_mod
+from .errors import TpimpiError, UsageError
+
+DEFAULT_SIZES = "576,1024,2048,4096,8192"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="tpimpi.netbench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default=DEFAULT_SIZES, help="message sizes in float32 elements")
+    p.add_argument("--algos", default=",".join(comm_mod.CONCRETE_ALGOS))
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--link-latency-ms", type=float, default=0.0)
+    p.add_argument("--link-bandwidth-mbps", type=float, default=0.0)
+    p.add_argument("--out", default="data/results/allreduce.jsonl")
+    args = p.parse_args(argv)
+    comm = comm_mod.world()
+    try:
+        if comm.size < 2:
+            raise UsageError("run it under mpirun with at least 2 ranks")
+        sizes = [int(x) for x in args.sizes.split(",")]
+        algos = args.algos.split(",")
+        bad = set(algos) - set(comm_mod.CONCRETE_ALGOS)
+        if bad or min(sizes) < 1 or args.reps < 1:
+            raise UsageError(f"unknown algorithms {sorted(bad)}, or sizes/reps below 1")
+        comm.link = comm_mod.Link.from_cli(args.link_latency_ms, args.link_bandwidth_mbps)
+    except (TpimpiError, ValueError) as e:
+        if comm.rank == 0:
+            print(f"tpimpi.netbench: error: {e}", file=sys.stderr)
+        return 2
+    comm.setup(max(sizes), "star")
+    rows = []
+    for n in sizes:
+        buf = np.zeros(n, dtype=np.float32)  # zeros: repeated in-place sums cannot overflow
+        for algo in algos:
+            t = comm.time_allreduce(algo, buf, args.reps)
+            rows.append({"system": "allreduce", "algo": algo, "ranks": comm.size, "elems": n, "median_s": t,
+                         "link_latency_ms": args.link_latency_ms, "link_bandwidth_mbps": args.link_bandwidth_mbps,
+                         "reps": args.reps})
+    if comm.rank == 0:
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(dict(r, time=stamp, command=" ".join(sys.argv))) + "\n")
+        print(f"{comm.size} ranks, link {args.link_latency_ms} ms / {args.link_bandwidth_mbps or 'unlimited'} Mbps;"
+              " median microseconds:")
+        print("floats   " + "".join(f"{a:>14}" for a in algos))
+        for n in sizes:
+            print(f"{n:<9}" + "".join(f"{r['median_s'] * 1e6:14.1f}" for r in rows if r["elems"] == n))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
