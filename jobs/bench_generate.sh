@@ -3,7 +3,7 @@
 #SBATCH --ntasks=8
 #SBATCH --output=data/results/slurm-%x-%j.out
 # Decode latency and TTFT of the default model at several rank counts, beside Hugging Face
-# transformers on the same weights, prompt and cores, all in one 8-task job. Appends JSON lines to $OUT.
+# transformers (in memory) and Accelerate (disk offload) on the same weights, prompt and cores, all in one 8-task job. Appends JSON lines to $OUT.
 # jobs/sweep.sh submits the same as one job per point instead (and memory modes too).
 # Launch: mpirun inside the allocation, like jobs/bench.sbatch (which says why not srun).
 set -euo pipefail
@@ -15,7 +15,13 @@ OUT=${OUT:-data/results/bench.jsonl}
 MODEL_ARGS=${MODEL:+--model $MODEL}
 
 source jobs/mpi-env.sh
-python3 -m tpimpi.bench --baseline transformers $MODEL_ARGS --new-tokens "$NEW_TOKENS" --repeat "$REPEAT" --out "$OUT"
-for n in $RANKS; do
-  mpirun -np "$n" python3 -m tpimpi.bench $MODEL_ARGS --new-tokens "$NEW_TOKENS" --repeat "$REPEAT" --out "$OUT"
+BUDGET=${BUDGET:-600M}   # below the Accelerate baseline's peak, for the same-memory comparison
+for baseline in transformers accelerate; do
+  python3 -m tpimpi.bench --baseline "$baseline" $MODEL_ARGS --new-tokens "$NEW_TOKENS" --repeat "$REPEAT" --out "$OUT"
 done
+for n in $RANKS; do
+  mpirun -np "$n" python3 -m tpimpi.bench $MODEL_ARGS --new-tokens "$NEW_TOKENS" --repeat "$REPEAT" --out "$OUT" \
+    --resident --label resident
+done
+mpirun -np 1 python3 -m tpimpi.bench $MODEL_ARGS --new-tokens "$NEW_TOKENS" --repeat "$REPEAT" --out "$OUT" \
+  --mem-budget "$BUDGET" --label "budget-$BUDGET"

@@ -34,3 +34,14 @@ def tiny_ref(tiny_gguf, prompt_ids):
 
     m = hf_model(tiny_gguf)
     return hf_last_logits(m, prompt_ids), hf_greedy(m, prompt_ids, 8)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread per rank while N ranks run as N threads of this process."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -147,13 +147,12 @@ def bench_baseline(args) -> dict:
     ("accelerate", the TPI-LLM paper's main baseline). The weights are loaded whole first (a GGUF
     goes through transformers' dequantization), so the peak RSS reported is the one sampled during
     generation; the load's peak is recorded beside it."""
-    import resource
     import tempfile
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .engine import set_threads
+    from .engine import peak_rss, set_threads
     from .models import default_model_path, prepare
     from .tokenizer import Tokenizer
 
@@ -172,7 +171,7 @@ def bench_baseline(args) -> dict:
         offload = tempfile.TemporaryDirectory(prefix="tpimpi-offload-")
         model = disk_offload(model, offload.name, execution_device=torch.device("cpu"))
         gc.collect()
-    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    load_peak = peak_rss()
     runs, peak = [], 0
     for i in range(args.warmup + args.repeat):
         with torch.inference_mode():

@@ -41,7 +41,16 @@ def collective(comm, fn, *a):
     return out
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
+    """This process's peak resident memory. VmHWM belongs to the process's own address space; getrusage's
+    ru_maxrss can carry over the parent's peak when a large parent started it with vfork."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -161,7 +170,7 @@ class Engine:
         read0 = blocks.total_bytes_read
         result = decode_loop(comm, model, self.head, self.tok, prompt_ids, samp, max_new, self.max_seq, stream,
                              stop_at_eos)
-        mine = [_peak_rss(), blocks.total_bytes_read - read0] + [int(t * 1e6) for t in (
+        mine = [peak_rss(), blocks.total_bytes_read - read0] + [int(t * 1e6) for t in (
             blocks.io_wait_s, model.t_comm, model.t_forward - blocks.io_wait_s - model.t_comm)]
         rss, read, io_us, comm_us, compute_us = zip(*comm.gather_ints(mine))
         if comm.rank == 0:
