@@ -69,13 +69,12 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def machine() -> dict:
-    import mpi4py
     import numpy
     import torch
 
     return {"host": platform.node(), "machine": platform.machine(), "cores": len(os.sched_getaffinity(0)),
             "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-            "mpi4py": mpi4py.__version__, "tpimpi": __version__}
+            **comm_mod.versions(), "tpimpi": __version__}
 
 
 def raw_read_seconds(store, chunk: int = 64 << 20) -> float:

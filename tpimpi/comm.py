@@ -292,6 +292,14 @@ def world(link: Link = Link()):
     return MPIComm(link) if launched() else SerialComm()
 
 
+def versions() -> dict[str, str]:
+    """mpi4py's version and the MPI library's, for benchmark records."""
+    import mpi4py
+    from mpi4py import MPI
+
+    return {"mpi4py": mpi4py.__version__, "mpi": MPI.Get_library_version().split(",")[0].strip("\0 \n")}
+
+
 def local_size() -> int:
     """How many ranks share this node (from the launcher's environment), for choosing thread counts."""
     for k in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"):
