@@ -38,10 +38,12 @@ def tiny_ref(tiny_gguf, prompt_ids):
 
 @pytest.fixture
 def one_thread():
-    """One torch thread per rank while N ranks run as N threads of this process."""
+    """One torch thread and one BLAS thread per rank while N ranks run as N threads of this process."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with threadpool_limits(1, user_api="blas"):
+        yield
     torch.set_num_threads(n)

@@ -7,6 +7,7 @@ import tempfile
 
 import numpy as np
 import pytest
+import torch
 
 from harness import rel_err, run_store
 from tpimpi import comm as comm_mod
@@ -18,9 +19,10 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def comm():
-    import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(1)
+    threadpool_limits(1, user_api="blas")  # ranks share two cores: one thread each in both pools
     c = comm_mod.world()
     assert isinstance(c, comm_mod.MPIComm) and c.size >= 2
     return c

@@ -97,9 +97,9 @@ def raw_read_seconds(store, chunk: int = 64 << 20) -> float:
 def bench_tpimpi(comm, args) -> dict | None:
     from .engine import Engine, collective, prepare_store, set_threads
 
-    set_threads(args.threads)
-    path = prepare_store(comm, args.model, (1.0,) * comm.size, args.dtype)
     mem = MemoryOptions.from_args(args)
+    threads = set_threads(args.threads, "blas" if mem.compute == "float32" else "torch")
+    path = prepare_store(comm, args.model, (1.0,) * comm.size, args.dtype)
     eng = Engine(comm, path, allreduce=args.allreduce, mem=mem, max_seq=args.max_seq_len)
     disk = None
     if args.disk:
@@ -120,11 +120,10 @@ def bench_tpimpi(comm, args) -> dict | None:
     eng.close()
     if comm.rank != 0:
         return None
-    import torch
-
     last, summary = runs[-1], summarize(runs)
-    out = {"system": "tpimpi", "ranks": comm.size, "allreduce": args.allreduce, "threads": torch.get_num_threads(),
-           "dtype": eng.store.dtype, "memory": last["memory"], "io": mem.io, "compute": mem.compute,
+    out = {"system": "tpimpi", "ranks": comm.size, "allreduce": args.allreduce, "threads": threads,
+           "dtype": eng.store.dtype, "memory": last["memory"], "window": last["window"],
+           "streamed_blocks": last["streamed_blocks"], "n_blocks": last["n_blocks"], "io": mem.io, "compute": mem.compute,
            "prompt_tokens": len(ids), "peak_rss_bytes": last["peak_rss_bytes"],
            "predicted_peak_bytes": last["predicted_peak_bytes"], "per_token": last["per_token"], **summary}
     # every rank reads its share each token: the bandwidth decode achieves, all ranks together
@@ -155,7 +154,7 @@ def bench_baseline(args) -> dict:
     from .models import default_model_path, prepare
     from .tokenizer import Tokenizer
 
-    set_threads(args.threads)
+    set_threads(args.threads, "torch")
     src = Path(args.model) if args.model else default_model_path()
     tok = Tokenizer.load(prepare(str(src), 1, (1.0,)))
     ids = tok.encode(tok.render_chat(args.prompt) if tok.has_chat_template else args.prompt)

@@ -181,8 +181,9 @@ class Engine:
                 compute_s=[t / 1e6 for t in compute_us],
                 per_token={"io_wait_s": max(io_us) / 1e6 / n, "allreduce_s": max(comm_us) / 1e6 / n,
                            "compute_s": max(compute_us) / 1e6 / n, "bytes_read": max(read) // n},
-                ranks=comm.size, allreduce=self.allreduce, store=self.path, threads=torch.get_num_threads(),
-                memory=self.plan.describe())
+                ranks=comm.size, allreduce=self.allreduce, store=self.path, threads=threads_in_use(),
+                memory=self.plan.describe(), window=self.plan.window if self.plan.streamed else None,
+                streamed_blocks=self.plan.streamed, n_blocks=self.plan.n_blocks)
         return result
 
 
@@ -210,9 +211,24 @@ def plan_report(model, world, ratios, dtype, max_seq, mem: MemoryOptions) -> str
     return "\n".join(lines)
 
 
-def set_threads(threads: int | None) -> None:
-    """torch threads per rank: the cores divided among the ranks of this node, unless given."""
-    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // comm_mod.local_size()))
+def set_threads(threads: int | None, matmul: str = "blas") -> int:
+    """Threads per rank (the cores divided among the ranks of this node, unless given) for the library that
+    does the matrix products: numpy's BLAS for float32 ("blas"), torch for bfloat16 compute or the baselines
+    ("torch"). The other pool gets one thread: two pools of busy-waiting threads on the same cores slow
+    each other down tenfold (measured; BENCHMARKS.md)."""
+    from threadpoolctl import threadpool_limits
+
+    n = threads or max(1, len(os.sched_getaffinity(0)) // comm_mod.local_size())
+    threadpool_limits(n if matmul == "blas" else 1, user_api="blas")
+    torch.set_num_threads(1 if matmul == "blas" else n)
+    return n
+
+
+def threads_in_use() -> int:
+    """The larger of torch's and the BLAS's thread counts in this process: the threads the products use."""
+    from threadpoolctl import threadpool_info
+
+    return max([torch.get_num_threads()] + [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"])
 
 
 def decode_loop(comm, model, head, tok, prompt_ids, samp, max_new, max_seq, stream=True, stop_at_eos=True) -> dict:

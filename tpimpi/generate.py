@@ -78,7 +78,7 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p.add_argument("--link-bandwidth-mbps", type=float, default=0.0, help="emulate a network link: bandwidth")
     p.add_argument("--ratios", help="relative share of each rank, e.g. 2,1,1 (when converting)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="storage dtype (when converting)")
-    p.add_argument("--threads", type=int, help="torch threads per rank (default: cores / local ranks)")
+    p.add_argument("--threads", type=int, help="threads per rank for the matrix products (default: cores / local ranks)")
     p.add_argument("--verify", action="store_true", help="check every weight file's sha256 before running")
     add_memory_args(p)
     p.add_argument("--plan", action="store_true", help="print each rank's predicted memory and exit")
@@ -137,8 +137,8 @@ def run(comm, argv=None) -> int:
     args = build_parser(comm.rank).parse_args(argv)
     samp, ratios = _validate(args, comm.size)
     comm.link = comm_mod.Link.from_cli(args.link_latency_ms, args.link_bandwidth_mbps)
-    set_threads(args.threads)
     mem = MemoryOptions.from_args(args)
+    set_threads(args.threads, "blas" if mem.compute == "float32" else "torch")
     if args.plan:
         if comm.rank == 0:
             print(plan_report(args.model, args.ranks or comm.size, ratios if not args.ranks else

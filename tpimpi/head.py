@@ -48,7 +48,7 @@ class Head:
             w = self.blocks.get(b)["w"]  # [rows, h]
             r1 = r0 + w.shape[0]
             if w.dtype == torch.float32:
-                torch.mv(w, xn, out=self.logits_buf[r0:r1])
+                np.matmul(w.numpy(), xn.numpy(), out=self.logits_buf[r0:r1].numpy())  # BLAS, as in layers.linear
             else:
                 self.logits_buf[r0:r1] = torch.mv(w, xn.to(w.dtype))
             self.blocks.release(b)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -15,9 +16,14 @@ from .config import ModelConfig
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, in] @ w[out, in].T (+ b): in float32, or in the weights' dtype (bfloat16) with a float32 result."""
-    if w.dtype == x.dtype:
-        return F.linear(x, w, b)
+    """x [T, in] @ w[out, in].T (+ b): in float32, or in the weights' dtype (bfloat16) with a float32 result.
+
+    Float32 products go to numpy's BLAS (OpenBLAS in the numpy wheels): on one token its matrix-vector
+    kernel streams the weights about twice as fast as torch's CPU kernel (BENCHMARKS.md), and decode
+    is nothing but streaming the weights."""
+    if w.dtype == torch.float32 and x.dtype == torch.float32:
+        y = torch.from_numpy(np.matmul(x.numpy(), w.numpy().T))
+        return y if b is None else y.add_(b)
     return F.linear(x.to(w.dtype), w, b).float()
 
 
@@ -60,11 +66,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def attention(x, w, cache_k, cache_v, pos, cos, sin, kv_of_q, cfg: ModelConfig, out) -> None:
+def attention(x, w, cache_k, cache_v, pos, cos, sin, kv_of_q, cfg: ModelConfig, out, group: int = 0) -> None:
     """This rank's heads of one attention layer; writes its partial output [T, h] into out.
 
     x [T, h] hidden states at positions pos..pos+T; w: norm [h], wqkv [(q+2kv)*hd, h], bqkv, wo [h, q*hd];
-    cache_k/cache_v [kv, S, hd] this layer's cache for this rank's KV heads; kv_of_q [q] long.
+    cache_k/cache_v [kv, S, hd] this layer's cache for this rank's KV heads; kv_of_q [q] long; group: g if
+    q head j uses KV head j // g for every j (the rank holds whole groups), else 0.
     """
     n_q, n_kv, hd = kv_of_q.numel(), cache_k.shape[0], cfg.head_dim
     if n_q == 0:
@@ -80,12 +87,17 @@ def attention(x, w, cache_k, cache_v, pos, cos, sin, kv_of_q, cfg: ModelConfig, 
     cache_k[:, pos : pos + T] = apply_rope(k, c, s)
     cache_v[:, pos : pos + T] = v
     L = pos + T
-    keys = cache_k[:, :L].index_select(0, kv_of_q)  # [q, L, hd]
-    vals = cache_v[:, :L].index_select(0, kv_of_q)  # [q, L, hd]
-    mask = None
-    if T > 1:  # causal: query t (at pos+t) sees keys 0..pos+t
-        mask = torch.arange(L).unsqueeze(0) <= (torch.arange(T) + pos).unsqueeze(1)  # [T, L]
-    o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=1.0 / math.sqrt(hd))  # [q, T, hd]
+    scale = 1.0 / math.sqrt(hd)
+    if T == 1 and group:  # decode with whole groups: q heads of a KV head side by side, the cache not copied
+        scores = torch.bmm(q.reshape(n_kv, group, hd), cache_k[:, :L].transpose(1, 2)).mul_(scale)  # [kv, g, L]
+        o = torch.bmm(torch.softmax(scores, -1), cache_v[:, :L]).view(n_q, 1, hd)  # [q, 1, hd]
+    else:
+        keys = cache_k[:, :L].index_select(0, kv_of_q)  # [q, L, hd]
+        vals = cache_v[:, :L].index_select(0, kv_of_q)  # [q, L, hd]
+        mask = None
+        if T > 1:  # causal: query t (at pos+t) sees keys 0..pos+t
+            mask = torch.arange(L).unsqueeze(0) <= (torch.arange(T) + pos).unsqueeze(1)  # [T, L]
+        o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale)  # [q, T, hd]
     out.copy_(linear(o.transpose(0, 1).reshape(T, n_q * hd), w["wo"]))
 
 

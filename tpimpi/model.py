@@ -25,7 +25,10 @@ class RankModel:
         self.x, self.part = torch.from_numpy(self.x_np), torch.from_numpy(self.part_np)
         self.cache_k = torch.zeros(cfg.n_layers, s.n_kv, max_seq, cfg.head_dim)  # [L, kv, S, hd]
         self.cache_v = torch.zeros_like(self.cache_k)  # [L, kv, S, hd]
-        self.kv_of_q = torch.tensor(s.kv_of_q(cfg.group), dtype=torch.long)  # [q]
+        kv_of_q = s.kv_of_q(cfg.group)
+        self.kv_of_q = torch.tensor(kv_of_q, dtype=torch.long)  # [q]
+        whole_groups = kv_of_q == [j // cfg.group for j in range(s.n_kv * cfg.group)]
+        self.group = cfg.group if whole_groups else 0  # lets decode attention skip gathering the cache
         self.cos, self.sin = layers.rope_tables(cfg, max_seq)  # [S, hd] each
         comm.setup(self.chunk * h, allreduce)
         self.t_comm = self.t_forward = 0.0
@@ -38,7 +41,7 @@ class RankModel:
         x, part, part_np = self.x[:T], self.part[:T], self.part_np[:T]
         for i in range(cfg.n_layers):
             layers.attention(x, blocks.get(2 * i), self.cache_k[i], self.cache_v[i], pos, self.cos, self.sin,
-                             self.kv_of_q, cfg, part)
+                             self.kv_of_q, cfg, part, self.group)
             blocks.release(2 * i)
             t = time.perf_counter()
             comm.allreduce_(part_np)
