@@ -125,6 +125,7 @@ def bench_tpimpi(comm, args) -> dict | None:
            "dtype": eng.store.dtype, "memory": last["memory"], "window": last["window"],
            "streamed_blocks": last["streamed_blocks"], "n_blocks": last["n_blocks"], "io": mem.io, "compute": mem.compute,
            "prompt_tokens": len(ids), "peak_rss_bytes": last["peak_rss_bytes"],
+           "mem_limit_bytes": last["mem_limit_bytes"], "cgroup_peak_bytes": last["cgroup_peak_bytes"],
            "predicted_peak_bytes": last["predicted_peak_bytes"], "per_token": last["per_token"], **summary}
     # every rank reads its share each token: the bandwidth decode achieves, all ranks together
     read_per_token = sum(last["bytes_read"]) / len(last["token_ids"])

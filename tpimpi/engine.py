@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import comm as comm_mod
+from . import lowmem
 from .errors import TpimpiError, UsageError
 from .head import Head
 from .memory import fixed_parts, parse_size, plan_memory
@@ -72,7 +73,10 @@ class MemoryOptions:
 
 
 def available_memory() -> int:
-    """This node's available memory (MemAvailable, or the cgroup's limit if lower) per local rank."""
+    """Memory one rank may plan for: the node's available memory shared among its ranks, or the limit of
+    the rank's memory cgroup if lower (its own when it is alone in the cgroup, as under tpimpi.lowmem;
+    otherwise shared among the node's ranks, as in a Slurm job's cgroup)."""
+    local = comm_mod.local_size()
     avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     try:
         for line in open("/proc/meminfo"):
@@ -80,12 +84,20 @@ def available_memory() -> int:
                 avail = int(line.split()[1]) * 1024
     except OSError:
         pass
-    for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            avail = min(avail, int(open(f).read().strip()))
-        except (OSError, ValueError):
-            pass
-    return avail // comm_mod.local_size()
+    avail //= local
+    limit, alone = lowmem.own_limit()
+    if limit is not None:
+        avail = min(avail, limit if alone else limit // local)
+    return avail
+
+
+def cgroup_figures() -> tuple[int, int]:
+    """(memory limit, peak usage) of this process's memory cgroup in bytes, 0 where there is none."""
+    cg = lowmem.own_cgroup()
+    limit = lowmem.limit_of(*cg) if cg else None
+    if limit is None:  # an unlimited cgroup's peak is other processes' too
+        return 0, 0
+    return limit, lowmem.peak_usage(*cg) or 0
 
 
 def memory_plan(cfg, s, rank, world, dtype, max_seq, mem: MemoryOptions, data_start: int = 0):
@@ -171,12 +183,13 @@ class Engine:
         result = decode_loop(comm, model, self.head, self.tok, prompt_ids, samp, max_new, self.max_seq, stream,
                              stop_at_eos)
         mine = [peak_rss(), blocks.total_bytes_read - read0] + [int(t * 1e6) for t in (
-            blocks.io_wait_s, model.t_comm, model.t_forward - blocks.io_wait_s - model.t_comm)]
-        rss, read, io_us, comm_us, compute_us = zip(*comm.gather_ints(mine))
+            blocks.io_wait_s, model.t_comm, model.t_forward - blocks.io_wait_s - model.t_comm)] + list(cgroup_figures())
+        rss, read, io_us, comm_us, compute_us, limit, cg_peak = zip(*comm.gather_ints(mine))
         if comm.rank == 0:
             n = max(1, len(result["token_ids"]))
             result.update(
                 peak_rss_bytes=list(rss), predicted_peak_bytes=self.plan.total, bytes_read=list(read),
+                mem_limit_bytes=[v or None for v in limit], cgroup_peak_bytes=[v or None for v in cg_peak],
                 io_wait_s=[t / 1e6 for t in io_us], allreduce_s=[t / 1e6 for t in comm_us],
                 compute_s=[t / 1e6 for t in compute_us],
                 per_token={"io_wait_s": max(io_us) / 1e6 / n, "allreduce_s": max(comm_us) / 1e6 / n,

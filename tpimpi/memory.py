@@ -26,16 +26,16 @@ TOKENIZER_RSS = 40 << 20  # measured: a 49k-token BPE tokenizer loaded with `tok
 MiB = 1 << 20
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: str = "--mem-budget") -> int:
     """'1.5G', '800M', '2048K' or a byte count -> bytes."""
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
     try:
         value = float(t[:-1] if mult > 1 else t)
     except ValueError:
-        raise UsageError(f"--mem-budget {text!r} is not a size (examples: 800M, 1.5G)") from None
+        raise UsageError(f"{option} {text!r} is not a size (examples: 800M, 1.5G)") from None
     if value <= 0:
-        raise UsageError(f"--mem-budget {text!r} must be positive")
+        raise UsageError(f"{option} {text!r} must be positive")
     return int(value * mult)
 
 
