@@ -15,7 +15,9 @@ OUT=${OUT:-data/results/bench.jsonl}
 MODEL_ARGS=${MODEL:+--model $MODEL}
 
 source jobs/mpi-env.sh
-BUDGET=${BUDGET:-600M}   # below the Accelerate baseline's peak, for the same-memory comparison
+BUDGET=${BUDGET:-560M}   # below the Accelerate baseline's peak (603 MiB measured), for the same-memory comparison
+BUDGET_RANKS=${BUDGET_RANKS:-"1 2"}
+RATIOS2=${RATIOS2:-0.36,0.64}  # 2 ranks: rank 0's share, less by the head's 113 MB of the 404 MB of layers
 for baseline in transformers accelerate; do
   python3 -m tpimpi.bench --baseline "$baseline" $MODEL_ARGS --new-tokens "$NEW_TOKENS" --repeat "$REPEAT" --out "$OUT"
 done
@@ -23,5 +25,12 @@ for n in $RANKS; do
   mpirun -np "$n" python3 -m tpimpi.bench $MODEL_ARGS --new-tokens "$NEW_TOKENS" --repeat "$REPEAT" --out "$OUT" \
     --resident --label resident
 done
-mpirun -np 1 python3 -m tpimpi.bench $MODEL_ARGS --new-tokens "$NEW_TOKENS" --repeat "$REPEAT" --out "$OUT" \
-  --mem-budget "$BUDGET" --label "budget-$BUDGET"
+# rank 0 also holds the output head: a smaller share of the layers evens out memory and time
+mpirun -np 2 python3 -m tpimpi.bench $MODEL_ARGS --new-tokens "$NEW_TOKENS" --repeat "$REPEAT" --out "$OUT" \
+  --resident --ratios "$RATIOS2" --label "resident-ratios-$RATIOS2"
+for n in $BUDGET_RANKS; do
+  for io in cache mmap; do
+    mpirun -np "$n" python3 -m tpimpi.bench $MODEL_ARGS --new-tokens "$NEW_TOKENS" --repeat "$REPEAT" --out "$OUT" \
+      --mem-budget "$BUDGET" --io "$io" --label "budget-$BUDGET-$io"
+  done
+done

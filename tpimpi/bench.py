@@ -27,6 +27,7 @@ from .errors import TpimpiError, UsageError
 from .engine import MemoryOptions
 from .generate import add_memory_args
 from .sampling import SamplingConfig
+from .shard import parse_ratios
 
 DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
 DEFAULT_OUT = "data/results/bench.jsonl"
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="threads per rank (default: cores / local ranks)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="storage dtype when a source has to be converted")
+    p.add_argument("--ratios", help="relative share of each rank, e.g. 0.36,0.64 (when converting)")
     p.add_argument("--max-seq-len", type=int, default=1024)
     p.add_argument("--disk", action="store_true", help="first measure the raw O_DIRECT read bandwidth of the "
                    "rank files, for the ratio of the bandwidth decode achieves")
@@ -99,7 +101,8 @@ def bench_tpimpi(comm, args) -> dict | None:
 
     mem = MemoryOptions.from_args(args)
     threads = set_threads(args.threads, "blas" if mem.compute == "float32" else "torch")
-    path = prepare_store(comm, args.model, (1.0,) * comm.size, args.dtype)
+    ratios = parse_ratios(args.ratios, comm.size)
+    path = prepare_store(comm, args.model, ratios, args.dtype)
     eng = Engine(comm, path, allreduce=args.allreduce, mem=mem, max_seq=args.max_seq_len)
     disk = None
     if args.disk:
@@ -121,7 +124,7 @@ def bench_tpimpi(comm, args) -> dict | None:
     if comm.rank != 0:
         return None
     last, summary = runs[-1], summarize(runs)
-    out = {"system": "tpimpi", "ranks": comm.size, "allreduce": args.allreduce, "threads": threads,
+    out = {"system": "tpimpi", "ranks": comm.size, "ratios": list(ratios), "allreduce": args.allreduce, "threads": threads,
            "dtype": eng.store.dtype, "memory": last["memory"], "window": last["window"],
            "streamed_blocks": last["streamed_blocks"], "n_blocks": last["n_blocks"], "io": mem.io, "compute": mem.compute,
            "prompt_tokens": len(ids), "peak_rss_bytes": last["peak_rss_bytes"],

@@ -119,7 +119,17 @@ def prepare_store(comm, model: str | None, ratios, dtype: str) -> str:
     """Collective: the store to run, found or converted by rank 0 while the others wait without spinning."""
     path = collective(comm, lambda: str(prepare(model, comm.size, ratios, dtype)) if comm.rank == 0 else "")
     comm.barrier()
+    reset_peak_rss()  # a first run's conversion is a one-off step, not part of running the model
     return comm.bcast_bytes(path.encode()).decode()
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM again from the current RSS (Linux: 5 to /proc/self/clear_refs); elsewhere a no-op."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 class Engine:

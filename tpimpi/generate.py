@@ -47,8 +47,9 @@ def add_memory_args(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--window", type=int, help="stream all blocks through W buffers")
     mode.add_argument("--mem-budget", help="keep as many blocks resident as fit in SIZE (e.g. 800M, 1.5G) "
                       "and stream the rest")
-    mem.add_argument("--io", choices=IO_MODES, default="cache", help="how streamed blocks are read: through the "
-                     "page cache (default), O_DIRECT, or dropping the cached pages after each read")
+    mem.add_argument("--io", choices=IO_MODES, default="cache", help="how streamed blocks are read: copied from the "
+                     "page cache (default); mapped from it, not copied (mmap: faster when the file is cached); "
+                     "O_DIRECT; or dropping the cached pages after each read")
     mem.add_argument("--compute", choices=["float32", "bfloat16"], default="float32",
                      help="dtype of the matrix products for bf16/f16 stores (float32 upcasts one block at a time)")
     mem.add_argument("--prefill-chunk", type=int, default=256, help="prompt positions per forward pass")

@@ -3,8 +3,10 @@
     python -m tpimpi.report [data/results/*.jsonl] [--out data/results/report]
 
 Writes report.md (one table per kind of run, with ratios to the baselines measured in the same
-files) and, when matplotlib is installed, latency_vs_ranks.png, memory_vs_ranks.png and
-allreduce_vs_size.png.
+files) and, when matplotlib is installed, latency_vs_ranks.png and memory_vs_ranks.png (one line per
+model and memory mode), latency_vs_window.png and memory_vs_window.png (the window sweep, beside the
+resident run of the same model, ranks and dtype) and allreduce_vs_size.png. Where a point was
+measured more than once, the latest run (by its `time`) counts.
 """
 
 from __future__ import annotations
@@ -12,12 +14,17 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import statistics
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 MiB = 1 << 20
+RESIDENT = "resident"  # the window sweep's point for a run that streams no block
+# the plan's description, for rows written before bench recorded window and block counts:
+# "71 blocks all resident; ..." or "71 blocks 0 resident, 71 streamed through a window of 2; ..."
+_PLAN = re.compile(r"(\d+) blocks (?:all resident|(\d+) resident, (\d+) streamed through a window of (\d+))")
 
 
 def load(paths: list[str]) -> list[dict]:
@@ -32,21 +39,29 @@ def load(paths: list[str]) -> list[dict]:
     return rows
 
 
+def latest(rows: list[dict], key: Callable[[dict], tuple]) -> dict[tuple, dict]:
+    """The newest row for each key(row): the greatest `time` (ISO 8601 in UTC, as bench writes it, so
+    the strings sort by time); on a tie, or when neither has a time, the later row in the files."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        k = key(r)
+        if k not in best or r.get("time", "") >= best[k].get("time", ""):
+            best[k] = r
+    return best
+
+
 def _key(r: dict) -> tuple:
     return (r.get("model", "default"), r["system"], r.get("label", ""), r.get("ranks", 1))
 
 
 def generation_table(rows: list[dict]) -> str:
     """Latest run per (model, system, label, ranks), with decode latency relative to each baseline."""
-    latest = {}
-    for r in rows:
-        if "s_per_token" in r:
-            latest[_key(r)] = r
-    base = {(k[0], k[1]): r["s_per_token"] for k, r in latest.items() if k[1] in ("transformers", "accelerate")}
+    latest_runs = latest([r for r in rows if "s_per_token" in r], _key)
+    base = {(k[0], k[1]): r["s_per_token"] for k, r in latest_runs.items() if k[1] in ("transformers", "accelerate")}
     out = ["| model | system | label | ranks | TTFT s | s/token (p90) | tokens/s | peak RSS MiB (max rank) "
            "| vs transformers | vs accelerate |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for k in sorted(latest, key=lambda k: (k[0], k[1] != "transformers", k[1] != "accelerate", k[2], k[3])):
-        r = latest[k]
+    for k in sorted(latest_runs, key=lambda k: (k[0], k[1] != "transformers", k[1] != "accelerate", k[2], k[3])):
+        r = latest_runs[k]
         ratios = [f"{r['s_per_token'] / base[(k[0], b)]:.2f} x" if (k[0], b) in base else "" for b in
                   ("transformers", "accelerate")]
         out.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {r['ttft_s']:.3f} | {r['s_per_token']:.4f} "
@@ -55,18 +70,99 @@ def generation_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _allreduce_key(r: dict) -> tuple:
+    return (r["algo"], r["ranks"], r.get("link_latency_ms", 0), r["elems"])
+
+
 def allreduce_table(rows: list[dict]) -> str:
-    ar = [r for r in rows if r.get("system") == "allreduce"]
+    """Latest run per (algorithm, ranks, link latency, message size)."""
+    ar = latest([r for r in rows if r.get("system") == "allreduce"], _allreduce_key)
     if not ar:
         return ""
     out = ["| ranks | floats | link latency ms | algorithm | median us |", "|---|---|---|---|---|"]
-    for r in sorted(ar, key=lambda r: (r["ranks"], r["elems"], r.get("link_latency_ms", 0), r["algo"])):
+    for r in sorted(ar.values(), key=lambda r: (r["ranks"], r["elems"], r.get("link_latency_ms", 0), r["algo"])):
         out.append(f"| {r['ranks']} | {r['elems']} | {r.get('link_latency_ms', 0)} | {r['algo']} | "
                    f"{r['median_s'] * 1e6:.1f} |")
     return "\n".join(out)
 
 
+def memory_mode(r: dict) -> tuple[int | None, int, int] | None:
+    """(window, streamed blocks, blocks) of a tpimpi row, rank 0's plan: from the row's fields, or for
+    rows written before bench recorded them, parsed from its `memory` text; None when neither says."""
+    if "streamed_blocks" in r:
+        return r.get("window"), r["streamed_blocks"], r.get("n_blocks")
+    m = _PLAN.search(r.get("memory", ""))
+    if m is None:
+        return None
+    n, resident, streamed, window = m.groups()
+    return (None, 0, int(n)) if resident is None else (int(window), int(streamed), int(n))
+
+
+def window_point(r: dict) -> int | str | None:
+    """The window sweep's x for a row: W when it streams every block, RESIDENT when it streams none,
+    None otherwise (a memory budget: some blocks resident, the rest streamed; or no plan recorded)."""
+    mode = memory_mode(r)
+    if mode is None:
+        return None
+    window, streamed, n = mode
+    if window is None and streamed == 0:
+        return RESIDENT
+    return window if window is not None and streamed == n else None
+
+
+def mode_label(r: dict) -> str:
+    """The memory mode, for plot legends: resident, window W, or budget (window W), and the I/O mode
+    when it is not the page cache."""
+    mode = memory_mode(r)
+    if mode is None:
+        return r.get("label", "") or "memory mode not recorded"
+    window, streamed, n = mode
+    text = RESIDENT if streamed == 0 else f"window {window}" if streamed == n else f"budget (window {window})"
+    return text if streamed == 0 or r.get("io", "cache") == "cache" else f"{text}, io {r['io']}"
+
+
+def _sweep_key(r: dict) -> tuple:
+    return (r.get("model", "default"), r.get("ranks", 1), r.get("compute", ""), r.get("dtype", ""))
+
+
+def window_sweep(rows: list[dict]) -> dict[tuple, tuple[dict | None, dict[str, dict[int, dict]]]]:
+    """The window sweep: {(model, ranks, compute, dtype): (resident row or None, {io: {W: row}})}, the
+    latest tpimpi row at each point; only keys with at least one window run. The resident reference
+    ignores io: a resident run reads no block while decoding, so cold-cache lines share it."""
+    tp = [r for r in rows if r.get("system") == "tpimpi" and "s_per_token" in r]
+    res = latest([r for r in tp if window_point(r) == RESIDENT], _sweep_key)
+    runs = latest([r for r in tp if isinstance(window_point(r), int)],
+                  lambda r: (*_sweep_key(r), r.get("io", "cache"), window_point(r)))
+    lines: dict[tuple, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for (*k, io, w), r in runs.items():
+        lines[tuple(k)][io][w] = r
+    return {k: (res.get(k), dict(v)) for k, v in sorted(lines.items())}
+
+
+def _dtype(dtype: str, compute: str) -> str:
+    return dtype if compute in ("", dtype) else f"{dtype} ({compute} products)"
+
+
+def window_table(sweep: dict) -> str:
+    """One line per window run, then the resident run, for each model, ranks and dtype."""
+    if not sweep:
+        return ""
+    out = ["| model | ranks | dtype | io | W | s/token | vs resident | peak RSS MiB (max rank) | predicted MiB "
+           "| prediction error |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, n, compute, dtype), (res, lines) in sweep.items():
+        runs = [(w, r) for io in sorted(lines) for w, r in sorted(lines[io].items())]
+        for w, r in runs + ([(RESIDENT, res)] if res else []):
+            rss, pred = max(r["peak_rss_bytes"]), r.get("predicted_peak_bytes")
+            ratio = f"{r['s_per_token'] / res['s_per_token']:.2f} x" if res else ""
+            err = f"{(pred - rss) / rss * 100:+.1f} %" if pred else ""
+            out.append(f"| {Path(model).name} | {n} | {_dtype(dtype, compute)} | {r.get('io', 'cache')} | {w} "
+                       f"| {r['s_per_token']:.4f} | {ratio} | {rss / MiB:.0f} | "
+                       f"{f'{pred / MiB:.0f}' if pred else ''} | {err} |")
+    return "\n".join(out)
+
+
 def plots(rows: list[dict], out: Path) -> list[str]:
+    """Write the PNG plots into out; return their file names (none without matplotlib)."""
     try:
         import matplotlib
 
@@ -76,47 +172,141 @@ def plots(rows: list[dict], out: Path) -> list[str]:
         print("tpimpi.report: matplotlib is not installed; tables only", file=sys.stderr)
         return []
     made = []
-    series = defaultdict(list)
-    for r in rows:
-        if r.get("system") == "tpimpi" and "s_per_token" in r:
-            series[(r.get("model", "default"), r.get("label", ""))].append(r)
-    if series:
-        for name, field, ylabel in (("latency_vs_ranks", "s_per_token", "decode latency, s/token"),
-                                    ("memory_vs_ranks", "peak_rss_bytes", "peak RSS of the largest rank, MiB")):
-            fig, ax = plt.subplots(figsize=(6, 4))
-            for (model, label), rs in sorted(series.items()):
-                by_n = defaultdict(list)
-                for r in rs:
-                    v = max(r[field]) / MiB if field == "peak_rss_bytes" else r[field]
-                    by_n[r["ranks"]].append(v)
-                ns = sorted(by_n)
-                ax.plot(ns, [statistics.median(by_n[n]) for n in ns], marker="o", label=f"{model} {label}".strip())
-            ax.set_xlabel("ranks")
-            ax.set_ylabel(ylabel)
-            ax.legend(fontsize=7)
+    for draw, data in ((_ranks_plots, rows), (_window_plots, window_sweep(rows)), (_allreduce_plot, rows)):
+        for name, fig in draw(plt, data):
             fig.tight_layout()
-            fig.savefig(out / f"{name}.png", dpi=120)
+            fig.savefig(out / name, dpi=120)
             plt.close(fig)
-            made.append(f"{name}.png")
-    ar = [r for r in rows if r.get("system") == "allreduce"]
-    if ar:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        groups = defaultdict(list)
-        for r in ar:
-            groups[(r["algo"], r["ranks"], r.get("link_latency_ms", 0))].append(r)
-        for (algo, n, lat), rs in sorted(groups.items()):
-            rs.sort(key=lambda r: r["elems"])
-            ax.plot([r["elems"] for r in rs], [r["median_s"] * 1e3 for r in rs], marker="o",
-                    label=f"{algo}, {n} ranks, link {lat} ms")
-        ax.set_xscale("log")
-        ax.set_xlabel("floats per allreduce")
-        ax.set_ylabel("median latency, ms")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(out / "allreduce_vs_size.png", dpi=120)
-        plt.close(fig)
-        made.append("allreduce_vs_size.png")
+            made.append(name)
     return made
+
+
+def _model_family(r: dict) -> str:
+    """The model's name without a store's "-n<ranks>" suffix: a store is split for one rank count, and
+    jobs/bench_streaming.sh names the stores of one model <name>-n1, <name>-n2, ..."""
+    name, suffix = Path(r.get("model", "default")).name, f"-n{r.get('ranks', 1)}"
+    return name[:-len(suffix)] if name.endswith(suffix) else name
+
+
+def _natural(text: str) -> list:
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text)]
+
+
+def _ranks_plots(plt, rows: list[dict]) -> list:
+    """Decode latency and peak RSS (largest rank) against ranks, one line per model and memory mode:
+    one colour per memory mode, one marker and line style per model."""
+    tp = [r for r in rows if r.get("system") == "tpimpi" and "s_per_token" in r]
+    if not tp:
+        return []
+    pick = latest(tp, lambda r: (_model_family(r), _dtype(r.get("dtype", ""), r.get("compute", "")),
+                                 mode_label(r), r.get("ranks", 1)))
+    series: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for (*k, n), r in pick.items():
+        series[tuple(k)][n] = r
+    modes = sorted({k[2] for k in series}, key=_natural)
+    models = sorted({k[:2] for k in series})
+    colour = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(modes)}
+    style = {m: dict(marker="osD^vP"[i % 6], ls=("-", "--", ":", "-.")[i % 4]) for i, m in enumerate(models)}
+    ns = sorted({n for by_n in series.values() for n in by_n})
+    made = []
+    for name, value, ylabel, title in (
+            ("latency_vs_ranks", lambda r: r["s_per_token"] * 1e3, "decode latency, ms/token",
+             "Decode latency against ranks"),
+            ("memory_vs_ranks", lambda r: max(r["peak_rss_bytes"]) / MiB, "peak RSS of the largest rank, MiB",
+             "Peak memory against ranks, by memory mode")):
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for (model, dtype, mode), by_n in sorted(series.items(), key=lambda kv: (kv[0][:2], _natural(kv[0][2]))):
+            x = sorted(by_n)
+            ax.plot(x, [value(by_n[n]) for n in x], color=colour[mode], **style[(model, dtype)],
+                    label=f"{model} {dtype}, {mode}")
+        _log_axes(ax, ns, [str(n) for n in ns], xlabel="ranks (MPI processes)", ylabel=ylabel, title=title)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        made.append((f"{name}.png", fig))
+    return made
+
+
+def _window_plots(plt, sweep: dict) -> list:
+    """Decode latency and peak RSS against W, one colour per (model, ranks, dtype); the resident run is
+    the rightmost point. Cold-cache (io direct) lines dash-dotted; memory: predicted dashed."""
+    if not sweep:
+        return []
+    from matplotlib.lines import Line2D
+
+    ws = sorted({w for _, lines in sweep.values() for by_w in lines.values() for w in by_w})
+    x_res = 2 * ws[-1]  # the resident run's x: one step right of the largest window, on the log axis
+    (lat_fig, lat), (mem_fig, mem) = (plt.subplots(figsize=(8.5, 4.8)) for _ in range(2))
+    for i, ((model, n, compute, dtype), (res, lines)) in enumerate(sweep.items()):
+        c = plt.get_cmap("tab10")(i % 10)
+        name = f"{Path(model).name}, {n} rank{'s' if n > 1 else ''}, {_dtype(dtype, compute)}"
+        for io, by_w in sorted(lines.items()):
+            x = sorted(by_w)
+            kw = dict(color=c, marker="o", ls="-", label=name) if io == "cache" else dict(
+                color=c, marker="s", mfc="none", ls="-.", label=f"{name}, io {io}")
+            lat.plot(x, [by_w[w]["s_per_token"] * 1e3 for w in x], **kw)
+            mem.plot(x, [max(by_w[w]["peak_rss_bytes"]) / MiB for w in x], **kw)
+            pred = [w for w in x if by_w[w].get("predicted_peak_bytes")]
+            mem.plot(pred, [by_w[w]["predicted_peak_bytes"] / MiB for w in pred], color=c, ls="--", lw=1, marker="x")
+        if res:
+            lat.axhline(res["s_per_token"] * 1e3, color=c, ls="--", lw=0.8, alpha=0.6)
+            lat.plot([x_res], [res["s_per_token"] * 1e3], color=c, marker="*", ms=11, ls="none")
+            mem.plot([x_res], [max(res["peak_rss_bytes"]) / MiB], color=c, marker="*", ms=11, ls="none")
+            if res.get("predicted_peak_bytes"):
+                mem.plot([x_res], [res["predicted_peak_bytes"] / MiB], color=c, marker="x", ms=8, ls="none")
+    key = dict(color="0.3", ls="none")
+    extra = {lat: [Line2D([], [], marker="*", ms=11, **key, label="resident (dashed: its level)")],
+             mem: [Line2D([], [], marker="*", ms=11, **key, label="resident"),
+                   Line2D([], [], color="0.3", ls="--", lw=1, marker="x", label="predicted peak, rank 0")]}
+    for ax, ylabel, title in ((lat, "decode latency, ms/token", "Decode latency against the window W"),
+                              (mem, "peak RSS, MiB (solid: largest rank)", "Peak memory against the window W")):
+        _log_axes(ax, ws + [x_res], [str(w) for w in ws] + [RESIDENT],
+                  xlabel="window W (weight blocks held per rank)", ylabel=ylabel, title=title)
+        handles, _ = ax.get_legend_handles_labels()
+        ax.legend(handles=handles + extra[ax], fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return [("latency_vs_window.png", lat_fig), ("memory_vs_window.png", mem_fig)]
+
+
+def _log_axes(ax, xticks: list, xlabels: list[str], **labels) -> None:
+    """Both axes logarithmic (x in powers of 2, ticks only where there are points), numbers in plain
+    notation: the plots compare ratios (twice the ranks, half the memory)."""
+    from matplotlib.ticker import FuncFormatter, NullLocator
+
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xticks, xlabels)
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    # label only the 2s, 3s and 5s between the powers of ten: enough to read off a value, never crowded
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "235" else ""))
+    ax.tick_params(axis="y", which="both", labelsize=8)
+    ax.set(**labels)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _allreduce_plot(plt, rows: list[dict]) -> list:
+    """Median allreduce latency against message size, one panel per emulated link latency: one colour
+    per algorithm, one marker and line style per rank count."""
+    ar = latest([r for r in rows if r.get("system") == "allreduce"], _allreduce_key)
+    if not ar:
+        return []
+    from matplotlib.lines import Line2D
+
+    algos, ranks, lats, sizes = (sorted({k[i] for k in ar}) for i in range(4))
+    colour = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(algos)}
+    style = {n: dict(marker="osD^vP"[i % 6], ls=("-", "--", ":", "-.")[i % 4]) for i, n in enumerate(ranks)}
+    fig, axes = plt.subplots(1, len(lats), figsize=(3.6 * len(lats) + 1.8, 4.2), squeeze=False)
+    for algo, n, lat in sorted({k[:3] for k in ar}):
+        x = [e for e in sizes if (algo, n, lat, e) in ar]
+        axes[0][lats.index(lat)].plot(x, [ar[(algo, n, lat, e)]["median_s"] * 1e3 for e in x], color=colour[algo],
+                                      **style[n])
+    for ax, lat in zip(axes[0], lats):
+        _log_axes(ax, sizes, [str(e) for e in sizes], xlabel="floats per allreduce", ylabel="median latency, ms",
+                  title=f"emulated link latency {lat} ms")
+        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+    handles = [Line2D([], [], color=colour[a], label=a) for a in algos] + [
+        Line2D([], [], color="0.3", **style[n], label=f"{n} ranks") for n in ranks]
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle("Allreduce latency against message size")
+    return [("allreduce_vs_size.png", fig)]
 
 
 def main(argv=None) -> int:
@@ -133,6 +323,11 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     parts = ["# tpimpi benchmark report", "", f"From: {', '.join(paths)}", "", "## Generation", "",
              generation_table(rows)]
+    if wt := window_table(window_sweep(rows)):
+        parts += ["", "## Latency and memory against the window", "",
+                  "Runs that stream every block through W buffers, then the resident run of the same model, ranks "
+                  "and dtype (vs resident: s/token over its s/token). Peak RSS is the largest rank's; predicted is "
+                  "rank 0's plan; prediction error is (predicted - measured) / measured.", "", wt]
     if ar := allreduce_table(rows):
         parts += ["", "## Allreduce", "", ar]
     made = plots(rows, out)

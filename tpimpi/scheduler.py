@@ -15,6 +15,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from .errors import StoreError
 from .store import ALIGN, DTYPES, BlockLayout, BlockSpec, RankStore
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-IO_MODES = ("cache", "direct", "dontneed")
+IO_MODES = ("cache", "mmap", "direct", "dontneed")
 
 
 def aligned_buffer(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
@@ -35,7 +36,12 @@ def aligned_buffer(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
 def block_views(buf: np.ndarray, layout: BlockLayout, dtype: str) -> dict[str, torch.Tensor]:
     """Tensors viewing (not copying) each sub-tensor of a block held in buf."""
     td, size = TORCH_DTYPES[dtype], DTYPES[dtype][1]
-    base = torch.from_numpy(buf)
+    if buf.flags.writeable:
+        base = torch.from_numpy(buf)
+    else:  # a read-only file mapping (io "mmap"): nothing ever writes to weights
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            base = torch.from_numpy(buf)
     out = {}
     for p in layout.parts:
         n = int(np.prod(p.shape)) * size
@@ -55,8 +61,8 @@ def evenly_spaced(n: int, k: int) -> set[int]:
 class _Reader:
     """One background thread serving (spec, buffer, done-event) reads in order."""
 
-    def __init__(self, store: RankStore, io: str):
-        self.store, self.io = store, io
+    def __init__(self, store: RankStore, io: str, bufs: list, maps: list):
+        self.store, self.io, self.bufs, self.maps = store, io, bufs, maps
         self.fd = store.fd
         self.direct_fd = -1
         if io == "direct":
@@ -76,14 +82,28 @@ class _Reader:
             job = self.jobs.get()
             if job is None:
                 return
-            spec, mm, done = job
+            spec, slot, done = job
             try:
-                self._read(spec, mm)
+                if self.io == "mmap":
+                    self.maps[slot] = self._map(spec)
+                else:
+                    self._read(spec, self.bufs[slot][0])
             except OSError as e:  # handed to the compute thread, which raises it
                 self.error = StoreError(f"{self.store.path}: cannot read {spec.name} ({e.strerror or e})")
             except BaseException as e:
                 self.error = e
             done.set()
+
+    def _map(self, spec: BlockSpec) -> np.ndarray:
+        """The block's pages of the file mapped read-only and faulted in now (MAP_POPULATE), not copied:
+        compute reads the page cache itself. The mapping goes when its last view does."""
+        n = spec.layout.nbytes
+        if os.fstat(self.fd).st_size < spec.offset + n:  # past the end a mapping would fault with SIGBUS
+            raise OSError(f"the file ends before byte {spec.offset + n}, shorter than the manifest says")
+        mm = mmap.mmap(self.fd, n, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ,
+                       offset=spec.offset)
+        self.bytes_read += n
+        return np.frombuffer(mm, dtype=np.uint8, count=n)
 
     def _read(self, spec: BlockSpec, mm: mmap.mmap) -> None:
         n = spec.layout.nbytes
@@ -100,9 +120,9 @@ class _Reader:
             os.posix_fadvise(self.fd, spec.offset, n, os.POSIX_FADV_DONTNEED)
         self.bytes_read += n
 
-    def submit(self, spec, mm, done) -> None:
+    def submit(self, spec, slot, done) -> None:
         done.clear()
-        self.jobs.put((spec, mm, done))
+        self.jobs.put((spec, slot, done))
 
     def close(self) -> None:
         self.jobs.put(None)
@@ -137,17 +157,19 @@ class BlockScheduler:
         self._reader = None
         if self.seq:
             size = max(specs[b].layout.nbytes for b in self.seq)
-            self._bufs = [aligned_buffer(size) for _ in range(self.window)]  # (mmap, array) per slot
+            # (mmap, array) per slot that reads fill, or with io "mmap" the slot's current file mapping
+            self._bufs = [aligned_buffer(size) for _ in range(self.window)] if io != "mmap" else []
+            self._maps: list = [None] * self.window
             self._done = [threading.Event() for _ in range(self.window)]
             self._slot: dict[int, int] = {}
             self._pos = {b: i for i, b in enumerate(self.seq)}
-            self._reader = _Reader(store, io)
+            self._reader = _Reader(store, io, self._bufs, self._maps)
             for i in range(self.window):
                 self._schedule(self.seq[i], i)
 
     def _schedule(self, b: int, slot: int) -> None:
         self._slot[b] = slot
-        self._reader.submit(self.specs[b], self._bufs[slot][0], self._done[slot])
+        self._reader.submit(self.specs[b], slot, self._done[slot])
 
     def get(self, b: int) -> dict[str, torch.Tensor]:
         """The tensors of block b, waiting for its read if it is still under way."""
@@ -160,7 +182,8 @@ class BlockScheduler:
                 self.io_wait_s += time.perf_counter() - t
             if self._reader.error is not None:
                 raise self._reader.error
-            views = block_views(self._bufs[slot][1], self.specs[b].layout, self.dtype)
+            buf = self._maps[slot] if self._reader.io == "mmap" else self._bufs[slot][1]
+            views = block_views(buf, self.specs[b].layout, self.dtype)
         return self._as_compute(views) if self._upcast else views
 
     def _as_compute(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
