@@ -94,10 +94,13 @@ def test_window_table_numbers_and_ratios():
     assert report.window_table(report.window_sweep(ROWS[-1:])) == ""
 
 
-def test_generation_table_keeps_the_latest_run():
+def test_generation_table_takes_medians_over_the_runs_of_each_configuration():
     rows = [r for r in table(report.generation_table(ROWS)) if r["system"] == "tpimpi" and r["ranks"] == "2"]
-    by_label = {r["label"]: r["s/token (p90)"] for r in rows}
-    assert by_label == {"": "0.0900 (0.0900)"}  # the newest of the unlabelled 2-rank runs
+    got = sorted((r["runs"], r["s/token (p90)"], r["peak RSS MiB (max rank)"], r["vs transformers"]) for r in rows)
+    assert got == [  # resident (2 runs), W=2 (2 runs), W=4, W=2 cold, budget: one line each
+        ("1", "0.0750 (0.0750)", "350", "1.07 x"), ("1", "0.0900 (0.0900)", "300", "1.29 x"),
+        ("1", "0.2000 (0.2000)", "300", "2.86 x"), ("2", "0.0450 (0.0450)", "700", "0.64 x"),
+        ("2", "0.0800 (0.0800)", "300", "1.14 x")]
 
 
 def write_results(tmp_path):

@@ -70,13 +70,27 @@ def summarize(runs: list[dict]) -> dict:
     }
 
 
+def cpu_model() -> str:
+    """The processor's name and its widest vector extension, from /proc/cpuinfo (Linux)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith(("model name", "Model"))), "")
+    flags = set(next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith(("flags", "Features"))), []))
+    vector = next((f for f in ("avx512f", "avx2", "sve", "asimd", "neon") if f in flags), "")
+    return f"{name} ({vector})" if vector else name
+
+
 def machine() -> dict:
     import numpy
     import torch
+    from threadpoolctl import threadpool_info
 
-    return {"host": platform.node(), "machine": platform.machine(), "cores": len(os.sched_getaffinity(0)),
-            "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-            **comm_mod.versions(), "tpimpi": __version__}
+    blas = [f"{p['internal_api']} {p['version']}" for p in threadpool_info() if p["user_api"] == "blas"]
+    return {"host": platform.node(), "machine": platform.machine(), "cpu": cpu_model(),
+            "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "blas": ", ".join(blas), **comm_mod.versions(), "tpimpi": __version__}
 
 
 def raw_read_seconds(store, chunk: int = 64 << 20) -> float:
@@ -124,12 +138,14 @@ def bench_tpimpi(comm, args) -> dict | None:
     if comm.rank != 0:
         return None
     last, summary = runs[-1], summarize(runs)
-    out = {"system": "tpimpi", "ranks": comm.size, "ratios": list(ratios), "allreduce": args.allreduce, "threads": threads,
-           "dtype": eng.store.dtype, "memory": last["memory"], "window": last["window"],
-           "streamed_blocks": last["streamed_blocks"], "n_blocks": last["n_blocks"], "io": mem.io, "compute": mem.compute,
+    out = {"system": "tpimpi", "ranks": comm.size, "ratios": list(ratios), "allreduce": args.allreduce,
+           "threads": threads, "dtype": eng.store.dtype, "memory": last["memory"], "window": last["window"],
+           "streamed_blocks": last["streamed_blocks"], "n_blocks": last["n_blocks"], "io": mem.io,
+           "compute": mem.compute,
            "prompt_tokens": len(ids), "peak_rss_bytes": last["peak_rss_bytes"],
            "mem_limit_bytes": last["mem_limit_bytes"], "cgroup_peak_bytes": last["cgroup_peak_bytes"],
-           "predicted_peak_bytes": last["predicted_peak_bytes"], "per_token": last["per_token"], **summary}
+           "predicted_peak_bytes": last["predicted_peak_bytes"], "predicted_bytes": last["predicted_bytes"],
+           "per_token": last["per_token"], **summary}
     # every rank reads its share each token: the bandwidth decode achieves, all ranks together
     read_per_token = sum(last["bytes_read"]) / len(last["token_ids"])
     out["decode_read_Bps"] = read_per_token / summary["s_per_token"]

@@ -192,13 +192,15 @@ class Engine:
         read0 = blocks.total_bytes_read
         result = decode_loop(comm, model, self.head, self.tok, prompt_ids, samp, max_new, self.max_seq, stream,
                              stop_at_eos)
-        mine = [peak_rss(), blocks.total_bytes_read - read0] + [int(t * 1e6) for t in (
-            blocks.io_wait_s, model.t_comm, model.t_forward - blocks.io_wait_s - model.t_comm)] + list(cgroup_figures())
-        rss, read, io_us, comm_us, compute_us, limit, cg_peak = zip(*comm.gather_ints(mine))
+        times = (blocks.io_wait_s, model.t_comm, model.t_forward - blocks.io_wait_s - model.t_comm)
+        mine = [peak_rss(), blocks.total_bytes_read - read0, *(int(t * 1e6) for t in times), *cgroup_figures(),
+                self.plan.total]
+        rss, read, io_us, comm_us, compute_us, limit, cg_peak, predicted = zip(*comm.gather_ints(mine))
         if comm.rank == 0:
             n = max(1, len(result["token_ids"]))
             result.update(
-                peak_rss_bytes=list(rss), predicted_peak_bytes=self.plan.total, bytes_read=list(read),
+                peak_rss_bytes=list(rss), predicted_peak_bytes=self.plan.total, predicted_bytes=list(predicted),
+                bytes_read=list(read),
                 mem_limit_bytes=[v or None for v in limit], cgroup_peak_bytes=[v or None for v in cg_peak],
                 io_wait_s=[t / 1e6 for t in io_us], allreduce_s=[t / 1e6 for t in comm_us],
                 compute_s=[t / 1e6 for t in compute_us],

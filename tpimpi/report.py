@@ -5,8 +5,9 @@
 Writes report.md (one table per kind of run, with ratios to the baselines measured in the same
 files) and, when matplotlib is installed, latency_vs_ranks.png and memory_vs_ranks.png (one line per
 model and memory mode), latency_vs_window.png and memory_vs_window.png (the window sweep, beside the
-resident run of the same model, ranks and dtype) and allreduce_vs_size.png. Where a point was
-measured more than once, the latest run (by its `time`) counts.
+resident run of the same model, ranks and dtype) and allreduce_vs_size.png. The generation table
+gives medians over every run of a configuration (repeated rounds on a noisy machine); the sweeps and
+plots take the latest run (by its `time`) of each point.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import glob
 import json
 import re
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -54,19 +56,30 @@ def _key(r: dict) -> tuple:
     return (r.get("model", "default"), r["system"], r.get("label", ""), r.get("ranks", 1))
 
 
+def _generation_key(r: dict) -> tuple:
+    return (*_key(r), r.get("io", ""), str(memory_mode(r) or ""), str(r.get("ratios", "")))
+
+
 def generation_table(rows: list[dict]) -> str:
-    """Latest run per (model, system, label, ranks), with decode latency relative to each baseline."""
-    latest_runs = latest([r for r in rows if "s_per_token" in r], _key)
-    base = {(k[0], k[1]): r["s_per_token"] for k, r in latest_runs.items() if k[1] in ("transformers", "accelerate")}
-    out = ["| model | system | label | ranks | TTFT s | s/token (p90) | tokens/s | peak RSS MiB (max rank) "
-           "| vs transformers | vs accelerate |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for k in sorted(latest_runs, key=lambda k: (k[0], k[1] != "transformers", k[1] != "accelerate", k[2], k[3])):
-        r = latest_runs[k]
-        ratios = [f"{r['s_per_token'] / base[(k[0], b)]:.2f} x" if (k[0], b) in base else "" for b in
+    """One line per configuration (model, system, label, ranks, io, memory plan, ratios): medians over its
+    runs, so repeated rounds of a benchmark on a noisy machine give one figure each; decode latency
+    relative to each baseline's median."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if "s_per_token" in r:
+            groups[_generation_key(r)].append(r)
+    med = {k: {f: statistics.median(r[f] for r in g) for f in ("s_per_token", "s_per_token_p90", "ttft_s",
+                                                                 "tokens_per_s")} for k, g in groups.items()}
+    base = {(k[0], k[1]): m["s_per_token"] for k, m in med.items() if k[1] in ("transformers", "accelerate")}
+    out = ["| model | system | label | ranks | runs | TTFT s | s/token (p90) | tokens/s | peak RSS MiB (max rank) "
+           "| vs transformers | vs accelerate |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k in sorted(groups, key=lambda k: (k[0], k[1] != "transformers", k[1] != "accelerate", k[2], k[3], k[4:])):
+        m, g = med[k], groups[k]
+        ratios = [f"{m['s_per_token'] / base[(k[0], b)]:.2f} x" if (k[0], b) in base else "" for b in
                   ("transformers", "accelerate")]
-        out.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {r['ttft_s']:.3f} | {r['s_per_token']:.4f} "
-                   f"({r['s_per_token_p90']:.4f}) | {r['tokens_per_s']:.1f} | {max(r['peak_rss_bytes']) / MiB:.0f} "
-                   f"| {ratios[0]} | {ratios[1]} |")
+        peak = max(max(r["peak_rss_bytes"]) for r in g) / MiB
+        out.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {len(g)} | {m['ttft_s']:.3f} | {m['s_per_token']:.4f} "
+                   f"({m['s_per_token_p90']:.4f}) | {m['tokens_per_s']:.1f} | {peak:.0f} | {ratios[0]} | {ratios[1]} |")
     return "\n".join(out)
 
 
