@@ -11,6 +11,7 @@ set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 RANKS=${RANKS:-"1 2 4"}
 WINDOWS=${WINDOWS:-"1 2 4 8 16"}   # each at most the smallest rank's block count (tpimpi.generate --plan)
+IOS=${IOS:-"cache mmap"}           # copy blocks from the page cache, or map them
 NEW_TOKENS=${NEW_TOKENS:-16}
 REPEAT=${REPEAT:-5}
 OUT=${OUT:-data/results/window.jsonl}
@@ -20,8 +21,10 @@ source jobs/mpi-env.sh
 bench() { mpirun -np "$1" python3 -m tpimpi.bench --new-tokens "$NEW_TOKENS" --repeat "$REPEAT" --out "$OUT" "${@:2}"; }
 
 for n in $RANKS; do
-  for w in $WINDOWS; do
-    bench "$n" --window "$w" --label "window-$w"
+  for io in $IOS; do
+    for w in $WINDOWS; do
+      bench "$n" --window "$w" --io "$io" --label "window-$w-$io"
+    done
   done
   bench "$n" --resident --label resident-sweep
 done

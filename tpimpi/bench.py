@@ -155,22 +155,18 @@ def bench_tpimpi(comm, args) -> dict | None:
     return out
 
 
-def _rss() -> int:
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def bench_baseline(args) -> dict:
     """Hugging Face transformers in one process, same weights, prompt ids and cores: everything in
     memory ("transformers"), or every weight offloaded to disk and loaded per module with Accelerate
     ("accelerate", the TPI-LLM paper's main baseline). The weights are loaded whole first (a GGUF
-    goes through transformers' dequantization), so the peak RSS reported is the one sampled during
-    generation; the load's peak is recorded beside it."""
+    goes through transformers' dequantization), so the peak RSS reported is VmHWM counted from after
+    the load (Linux lets it be reset); the load's peak is recorded beside it."""
     import tempfile
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .engine import peak_rss, set_threads
+    from .engine import peak_rss, reset_peak_rss, set_threads
     from .models import default_model_path, prepare
     from .tokenizer import Tokenizer
 
@@ -190,7 +186,8 @@ def bench_baseline(args) -> dict:
         model = disk_offload(model, offload.name, execution_device=torch.device("cpu"))
         gc.collect()
     load_peak = peak_rss()
-    runs, peak = [], 0
+    reset_peak_rss()  # from here VmHWM is generation's peak, every transient within a forward pass included
+    runs = []
     for i in range(args.warmup + args.repeat):
         with torch.inference_mode():
             t0 = time.perf_counter()
@@ -199,7 +196,6 @@ def bench_baseline(args) -> dict:
             for _ in range(args.new_tokens):
                 nxt = int(out.logits[0, -1].argmax())
                 times.append(time.perf_counter() - t0)
-                peak = max(peak, _rss())
                 if len(times) == args.new_tokens:
                     break
                 out = model(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
@@ -207,6 +203,7 @@ def bench_baseline(args) -> dict:
             n = len(times)
             runs.append({"ttft_s": times[0], "decode_s_per_token": (times[-1] - times[0]) / (n - 1),
                          "token_times_s": times})
+    peak = peak_rss()
     if offload is not None:
         offload.cleanup()
     return {"system": args.baseline, "ranks": 1, "threads": torch.get_num_threads(), "prompt_tokens": len(ids),
