@@ -288,8 +288,12 @@ def _log_axes(ax, xticks: list, xlabels: list[str], **labels) -> None:
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    # label only the 2s, 3s and 5s between the powers of ten: enough to read off a value, never crowded
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "235" else ""))
+    # between the powers of ten: every tick when the axis spans less than a decade, else the 2s, 3s and 5s
+    def minor(v, _):
+        lo, hi = ax.get_ylim()
+        return f"{v:g}" if hi / lo < 10 or f"{v:.0e}"[0] in "235" else ""
+
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
     ax.tick_params(axis="y", which="both", labelsize=8)
     ax.set(**labels)
     ax.grid(True, which="both", alpha=0.3)
