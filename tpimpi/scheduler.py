@@ -5,7 +5,9 @@ rank 0 the output head in chunks), calling `get(b)` right before block b is used
 right after. Blocks marked resident are read once at start-up. The others stream through W
 page-aligned buffers: releasing block b hands its buffer to the block W places later in the
 cycle, and a background thread fills it with one positional read (which releases the GIL) while
-compute and allreduces go on. Compute waits only if that read has not finished.
+compute and allreduces go on. Compute waits only if that read has not finished. With io "mmap" the
+thread maps the block from the page cache instead (faulting its pages in), and compute reads them
+there: the same memory, without the copy.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def evenly_spaced(n: int, k: int) -> set[int]:
 
 
 class _Reader:
-    """One background thread serving (spec, buffer, done-event) reads in order."""
+    """One background thread serving (spec, slot, done-event) jobs in order: a read into the slot's
+    buffer, or with io "mmap" a new mapping of the block as the slot's."""
 
     def __init__(self, store: RankStore, io: str, bufs: list, maps: list):
         self.store, self.io, self.bufs, self.maps = store, io, bufs, maps
