@@ -76,8 +76,9 @@ def cpu_model() -> str:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor()
-    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith(("model name", "Model"))), "")
-    flags = set(next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith(("flags", "Features"))), []))
+    fields = [line.split(":", 1) for line in info.splitlines() if ":" in line]
+    name = next((v.strip() for k, v in fields if k.strip() in ("model name", "Model")), "")
+    flags = set(next((v.split() for k, v in fields if k.strip() in ("flags", "Features")), []))
     vector = next((f for f in ("avx512f", "avx2", "sve", "asimd", "neon") if f in flags), "")
     return f"{name} ({vector})" if vector else name
 
@@ -141,8 +142,7 @@ def bench_tpimpi(comm, args) -> dict | None:
     out = {"system": "tpimpi", "ranks": comm.size, "ratios": list(ratios), "allreduce": args.allreduce,
            "threads": threads, "dtype": eng.store.dtype, "memory": last["memory"], "window": last["window"],
            "streamed_blocks": last["streamed_blocks"], "n_blocks": last["n_blocks"], "io": mem.io,
-           "compute": mem.compute,
-           "prompt_tokens": len(ids), "peak_rss_bytes": last["peak_rss_bytes"],
+           "compute": mem.compute, "prompt_tokens": len(ids), "peak_rss_bytes": last["peak_rss_bytes"],
            "mem_limit_bytes": last["mem_limit_bytes"], "cgroup_peak_bytes": last["cgroup_peak_bytes"],
            "predicted_peak_bytes": last["predicted_peak_bytes"], "predicted_bytes": last["predicted_bytes"],
            "per_token": last["per_token"], **summary}
