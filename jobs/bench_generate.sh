@@ -16,7 +16,7 @@ OUT=${OUT:-data/results/bench.jsonl}
 MODEL_ARGS=${MODEL:+--model $MODEL}
 
 source jobs/mpi-env.sh
-BUDGET=${BUDGET:-560M}   # below the Accelerate baseline's peak (603-743 MiB measured here), for the same-memory comparison
+BUDGET=${BUDGET:-560M}   # below Accelerate's peak (VmHWM 876-1118 MiB here), for the same-memory comparison
 BUDGET_RANKS=${BUDGET_RANKS:-"1 2"}
 RATIOS2=${RATIOS2:-0.36,0.64}  # 2 ranks: rank 0's share, less by the head's 113 MB of the 404 MB of layers
 ROUNDS=${ROUNDS:-3}   # the whole sequence again: the report takes each configuration's median over rounds

@@ -12,8 +12,8 @@
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 RANKS=${RANKS:-2}
-LIMIT=${LIMIT:-450M}           # per rank, for the default model (its resident slices need 480-690 MiB)
-BIG_LIMIT=${BIG_LIMIT:-700M}   # per rank, for the 1.7B shape (its slices are 1.7 GB at 2 ranks)
+LIMIT=${LIMIT:-450M}           # per rank, for the default model (its resident plan: 623 and 465 MiB at 512 tokens)
+BIG_LIMIT=${BIG_LIMIT:-700M}   # per rank, for the 1.7B shape (its resident plan: 2.2 and 2.0 GB)
 NEW_TOKENS=${NEW_TOKENS:-16}
 REPEAT=${REPEAT:-3}
 MAX_SEQ=${MAX_SEQ:-512}
