@@ -20,7 +20,7 @@ from .errors import TpimpiError, UsageError
 from .sampling import SamplingConfig
 from .scheduler import IO_MODES
 from .shard import parse_ratios
-from .store import DTYPES
+from .quant.formats import REQUESTS
 
 STDIN_FIRST_S, STDIN_IDLE_S = 60.0, 0.5
 
@@ -78,7 +78,8 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p.add_argument("--link-latency-ms", type=float, default=0.0, help="emulate a network link: latency per message")
     p.add_argument("--link-bandwidth-mbps", type=float, default=0.0, help="emulate a network link: bandwidth")
     p.add_argument("--ratios", help="relative share of each rank, e.g. 2,1,1 (when converting)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="storage dtype (when converting)")
+    p.add_argument("--dtype", choices=list(REQUESTS), default="float32", help="storage format when converting: "
+                   "float32, bfloat16, float16, q8, q4 (q4_1), q4_0, or auto (keep a GGUF's own Q8_0/Q4_0/Q4_1 blocks)")
     p.add_argument("--threads", type=int, help="threads per rank for the matrix products (default: cores / local ranks)")
     p.add_argument("--verify", action="store_true", help="check every weight file's sha256 before running")
     add_memory_args(p)
