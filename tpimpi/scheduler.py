@@ -113,10 +113,11 @@ class _Reader:
         n = spec.layout.nbytes
         if os.fstat(self.fd).st_size < spec.offset + n:  # past the end a mapping would fault with SIGBUS
             raise OSError(f"the file ends before byte {spec.offset + n}, shorter than the manifest says")
-        mm = mmap.mmap(self.fd, n, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ,
-                       offset=spec.offset)
+        lead = spec.offset % mmap.ALLOCATIONGRANULARITY  # an untied head's chunks need not start on a page
+        mm = mmap.mmap(self.fd, lead + n, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ,
+                       offset=spec.offset - lead)
         self.bytes_read += n
-        return np.frombuffer(mm, dtype=np.uint8, count=n)
+        return np.frombuffer(mm, dtype=np.uint8, count=n, offset=lead)
 
     def _read(self, spec: BlockSpec, mm: mmap.mmap) -> None:
         n = spec.layout.nbytes

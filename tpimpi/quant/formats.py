@@ -179,13 +179,14 @@ def to_bytes(a, fmt: str) -> bytes:
 
 # kept byte for byte; or a float type kept as that float type
 KEPT = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-# re-quantized (dequantized by the gguf package, then rounded to nearest) to the nearest stored format that
-# loses nothing more: 5- to 8-bit types to q8_0, 4-bit types with minimums to q4_1, the rest (fewer bits,
-# or non-linear 4-bit codes) to q4_1 as well, which holds every such value to within its own step
-REQUANT = {"Q5_0": "q8_0", "Q5_1": "q8_0", "Q8_1": "q8_0", "Q5_K": "q8_0", "Q6_K": "q8_0", "Q8_K": "q8_0",
+# re-quantized (dequantized by the gguf package, then rounded to nearest) to the nearest stored format:
+# 5- and 6-bit types and FP4 codes to q8_0 (which loses little more: MXFP4's values are exactly q8_0's
+# integers times a power of two), 4-bit K/IQ types to q4_1 (4 bits with a minimum per group, like
+# their sub-blocks), and the 1- to 3-bit types to q4_1 as well, the smallest stored format
+REQUANT = {"Q5_0": "q8_0", "Q5_1": "q8_0", "Q5_K": "q8_0", "Q6_K": "q8_0", "MXFP4": "q8_0", "NVFP4": "q8_0",
            "Q4_K": "q4_1", "IQ4_NL": "q4_1", "IQ4_XS": "q4_1", "Q2_K": "q4_1", "Q3_K": "q4_1",
            "IQ2_XXS": "q4_1", "IQ2_XS": "q4_1", "IQ2_S": "q4_1", "IQ3_XXS": "q4_1", "IQ3_S": "q4_1",
-           "IQ1_S": "q4_1", "IQ1_M": "q4_1", "TQ1_0": "q4_1", "TQ2_0": "q4_1", "F64": "float32"}
+           "IQ1_S": "q4_1", "IQ1_M": "q4_1", "TQ1_0": "q4_1", "TQ2_0": "q4_1"}
 
 
 def unsupported_message(type_name: str, tensor: str, path: str) -> str:
