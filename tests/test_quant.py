@@ -335,3 +335,20 @@ def test_default_model_kept_in_q4_1_matches_transformers(tmp_path, prompt_ids):
     logits, tokens = ThreadGroup(2).run(lambda c: run_store(path, c, prompt_ids, 8))[0]
     assert rel_err(logits, ref_logits) < 1e-4
     assert tokens == ref_tokens
+
+
+def test_bfloat16_compute_runs_resident_q4_blocks_on_torchs_int4_kernel(mixed_n2, mixed_ref, prompt_ids):
+    """--compute bfloat16: resident q4_0/q4_1 blocks repacked for torch's int4 kernel (their buffers
+    freed), the rest as before; about bfloat16's precision, as a bfloat16 store gives."""
+    def run(c):
+        mem = MemoryOptions(resident=True, compute="bfloat16")
+        from tpimpi.engine import Engine
+
+        eng = Engine(c, mixed_n2, max_seq=64, mem=mem).load()
+        kinds = {type(eng.blocks.get(b)["wgu"]).__name__ for b in (3, 5)}  # the q4_0 and q4_1 layers' MLPs
+        eng.close()
+        return kinds, run_store(mixed_n2, c, prompt_ids, 1, mem=mem)[0]
+
+    (kinds, logits), _ = ThreadGroup(2).run(run)
+    assert kinds == {"Int4Packed"}
+    assert rel_err(logits, mixed_ref[0]) < 0.05 and np.argmax(logits) == np.argmax(mixed_ref[0])

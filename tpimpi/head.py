@@ -51,7 +51,7 @@ class Head:
         for b in self.chunks:
             w = self.blocks.get(b)["w"]  # [rows, h]
             r1 = r0 + w.shape[0]
-            if isinstance(w, kernels.Packed):  # quantized, or bf16/f16 computed in float32
+            if isinstance(w, (kernels.Packed, kernels.Int4Packed)):  # quantized, or bf16/f16 in float32
                 kernels.matmul(xn.unsqueeze(0), w, out=self.logits_buf[r0:r1].unsqueeze(0))
             elif w.dtype == torch.float32:
                 np.matmul(w.numpy(), xn.numpy(), out=self.logits_buf[r0:r1].numpy())  # BLAS, as in layers.linear

@@ -23,7 +23,7 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     kernel streams the weights about twice as fast as torch's CPU kernel (BENCHMARKS.md), and decode
     is nothing but streaming the weights. A `Packed` weight (quantized, or bf16/f16 computed in float32)
     goes through the sliced kernel of tpimpi.quant, which never holds more than a slice in float32."""
-    if isinstance(w, kernels.Packed):
+    if isinstance(w, (kernels.Packed, kernels.Int4Packed)):
         y = kernels.matmul(x, w)
         return y if b is None else y.add_(b)
     if w.dtype == torch.float32 and x.dtype == torch.float32:

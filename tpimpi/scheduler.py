@@ -29,6 +29,7 @@ import torch
 from .errors import StoreError
 from .quant.formats import QUANTS, row_bytes
 from .quant.kernels import TORCH_FLOATS as TORCH_DTYPES
+from .quant import kernels
 from .quant.kernels import Packed
 from .store import ALIGN, BlockLayout, BlockSpec, RankStore
 IO_MODES = ("cache", "mmap", "direct", "dontneed")
@@ -158,8 +159,17 @@ class BlockScheduler:
         for b in sorted(resident):
             mm, arr = aligned_buffer(specs[b].layout.nbytes)
             store.read_into(specs[b].offset, memoryview(mm))
-            self._keep.append(mm)
-            self._resident[b] = block_views(arr, specs[b].layout, compute)
+            views = block_views(arr, specs[b].layout, compute)
+            if compute == "bfloat16" and all(kernels.can_int4pack(v) for k, v in views.items() if k.startswith("w")):
+                # resident q4 blocks under --compute bfloat16: repacked once for torch's int4 kernel; the
+                # block's buffer goes, only the small norm and bias are copied out of it
+                packed = {k: kernels.int4pack(v) if k.startswith("w") else v.clone() for k, v in views.items()}
+                del views, arr
+                mm.close()
+                views = packed
+            else:
+                self._keep.append(mm)
+            self._resident[b] = views
             self.bytes_read += specs[b].layout.nbytes
         self.seq = [b for b in range(len(specs)) if b not in resident]  # the streamed cycle
         self.window = min(window, len(self.seq))

@@ -13,6 +13,7 @@ hold GGUF's float16 scales exactly; with float32 activations they fall back to s
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -89,8 +90,12 @@ def to_float32(w: Packed, rows: slice, out: torch.Tensor, tmp: torch.Tensor) -> 
     return out
 
 
-def matmul(x: torch.Tensor, w: Packed, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, in] float32 @ w.T -> [T, out] float32, a slice of w's rows at a time through the scratch."""
+def matmul(x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in] float32 @ w.T -> [T, out] float32: a Packed w a slice of rows at a time through the
+    scratch, an Int4Packed one through torch's int4 kernel."""
+    if isinstance(w, Int4Packed):
+        y = int4_matmul(x, w)
+        return y if out is None else out.copy_(y)
     n_out, k = w.shape
     y = torch.empty(x.shape[0], n_out) if out is None else out  # [T, out]
     if n_out == 0 or k == 0:
@@ -117,3 +122,59 @@ def rows_to_float32(fmt: str, raw: torch.Tensor, out: torch.Tensor) -> None:
 
 
 assert set(FLOATS) == set(TORCH_FLOATS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# --compute bfloat16: torch's fused int4 kernel for resident q4_0/q4_1 matrices (fast, approximate)
+
+PACK_ROWS = 64  # rows packed at a time: torch's CPU int4 packing works in tiles of up to 64 rows
+
+
+@dataclass(frozen=True)
+class Int4Packed:
+    """A q4_0/q4_1 matrix [out, in] repacked for torch's _weight_int4pack_mm_for_cpu: the same 4-bit
+    integers, with scales and zero points [in / 32, out, 2] in bfloat16 (w = (q - 8) * scale + zero:
+    q4_0's d and 0, q4_1's d and m + 8d, rounded to bfloat16). Products take bfloat16 activations and
+    give bfloat16 results: about 3 significant digits, like a bfloat16 store."""
+
+    packed: torch.Tensor
+    scales_zeros: torch.Tensor
+    shape: tuple[int, int]
+
+
+@functools.lru_cache(maxsize=None)
+def _int4_tiles_are_row_local() -> bool:
+    """Whether packing rows a tile at a time gives the packing of the whole (so a bounded transient)."""
+    q = torch.randint(0, 16, (2 * PACK_ROWS, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    parts = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[i : i + PACK_ROWS], 1) for i in (0, PACK_ROWS)]
+    return torch.equal(whole, torch.cat(parts))
+
+
+def can_int4pack(w) -> bool:
+    return isinstance(w, Packed) and w.fmt in ("q4_0", "q4_1") and w.shape[0] % 16 == 0 and w.shape[0] > 0 \
+        and w.shape[1] > 0
+
+
+def int4pack(w: Packed) -> Int4Packed:
+    """Repack a resident q4_0/q4_1 matrix for torch's int4 kernel, PACK_ROWS rows at a time."""
+    n, k = w.shape
+    g, q = k // GROUP, k // 2
+    step = PACK_ROWS if _int4_tiles_are_row_local() else n
+    packed = torch.empty(n, k // 2, dtype=torch.uint8)
+    for r0 in range(0, n, step):
+        rec = w.data[r0 : r0 + step]
+        ints = torch.empty(rec.shape[0], g, 2, 16, dtype=torch.int32)  # [rows, groups, low/high, 16]
+        qs = rec[:, :q].reshape(-1, g, 16)
+        ints[:, :, 0] = qs & 15
+        ints[:, :, 1] = qs >> 4
+        packed[r0 : r0 + step] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(ints.view(-1, k), 1)
+    d = w.data[:, q : q + 2 * g].view(torch.float16).float()  # [out, groups]
+    zero = torch.zeros_like(d) if w.fmt == "q4_0" else w.data[:, q + 2 * g :].view(torch.float16).float() + 8 * d
+    sz = torch.stack([d.T, zero.T], dim=-1).to(torch.bfloat16).contiguous()  # [groups, out, 2]
+    return Int4Packed(packed, sz, w.shape)
+
+
+def int4_matmul(x: torch.Tensor, w: Int4Packed) -> torch.Tensor:
+    """x [T, in] @ w.T -> [T, out] float32, through torch's fused int4 kernel in bfloat16."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), w.packed, GROUP, w.scales_zeros).float()
