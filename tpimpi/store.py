@@ -70,10 +70,6 @@ class Formats:
         return self.norm_format(self.embed)
 
     @property
-    def quantized(self) -> bool:
-        return any(qf.is_quant(f) for f in (*self.blocks, self.embed, self.head))
-
-    @property
     def granule(self) -> int:
         """FFN columns are split in whole quantization groups when any block is quantized."""
         return qf.GROUP if any(qf.is_quant(f) for f in self.blocks) else 1
@@ -115,6 +111,8 @@ class Formats:
                 if not n.isdigit() or int(n) > 2 * MAX_LAYERS:
                     raise ValueError(run)
                 blocks += [fmt(f)] * int(n)
+                if len(blocks) > 2 * MAX_LAYERS:
+                    raise ValueError(run)
             embed = fmt(kv["embed"])
             out = cls(tuple(blocks), embed, fmt(kv.get("head", embed)))
         except (ValueError, KeyError):
