@@ -242,7 +242,8 @@ def _positive(v) -> bool:
 
 def _check_fields(cls, d, where: str) -> None:
     """Every field of the dataclass cls that d gives has the declared type and a sane value: ints in
-    1..MAX_DIM (n_layers up to MAX_LAYERS), floats positive and finite. cls checks the relations."""
+    1..MAX_DIM (n_layers up to MAX_LAYERS), floats positive and finite, or 0 where that is the default.
+    cls checks the relations."""
     if not isinstance(d, dict):
         raise StoreError(f"{where}: {cls.__name__} is {type(d).__name__}, not an object")
     hints = typing.get_type_hints(cls)
@@ -250,6 +251,8 @@ def _check_fields(cls, d, where: str) -> None:
         v, t = d.get(f.name), hints[f.name]
         if f.name not in d or t not in (int, float, bool, str):
             continue  # a missing field is reported by the constructor, a nested one by the caller
+        if f.default == 0 and v == 0 and type(v) is t:  # 0 where 0 means "none" (sliding_window, ...)
+            continue
         if t is int:
             ok = type(v) is int and 1 <= v <= (MAX_LAYERS if f.name == "n_layers" else MAX_DIM)
         else:
