@@ -56,6 +56,7 @@ GGUF_ARCH_KEYS = {
     "rope.scaling.yarn_beta_slow",
     "rope.scaling.finetuned",  # informational: whether the model was fine-tuned at the scaled length
 }
+GGUF_ZERO_KEYS = {"expert_count", "expert_used_count"}  # some converters write them as 0 for dense models
 
 
 def open_source(path: str | os.PathLike):
@@ -105,7 +106,8 @@ class GGUFSource:
         if arch not in ("llama", "qwen2"):
             raise ModelError(f"GGUF architecture {arch!r} is not supported (supported: llama, qwen2)")
         unknown = sorted(k for k in self.reader.fields if k.startswith(f"{arch}.") and
-                         k[len(arch) + 1 :] not in GGUF_ARCH_KEYS)
+                         k[len(arch) + 1 :] not in GGUF_ARCH_KEYS and
+                         not (k[len(arch) + 1 :] in GGUF_ZERO_KEYS and self._field(k) == 0))
         if unknown:
             raise ModelError(f"GGUF file {str(self.path)!r} has settings tpimpi does not implement: {unknown}")
         n_heads = int(self._field(f"{arch}.attention.head_count"))
