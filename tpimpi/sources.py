@@ -296,10 +296,10 @@ class HFSource:
         """(window, first layer with it): Mistral's on every layer; Qwen2's, when use_sliding_window, on
         layers from max_window_layers on (transformers' layer_types, which a saved config may list)."""
         n = int(hf["num_hidden_layers"])
-        window = int(hf.get("sliding_window") or 0)
+        window = int(hf.get("sliding_window", 4096) or 0)  # transformers' default when the key is absent
         if arch == "llama" or (arch == "qwen2" and not hf.get("use_sliding_window")):
             window = 0
-        first = int(hf.get("max_window_layers", 0)) if arch == "qwen2" else 0
+        first = int(hf.get("max_window_layers", 28)) if arch == "qwen2" else 0
         first = min(first, n) if window else 0
         types = hf.get("layer_types")
         if types is not None:
