@@ -185,6 +185,28 @@ def test_damage_is_found_before_the_run_without_being_asked(env, long_stores, tm
     assert_one_clear_error(p, "from rank 1 in layers.0.attn")  # skipped on request: the run's check remains
 
 
+@pytest.mark.parametrize("row,match", [(-1, "the logits are not finite"), (0, "embedding rows of the input")])
+def test_damage_to_rank0s_embedding_or_head_is_named(long_stores, tmp_path, row, match):
+    """The head (tied: the embedding table) is rank 0's alone: NaN there is caught where it is used."""
+    from harness import run_store
+    from tpimpi.comm import SerialComm
+    from tpimpi.errors import StoreError
+
+    st = shutil.copytree(long_stores[1], tmp_path / "s1")
+    rs = store.RankStore(st, 0, 1, verify="auto")  # verified and stamped
+    row_bytes = rs.cfg.hidden * 4
+    offset = rs.offsets["embed"] + (row % rs.cfg.vocab) * row_bytes  # the last row is no prompt token's
+    rs.close()
+    f = st / store.rank_file_name(0)
+    before = f.stat()
+    with open(f, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\xff" * row_bytes)
+    os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))  # past the stamp
+    with pytest.raises(StoreError, match=match + ".*--verify"):
+        run_store(st, SerialComm(), [0, 5, 7], 1)
+
+
 # ---- a conversion is killed -------------------------------------------------------------------------
 
 
