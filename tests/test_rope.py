@@ -139,7 +139,7 @@ def test_sliding_window_shorter_than_the_prompt_matches_transformers(tmp_path, a
 
 
 def _config_dir(tmp_path, **changes):
-    """A Hugging Face directory with only config.json: enough for the settings to be read (and refused)."""
+    """A Hugging Face directory with config.json and no model weights: enough for the settings to be read."""
     cfg = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 4, "hidden_size": 64,
            "num_hidden_layers": 2, "intermediate_size": 80, "vocab_size": 100, "max_position_embeddings": 256,
            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
@@ -147,6 +147,9 @@ def _config_dir(tmp_path, **changes):
     d = tmp_path / "cfg"
     d.mkdir(exist_ok=True)
     (d / "config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import save_file
+
+    save_file({"unread": torch.zeros(1)}, d / "model.safetensors")  # a source needs one weight file to open
     return d
 
 
@@ -195,3 +198,11 @@ def test_unimplemented_gguf_settings_and_stored_frequencies_are_checked(tmp_path
     save_file({**weights, "model.layers.0.self_attn.rotary_emb.inv_freq": inv / 2}, hf / "model.safetensors")
     with pytest.raises(ModelError, match="inv_freq differs from the rotary frequencies"):
         convert(hf, tmp_path / "bad", 1, quiet=True)
+
+
+def test_yarn_extends_the_context_to_factor_times_the_original(tmp_path):
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "rope_theta": 1e6}
+    cfg = open_source(_config_dir(tmp_path, architectures=["Qwen2ForCausalLM"], rope_parameters=yarn)).config
+    assert cfg.max_context == 1024 and cfg.rope_scaling.attention_factor == pytest.approx(0.1 * np.log(4) + 1)
+    llama3 = {**LLAMA3, "rope_theta": 5e5}
+    assert open_source(_config_dir(tmp_path, rope_parameters=llama3)).config.max_context == 256

@@ -175,3 +175,11 @@ def rope_scaling_from_hf(rs: dict | None, max_position: int, original_max_positi
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN's attention temperature: 0.1 * mscale * ln(factor) + 1 (1 for factor <= 1)."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def scaled_context(max_position: int, rs: RopeScaling | None) -> int:
+    """The context a model runs: max_position_embeddings, or for YaRN factor x the original context when
+    that is longer (Qwen2.5's checkpoints keep 32768 beside a yarn entry of factor 4, meant for 131072)."""
+    if rs is not None and rs.kind == "yarn":
+        return max(max_position, int(rs.factor * rs.original_max_position))
+    return max_position

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig, RopeScaling, rope_scaling_from_hf, yarn_mscale
+from .config import ModelConfig, RopeScaling, rope_scaling_from_hf, scaled_context, yarn_mscale
 from .errors import ModelError
 
 # Per-layer tensor keys, in Hugging Face's names under model.layers.N.
@@ -122,6 +122,7 @@ class GGUFSource:
         if window and arch != "llama":
             raise ModelError(f"GGUF file {str(self.path)!r}: a sliding window on {arch} is not supported")
         vocab = int(self.tensors["token_embd.weight"].shape[-1])
+        rope = self._rope_scaling(arch, head_dim)
         return ModelConfig(
             arch=arch,
             n_layers=int(self._field(f"{arch}.block_count")),
@@ -133,10 +134,10 @@ class GGUFSource:
             vocab=vocab,
             rope_theta=float(self._field(f"{arch}.rope.freq_base", 10000.0)),
             norm_eps=float(self._field(f"{arch}.attention.layer_norm_rms_epsilon")),
-            max_context=int(self._field(f"{arch}.context_length")),
+            max_context=scaled_context(int(self._field(f"{arch}.context_length")), rope),
             tied_embeddings="output.weight" not in self.tensors,
             attn_bias="blk.0.attn_q.bias" in self.tensors,
-            rope_scaling=self._rope_scaling(arch, head_dim),
+            rope_scaling=rope,
             sliding_window=window,
         )
 
@@ -243,6 +244,7 @@ class HFSource:
             self._refuse_unsupported(hf, arch)
             window, sliding_from = self._sliding_window(hf, arch)
             rope = hf.get("rope_parameters") or {}
+            rope_scaling = self._rope_scaling(hf)
             return ModelConfig(
                 arch=arch,
                 n_layers=int(hf["num_hidden_layers"]),
@@ -254,10 +256,10 @@ class HFSource:
                 vocab=int(hf["vocab_size"]),
                 rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
                 norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                max_context=int(hf.get("max_position_embeddings", 4096)),
+                max_context=scaled_context(int(hf.get("max_position_embeddings", 4096)), rope_scaling),
                 tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 attn_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
-                rope_scaling=self._rope_scaling(hf),
+                rope_scaling=rope_scaling,
                 sliding_window=window,
                 sliding_from=sliding_from,
             )
