@@ -206,3 +206,31 @@ def test_yarn_extends_the_context_to_factor_times_the_original(tmp_path):
     assert cfg.max_context == 1024 and cfg.rope_scaling.attention_factor == pytest.approx(0.1 * np.log(4) + 1)
     llama3 = {**LLAMA3, "rope_theta": 5e5}
     assert open_source(_config_dir(tmp_path, rope_parameters=llama3)).config.max_context == 256
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 128, "mscale": 1.0,
+     "mscale_all_dim": 0.5, "beta_fast": 16, "beta_slow": 2},
+    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 512, "truncate": False},
+    {"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 100, "attention_factor": 0.9},
+    {"rope_type": "linear", "factor": 2.5},
+    {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+     "original_max_position_embeddings": 300},
+], ids=["yarn", "yarn-mscale", "yarn-no-truncate", "yarn-attention-factor", "linear", "llama3"])
+def test_frequencies_and_attention_factor_are_transformers(rope, tmp_path):
+    """Our rope settings from a config against transformers' rope init functions on the same config."""
+    from transformers import Qwen2Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from tpimpi.layers import rope_attention_scale
+
+    params = {**rope, "rope_theta": 1e6}
+    hf_cfg = Qwen2Config(hidden_size=256, num_attention_heads=2, max_position_embeddings=1024,
+                         rope_parameters=dict(params))
+    theirs, their_scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_cfg)
+    ours = open_source(_config_dir(tmp_path, architectures=["Qwen2ForCausalLM"], hidden_size=256,
+                                   num_attention_heads=2, max_position_embeddings=1024,
+                                   rope_parameters=params)).config
+    np.testing.assert_allclose(inv_frequencies(ours).numpy(), theirs.numpy(), rtol=1e-6)
+    assert rope_attention_scale(ours) == pytest.approx(their_scale, rel=1e-12)
