@@ -190,7 +190,10 @@ def test_a_read_only_store_is_stamped_in_the_cache(store3, tmp_path, capfd, monk
     ro = _copy(store3, tmp_path / "ro")
     for p in ro.glob(".*.verified"):
         p.unlink()
-    subprocess.run(["chattr", "+i", str(ro)], check=True)  # not even root may create files in it
+    made = subprocess.run(["chattr", "+i", str(ro)], capture_output=True)  # not even root may create files in it
+    if made.returncode != 0:
+        pytest.skip(f"cannot make a directory immutable here (chattr +i needs root and ext2/3/4, xfs or btrfs): "
+                    f"{made.stderr.decode().strip()}")
     try:
         assert _open(ro, 2, 3, capfd) and not _open(ro, 2, 3, capfd)
         assert not (ro / ".rank002.safetensors.verified").exists()
