@@ -243,7 +243,7 @@ class HFSource:
             hidden = int(hf["hidden_size"])
             self._refuse_unsupported(hf, arch)
             window, sliding_from = self._sliding_window(hf, arch)
-            rope = hf.get("rope_parameters") or {}
+            rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}  # theta: inside wins
             rope_scaling = self._rope_scaling(hf)
             return ModelConfig(
                 arch=arch,
