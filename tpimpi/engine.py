@@ -174,8 +174,10 @@ class Engine:
         """Rank 0: the prompt's token ids (chat template applied unless raw), checked against the context."""
         tok = self.tok
         if tok.has_chat_template and not raw:
-            text = tok.render_chat(text, system)
-        ids = tok.encode(text)
+            messages = ([{"role": "system", "content": system}] if system is not None else [])
+            ids = tok.encode_chat([*messages, {"role": "user", "content": text}])
+        else:
+            ids = tok.encode(text)
         if not ids:
             raise UsageError("the prompt encodes to no tokens")
         if len(ids) >= self.max_seq:

@@ -470,12 +470,13 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(self._config.get("chat_template"))
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special-token strings become their ids; BOS first if the config says so."""
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; special-token strings become their ids. BOS goes first if the config says
+        so and add_special_tokens (a rendered chat carries its own: see encode_chat)."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode takes a str, got {type(text).__name__}")
         ids = self._backend.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids] if self.add_bos else ids
+        return [self.bos_id, *ids] if self.add_bos and add_special_tokens else ids
 
     def _check_ids(self, ids: list[int]) -> None:
         for index in ids:
@@ -490,6 +491,12 @@ class Tokenizer:
 
     def render_chat(self, user_text: str, system: str | None = None) -> str:
         """The prompt for one user turn (after an optional system turn), ready for the assistant's reply."""
+        messages = ([{"role": "system", "content": system}] if system is not None else [])
+        messages.append({"role": "user", "content": user_text})
+        return self.render_messages(messages)
+
+    def render_messages(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """A conversation ([{"role": ..., "content": ...}, ...]) through the model's chat template."""
         template = self._config.get("chat_template")
         if not template:
             raise TokenizerError("this tokenizer has no chat template; encode the raw prompt instead")
@@ -498,15 +505,19 @@ class Tokenizer:
             if "default" not in named:
                 raise TokenizerError(f"chat templates {sorted(map(str, named))} include none named 'default'")
             template = named["default"]
-        messages = ([{"role": "system", "content": system}] if system is not None else [])
-        messages.append({"role": "user", "content": user_text})
         from jinja2 import TemplateError
 
         try:
-            return _compile_template(template).render(
-                messages=messages, tools=None, documents=None, add_generation_prompt=True, **self._specials)
+            return _compile_template(template).render(messages=messages, tools=None, documents=None,
+                                                      add_generation_prompt=add_generation_prompt, **self._specials)
         except TemplateError as e:  # e.g. raise_exception("System role not supported")
             raise TokenizerError(f"the chat template refused this conversation: {e}") from None
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a rendered conversation, as transformers' apply_chat_template(tokenize=True): the
+        template writes every special token itself (Llama's and Mistral's emit {{ bos_token }}), so the
+        rendered text is encoded without adding BOS again."""
+        return self.encode(self.render_messages(messages, add_generation_prompt), add_special_tokens=False)
 
     def stream(self, skip_special_tokens: bool = False) -> "TextStream":
         """A fresh incremental decoder for text being generated."""
