@@ -110,8 +110,9 @@ class StopText:
 
     def finish(self) -> str:
         """The text still held back (no stop string came)."""
-        out = "" if self.stopped else self._text[self._shown:]
-        self._shown = len(self._text)
+        if self.stopped:
+            return ""
+        out, self._shown = self._text[self._shown:], len(self._text)
         return out
 
     @property
