@@ -4,7 +4,6 @@ import importlib.util
 import json
 import os
 import random
-from types import SimpleNamespace
 
 import pytest
 
@@ -86,7 +85,7 @@ def assert_streams_like_decode(tok, ids):
 def smollm():
     """(our Tokenizer, transformers' tokenizer, our files) for the default GGUF, loaded once."""
     path = smollm_path()
-    files = tokenizer_files_from_gguf(gguf.GGUFReader(path))
+    files = tokenizer_files_from_gguf(path)
     return Tokenizer.from_files(files, where=path), hf_from_gguf(path), files
 
 
@@ -155,7 +154,7 @@ def test_default_model_facts(smollm):
     tok, ref, files = smollm
     config = json.loads(files["tokenizer_config.json"])
     assert config["bos_token"] == "<|im_start|>" and config["eos_token"] == "<|im_end|>"
-    assert config["add_bos_token"] is False
+    assert not tok.add_bos and config.get("add_bos_token") in (None, False)
     assert tok.vocab_size == len(ref) == 49152
     # <|im_end|> is the eos and ends a turn; <|endoftext|> ends a document; <|im_start|> must not stop.
     assert tok.eos_ids == frozenset(ref.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
@@ -235,7 +234,7 @@ def tiny_spm(tmp_path_factory):
     writer.write_tensors_to_file()
     writer.close()
 
-    files = tokenizer_files_from_gguf(gguf.GGUFReader(str(path)))
+    files = tokenizer_files_from_gguf(path)
     return Tokenizer.from_files(files, where=str(path)), hf_from_gguf(str(path))
 
 
@@ -274,21 +273,30 @@ def test_sentencepiece_hf_dir_infers_bos_from_post_processor(tiny_spm, tmp_path)
 # ---------------------------------------------------------------- errors at the boundary
 
 
-def fake_reader(**fields):
-    return SimpleNamespace(fields={key: SimpleNamespace(contents=lambda v=v: v) for key, v in fields.items()})
+def write_tokenizer_gguf(path, model, pre=None):
+    """A GGUF holding only tokenizer metadata: two tokens, one merge."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model(model)
+    if pre is not None:
+        writer.add_tokenizer_pre(pre)
+    writer.add_token_list(["a", "b", "ab"])
+    writer.add_token_merges(["a b"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
-def test_unsupported_pre_tokenizer_is_named():
-    reader = fake_reader(**{"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "deepseek-llm",
-                            "tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.merges": ["a b"]})
+def test_unsupported_pre_tokenizer_is_named(tmp_path):
+    # transformers would take GPT-2's split for it without a word
     with pytest.raises(TokenizerError, match="'deepseek-llm'"):
-        tokenizer_files_from_gguf(reader)
+        tokenizer_files_from_gguf(write_tokenizer_gguf(tmp_path / "t.gguf", "gpt2", "deepseek-llm"))
 
 
-def test_unsupported_model_is_named():
-    reader = fake_reader(**{"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
+def test_unsupported_model_is_named(tmp_path):
     with pytest.raises(TokenizerError, match="'bert'"):
-        tokenizer_files_from_gguf(reader)
+        tokenizer_files_from_gguf(write_tokenizer_gguf(tmp_path / "t.gguf", "bert"))
 
 
 def test_hf_dir_without_tokenizer_json_names_the_path(tmp_path):
