@@ -140,10 +140,12 @@ def test_a_template_that_rewrites_history_recomputes_from_the_change(engine, ref
 
 def test_a_full_context_is_said_and_reset_clears_it(engine):
     conv = Conversation(engine.tok, MAX_SEQ)
-    ids, start = conv.turn("Hello there")
+    long = "Hello there " * 44  # leaves a few positions to generate into
+    ids, start = conv.turn(long)
+    assert MAX_SEQ - 20 < len(ids) < MAX_SEQ
     result = engine.generate(ids, SamplingConfig(), MAX_SEQ, start_pos=start)
     assert result["stop_reason"] == "context_full" and result["positions"] == MAX_SEQ
-    conv.answered("Hello there", ids, result)
+    conv.answered(long, ids, result)
     with pytest.raises(UsageError, match="/reset"):
         conv.turn("more")
     conv.reset()
@@ -176,16 +178,14 @@ def test_scripted_chat_under_mpirun(env, tiny_gguf, engine):
     assert "[new conversation]" in err and "type /reset to start a new one" in err and "Traceback" not in err
 
 
-def test_streamed_text_arrives_token_by_token_then_the_statistics(env, tiny_gguf, tmp_path):
+def test_streamed_text_arrives_token_by_token_then_the_statistics(env, tiny_gguf, tmp_path, engine):
     """With `mpirun --output :raw` (Open MPI forwards output a line at a time without it) the answer
     reaches the terminal token by token, ends with a newline, and the statistics line follows it."""
     (tmp_path / "prompt").write_text("Hello there")
+    text = engine.generate(engine.encode_prompt("Hello there"), SamplingConfig(), 6)["text"]
     args = [sys.executable, "-m", "tpimpi.generate", "--model", tiny_gguf, "--prompt-file", tmp_path / "prompt",
-            "--max-new-tokens", "6"]
-    ref = subprocess.run(args + ["--json"], env=env, capture_output=True, timeout=120)
-    assert ref.returncode == 0, ref.stderr.decode()
-    text = json.loads(ref.stdout)["text"]
-    proc = subprocess.Popen(["mpirun", "--output", ":raw", "-np", "2", *map(str, args), "--link-latency-ms", "40"],
+            "--max-new-tokens", "6", "--link-latency-ms", "40"]  # a token every 2 layers x 2 allreduces x 40 ms
+    proc = subprocess.Popen(["mpirun", "--output", ":raw", "-np", "2", *map(str, args)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     reads, t0 = [], time.monotonic()
     while chunk := os.read(proc.stdout.fileno(), 1 << 16):

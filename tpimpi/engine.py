@@ -323,9 +323,10 @@ def decode_loop(comm, model, head, tok, prompt_ids, samp, max_new, max_seq, stre
     comm.in_lockstep = False
     if comm.rank != 0:
         return {}
-    if decoder is None:
-        text.add(tok.decode([i for i in out_ids if i not in tok.eos_ids]))
-    shown = text.add(decoder.flush()) if decoder is not None else ""
+    if decoder is None:  # neither streamed nor checked for stop strings: decoded once
+        shown = text.add(tok.decode([i for i in out_ids if i not in tok.eos_ids]))
+    else:
+        shown = text.add(decoder.flush())
     shown += text.finish()
     if out is not None:
         # the answer ends its line, so what is printed after it (statistics, the next prompt) starts a new one

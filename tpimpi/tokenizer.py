@@ -14,7 +14,8 @@ What this module adds to the libraries, and why:
 - the end-of-turn ids a GGUF implies (it has no generation_config.json);
 - chat templates rendered in a Jinja sandbox set up as transformers' apply_chat_template does, so
   rank 0 needs neither transformers nor a network at run time;
-- `flush` on top of tokenizers' DecodeStream, to end a text whose last bytes never completed.
+- around tokenizers' DecodeStream: byte-fallback runs handed over whole, and `flush` to end a text
+  whose last bytes never completed (see TextStream).
 
 Known divergence, kept on purpose to match transformers: for pre-tokenizer "smollm" (and the other
 StarCoder-style values) llama.cpp and the original tokenizer.json split every digit off *before* the
@@ -89,8 +90,8 @@ def tokenizer_files_from_gguf(path: str | os.PathLike) -> dict[str, str]:
         raise TokenizerError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: "
                              f"{sorted(GGUF_PRE_TOKENIZER_SPLITS.keys() | _GPT2_REGEX_PRES)}")
     try:
-        converted = PreTrainedTokenizerFast.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path),
-                                                            local_files_only=True)
+        converted = PreTrainedTokenizerFast.from_pretrained(
+            os.path.dirname(path) or ".", gguf_file=os.path.basename(path), local_files_only=True)
     except (ValueError, KeyError) as e:
         raise TokenizerError(f"transformers cannot build the tokenizer of {path}: {e}") from None
     with tempfile.TemporaryDirectory(prefix="tpimpi-tokenizer-") as out:
