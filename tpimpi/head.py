@@ -10,9 +10,12 @@ sliced kernel.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
+from .errors import StoreError
 from .layers import rms_norm
 from .quant import formats as qf
 from .quant import kernels
@@ -43,6 +46,9 @@ class Head:
         rows = self._rows[:n]
         self.store.embed_rows_into(ids, rows)
         kernels.rows_to_float32(self.embed_fmt, torch.from_numpy(rows).view(len(ids), self.row_bytes), out)
+        if not math.isfinite(out.sum()):
+            raise StoreError(f"{self.store.path}: the embedding rows of the input are not finite (NaN or infinity): "
+                             f"rank 0's weight file is damaged; run again with --verify to check it against the manifest")
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [h] last hidden state -> logits [V] (a buffer the next call reuses)."""
@@ -59,5 +65,9 @@ class Head:
                 self.logits_buf[r0:r1] = torch.mv(w, xn.to(w.dtype))
             self.blocks.release(b)
             r0 = r1
+        if not math.isfinite(self.logits_buf[: self.n_tokens].sum()):
+            raise StoreError(f"{self.store.path}: the logits are not finite (NaN or infinity) although the hidden "
+                             f"state is: rank 0's output head or final norm is damaged; run again with --verify "
+                             f"to check every file against the manifest")
         self.logits_buf[self.n_tokens :] = float("-inf")
         return self.logits_buf
