@@ -18,7 +18,7 @@ from tpimpi import convert as convert_mod
 from tpimpi import store
 from tpimpi.convert import convert
 from tpimpi.engine import MemoryOptions
-from tpimpi.errors import ModelError, StoreError, UsageError
+from tpimpi.errors import StoreError
 from tpimpi.quant import formats as qf
 from tpimpi.quant import kernels
 from tpimpi.shard import plan
