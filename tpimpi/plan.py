@@ -1,0 +1,175 @@
+"""Plan a run on unequal devices: which devices take part, each one's share and memory mode, the allreduce.
+
+    python -m tpimpi.plan --profile cluster.json [--model M] [--dtype float32] [--out plan.json]
+
+Reads a profile (`mpirun -np N python -m tpimpi.profile`), searches devices, shares, memory modes and
+allreduce algorithms exactly (tpimpi/planner/search.py), and prints the plan with its predicted TTFT,
+seconds per token and per-rank memory, why each device is in or out, and the mpirun line that runs it.
+`generate`, `bench` and `convert` take the plan with --plan-file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .config import ModelConfig
+from .errors import TpimpiError, UsageError
+from .planner.devices import load_profile
+from .planner.planfile import resolve_model, write_plan
+from .planner.search import ALGOS, UNITS, Settings, greedy, realize, search, share_table
+from .scheduler import IO_MODES
+from .shard import plan as split_plan
+from .store import DTYPES
+
+MiB = 1 << 20
+
+
+def make_plan(cfg, profile, st: Settings, units: int = UNITS, explain: bool = True) -> dict:
+    """The plan as the dict the plan file holds (plus 'greedy' and the reasons), from a profile."""
+    devices = profile.devices
+    for d in devices:
+        if st.dtype not in d.matvec_Bps:
+            raise UsageError(f"the profile has no {st.dtype} figures (profiled: {', '.join(d.matvec_Bps)}); "
+                             f"profile again with --dtypes including {st.dtype}")
+    table = share_table(cfg, devices, st, units)
+    best = search(cfg, devices, table, st, units)
+    if best is None:
+        need = table[0][units].peak_bytes
+        raise UsageError(f"no plan fits: even with every device taking part the master would need "
+                         f"{need / MiB:.0f} MiB or some device cannot stream one block; use a smaller dtype")
+    members, modes, pred = realize(cfg, devices, best, st)
+    g = greedy(cfg, devices, table, st, units)
+    g_pred = realize(cfg, devices, g, st)[2] if g is not None else None
+    reasons = {}
+    if explain:
+        for d in range(1, len(devices)):
+            alt = search(cfg, devices, table, st, units, forced={d: d not in members})
+            other = realize(cfg, devices, alt, st)[2].s_per_token if alt else None
+            if d in members:
+                reasons[d] = (f"{pred.s_per_token:.4g} s/token with it, "
+                              + (f"{other:.4g} without" if other else "no plan fits without it"))
+            else:
+                reasons[d] = (f"{pred.s_per_token:.4g} s/token without it, "
+                              + (f"{other:.4g} with it at its best share" if other else "it cannot hold a share"))
+    ratios = [best.units[d] for d in members]
+    slices = split_plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, ratios)
+    hosts = [devices[d].host for d in members]
+    counts: dict[str, int] = {}
+    for h in hosts:
+        counts[h] = counts.get(h, 0) + 1
+    mpirun = f"mpirun -np {len(members)}" + (f" --host {','.join(f'{h}:{c}' for h, c in counts.items())}"
+                                              if len(counts) > 1 else "")
+    ranks = []
+    for r, (d, s, m, rp) in enumerate(zip(members, slices, modes, pred.ranks)):
+        ranks.append({"rank": r, "device": d, "host": devices[d].host, "ratio": ratios[r], "mode": m.to_dict(),
+                      "heads": list(s.q_heads), "kv_heads": list(s.kv_heads), "ffn": list(s.ffn),
+                      "predicted_peak_bytes": rp.peak_bytes, "mem_bytes": devices[d].mem_bytes,
+                      "memory": rp.memory, "compute_s": rp.compute_s, "io_wait_s": rp.io_wait_s,
+                      "allreduce_s": rp.allreduce_s, "read_bytes": rp.read_bytes, "io_hidden": rp.io_hidden,
+                      "reason": reasons.get(d, "the master (tokenizer, embedding, head; sees the prompt)")})
+    return {
+        "model": profile.model, "config": cfg.to_dict(), "dtype": st.dtype,
+        "allreduce": best.algo, "ranks": ranks, "max_seq": st.max_seq, "chunk": st.chunk, "io": st.io,
+        "left_out": [{"device": d, "host": devices[d].host, "reason": reasons.get(d, "")}
+                     for d in range(len(devices)) if d not in members],
+        "predicted": {"ttft_s": pred.ttft_s, "s_per_token": pred.s_per_token, "prompt_tokens": st.prompt_tokens,
+                      "new_tokens": st.new_tokens, "allreduce_s": pred.allreduce_s,
+                      "greedy_s_per_token": g_pred.s_per_token if g_pred else None,
+                      "equal_shares_s_per_token": _equal(cfg, devices, best.algo, st)},
+        "mpirun": mpirun,
+    }
+
+
+def _equal(cfg, devices, algo, st: Settings) -> float | None:
+    """Every device with an equal share, for comparison (None if that does not fit)."""
+    from .planner.search import choose_mode
+    from .planner.costmodel import Mode, predict
+
+    n = len(devices)
+    slices = split_plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, [1] * n)
+    modes = [choose_mode(cfg, s, r, n, d, st)[0] for r, (d, s) in enumerate(zip(devices, slices))]
+    if any(m is None for m in modes):
+        return None
+    return predict(cfg, list(devices), [1] * n, modes, st.dtype, algo, prompt_tokens=st.prompt_tokens,
+                   new_tokens=st.new_tokens, max_seq=st.max_seq, chunk=st.chunk, io=st.io).s_per_token
+
+
+def describe(plan: dict, cfg) -> str:
+    """The plan as a person reads it."""
+    p = plan["predicted"]
+    n_dev = len(plan["ranks"]) + len(plan["left_out"])
+    lines = [f"{cfg.arch}: {cfg.n_layers} layers, hidden {cfg.hidden}, {cfg.n_heads} heads ({cfg.n_kv_heads} KV), "
+             f"FFN {cfg.ffn}; {plan['dtype']}, context {plan['max_seq']}, {p['prompt_tokens']}-token prompt",
+             f"plan: {len(plan['ranks'])} of {n_dev} devices, allreduce {plan['allreduce']}; predicted TTFT "
+             f"{p['ttft_s']:.3f} s, {p['s_per_token']:.4f} s/token"
+             + (f" (equal shares on all devices: {p['equal_shares_s_per_token']:.4f}" if p["equal_shares_s_per_token"]
+                else " (equal shares on all devices: does not fit")
+             + (f"; greedy cross-check: {p['greedy_s_per_token']:.4f})" if p["greedy_s_per_token"] else ")")]
+    for r in plan["ranks"]:
+        lines.append(
+            f"rank {r['rank']} = device {r['device']} ({r['host']}): ratio {r['ratio']:g}, heads {r['heads'][0]}-"
+            f"{r['heads'][1] - 1} ({r['heads'][1] - r['heads'][0]}), FFN {r['ffn'][1] - r['ffn'][0]}; "
+            f"{_mode(r['mode'])}, peak {r['predicted_peak_bytes'] / MiB:.0f} of {r['mem_bytes'] / MiB:.0f} MiB; per "
+            f"token compute {r['compute_s'] * 1e3:.1f} ms, I/O wait {r['io_wait_s'] * 1e3:.1f} ms, allreduce "
+            f"{r['allreduce_s'] * 1e3:.1f} ms; in: {r['reason']}")
+    for d in plan["left_out"]:
+        lines.append(f"device {d['device']} ({d['host']}) left out: {d['reason']}")
+    lines.append(f"run it with exactly these ranks: {plan['mpirun']} python -m tpimpi.generate "
+                 f"--plan-file PLAN --model MODEL ...")
+    return "\n".join(lines)
+
+
+def _mode(m: dict) -> str:
+    if m["kind"] == "window":
+        return f"streamed through a window of {m['window']}"
+    if m["kind"] == "budget":
+        return f"budget {m['budget'] / MiB:.0f} MiB"
+    return "resident"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="tpimpi.plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", required=True, help="the cluster's profile (tpimpi.profile)")
+    p.add_argument("--model", help="store, .gguf, Hugging Face directory or tpimpi.synth shape name "
+                   "(default: the default model)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="storage dtype to plan for")
+    p.add_argument("--allreduce", choices=ALGOS, help="plan with this algorithm only (default: the best)")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length the TTFT is predicted for")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--max-seq-len", type=int, default=1024, help="context the KV cache is sized for")
+    p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--io", choices=IO_MODES, default="cache")
+    p.add_argument("--out", help="write the plan file here")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    try:
+        args = p.parse_args(argv)
+        if min(args.prompt_tokens, args.new_tokens, args.max_seq_len, args.prefill_chunk) < 1:
+            raise UsageError("--prompt-tokens, --new-tokens, --max-seq-len and --prefill-chunk must be positive")
+        t0 = time.perf_counter()
+        prof = load_profile(args.profile)
+        if args.model is None and prof.config:  # the model the profile measured: its config is in the profile
+            cfg, label = ModelConfig.from_dict(prof.config), prof.model
+        else:
+            cfg, label, _ = resolve_model(args.model)
+        st = Settings(args.dtype, args.prompt_tokens, args.new_tokens, args.max_seq_len, args.prefill_chunk, args.io,
+                      (args.allreduce,) if args.allreduce else ALGOS)
+        plan = make_plan(cfg, prof, st)
+        plan["model"] = label
+        plan["profile"] = args.profile
+        if args.out:
+            write_plan(args.out, plan)
+        print(json.dumps(plan, indent=1) if args.json else describe(plan, cfg).replace("PLAN", args.out or "PLAN"),
+              flush=True)
+        print(f"planned in {time.perf_counter() - t0:.1f} s" + (f" -> {args.out}" if args.out else ""),
+              file=sys.stderr)
+    except TpimpiError as e:
+        print(f"tpimpi: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

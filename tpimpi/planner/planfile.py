@@ -1,0 +1,112 @@
+"""The plan file: which devices run, their shares, memory modes and the allreduce, with the prediction.
+
+Written by `python -m tpimpi.plan`; `convert`, `generate`, `bench` (and the server) take `--plan-file`
+and use it as it is, after checking that it was made for this model and for the ranks launched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import ModelConfig
+from ..errors import TpimpiError, UsageError
+from .costmodel import Mode
+
+FORMAT, VERSION = "tpimpi-plan", 1
+
+
+def resolve_model(model: str | None) -> tuple[ModelConfig, str, str | None]:
+    """(config, label, store dtype or None) of a store, a GGUF / Hugging Face source, a shape name of
+    tpimpi.synth, or the default model (None). Reads headers only."""
+    from ..models import default_model_path, is_store
+    from ..sources import open_source
+    from ..store import load_manifest
+    from ..synth import SHAPES, shape_config
+
+    if model is not None and model in SHAPES and not Path(model).exists():
+        return shape_config(model), model, None
+    if model is not None and is_store(Path(model)):
+        m = load_manifest(model)
+        return m["config"], model, m["dtype"]
+    return open_source(model or default_model_path()).config, model or "default", None
+
+
+@dataclass(frozen=True)
+class PlanFile:
+    """A plan as read from its file."""
+
+    path: str
+    config: dict
+    model: str
+    dtype: str
+    allreduce: str
+    ratios: tuple[float, ...]
+    modes: tuple[Mode, ...]
+    devices: tuple[int, ...]  # the profile's index of the device each rank runs on
+    hosts: tuple[str, ...]
+    max_seq: int
+    chunk: int
+    predicted: dict
+    mpirun: str
+
+    @property
+    def world(self) -> int:
+        return len(self.ratios)
+
+    def memory_options(self, rank: int, io: str = "cache", compute: str = "float32"):
+        """The MemoryOptions rank `rank` runs with."""
+        from dataclasses import replace
+
+        return replace(self.modes[rank].options(self.chunk, io), compute=compute)
+
+    def check(self, world: int, cfg: ModelConfig | None = None) -> None:
+        """Refuse a launch of another rank count, or another model, with one message saying what to do."""
+        if world != self.world:
+            raise UsageError(f"plan file {self.path!r} is for {self.world} ranks (devices "
+                             f"{', '.join(map(str, self.devices))} of its profile), launched with {world}; "
+                             f"launch it as the plan says: {self.mpirun} ...")
+        if cfg is not None and cfg.to_dict() != self.config:
+            mine, theirs = _shape(cfg.to_dict()), _shape(self.config)
+            raise UsageError(f"plan file {self.path!r} was made for {self.model!r} ({theirs}), not this model "
+                             f"({mine}); make a plan for it with: python -m tpimpi.plan --profile PROFILE --model MODEL")
+
+
+def _shape(c: dict) -> str:
+    return f"{c['arch']}, {c['n_layers']} layers, hidden {c['hidden']}, {c['n_heads']} heads, FFN {c['ffn']}"
+
+
+def write_plan(path: str, d: dict) -> None:
+    """Write the plan's dict atomically (a half-written plan never looks valid)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(dict(d, format=FORMAT, version=VERSION), f, indent=1)
+    os.replace(tmp, path)
+
+
+def load_plan(path: str) -> PlanFile:
+    """Read a plan file, refusing anything that is not one with a clear message."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UsageError(f"cannot read --plan-file {path!r}: {e.strerror}") from None
+    except ValueError as e:
+        raise UsageError(f"--plan-file {path!r} is not JSON ({e})") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("version") != VERSION:
+        raise UsageError(f"--plan-file {path!r} is not a {FORMAT} file of version {VERSION} "
+                         f"(make one with: python -m tpimpi.plan --profile PROFILE --out {path})")
+    try:
+        ranks = d["ranks"]
+        ModelConfig.from_dict(d["config"])
+        p = PlanFile(str(path), d["config"], str(d["model"]), str(d["dtype"]), str(d["allreduce"]),
+                     tuple(float(r["ratio"]) for r in ranks), tuple(Mode.from_dict(r["mode"]) for r in ranks),
+                     tuple(int(r["device"]) for r in ranks), tuple(str(r["host"]) for r in ranks),
+                     int(d["max_seq"]), int(d["chunk"]), dict(d["predicted"]), str(d["mpirun"]))
+    except (KeyError, TypeError, ValueError, TpimpiError) as e:
+        raise UsageError(f"--plan-file {path!r} is malformed ({type(e).__name__}: {e})") from None
+    if not p.ratios or not all(r > 0 for r in p.ratios) or any(m.kind not in ("resident", "window", "budget")
+                                                             for m in p.modes):
+        raise UsageError(f"--plan-file {path!r} is malformed (ratios must be positive, modes resident/window/budget)")
+    return p
