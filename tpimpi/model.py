@@ -32,6 +32,7 @@ class RankModel:
         self.cos, self.sin = layers.rope_tables(cfg, max_seq)  # [S, hd] each
         comm.setup(self.chunk * h, allreduce)
         self.t_comm = self.t_forward = 0.0
+        self.trace = None  # a trace.Tracer when --trace is on
 
     def forward(self, T: int, pos: int) -> torch.Tensor:
         """Run positions pos..pos+T whose input hidden states are in x[:T]; returns x[:T], updated in place."""
@@ -45,13 +46,23 @@ class RankModel:
             blocks.release(2 * i)
             t = time.perf_counter()
             comm.allreduce_(part_np)
-            self.t_comm += time.perf_counter() - t
+            self._comm_done(t, part_np.nbytes)
             x += part
             layers.mlp(x, blocks.get(2 * i + 1), cfg, part)
             blocks.release(2 * i + 1)
             t = time.perf_counter()
             comm.allreduce_(part_np)
-            self.t_comm += time.perf_counter() - t
+            self._comm_done(t, part_np.nbytes)
             x += part
-        self.t_forward += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.t_forward += t1 - t0
+        if self.trace is not None:
+            self.trace.end_step(t0, t1, T)
         return x
+
+    def _comm_done(self, t: float, nbytes: int) -> None:
+        """An allreduce that started at t has ended: its time (and its trace event when tracing)."""
+        t1 = time.perf_counter()
+        self.t_comm += t1 - t
+        if self.trace is not None:
+            self.trace.add(1, t, t1, nbytes)  # trace.ALLREDUCE

@@ -51,6 +51,7 @@ class PlanFile:
     chunk: int
     predicted: dict
     mpirun: str
+    raw: dict  # the whole file, for the record (traces keep it to draw the prediction beside the run)
 
     @property
     def world(self) -> int:
@@ -88,10 +89,12 @@ def write_plan(path: str, d: dict) -> None:
 
 def load_plan(path: str) -> PlanFile:
     """Read a plan file, refusing anything that is not one with a clear message."""
+    return _parse(_read_text(path), path)
+
+
+def _parse(text: str, path: str) -> PlanFile:
     try:
-        d = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise UsageError(f"cannot read --plan-file {path!r}: {e.strerror}") from None
+        d = json.loads(text)
     except ValueError as e:
         raise UsageError(f"--plan-file {path!r} is not JSON ({e})") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("version") != VERSION:
@@ -103,10 +106,58 @@ def load_plan(path: str) -> PlanFile:
         p = PlanFile(str(path), d["config"], str(d["model"]), str(d["dtype"]), str(d["allreduce"]),
                      tuple(float(r["ratio"]) for r in ranks), tuple(Mode.from_dict(r["mode"]) for r in ranks),
                      tuple(int(r["device"]) for r in ranks), tuple(str(r["host"]) for r in ranks),
-                     int(d["max_seq"]), int(d["chunk"]), dict(d["predicted"]), str(d["mpirun"]))
+                     int(d["max_seq"]), int(d["chunk"]), dict(d["predicted"]), str(d["mpirun"]), d)
     except (KeyError, TypeError, ValueError, TpimpiError) as e:
         raise UsageError(f"--plan-file {path!r} is malformed ({type(e).__name__}: {e})") from None
     if not p.ratios or not all(r > 0 for r in p.ratios) or any(m.kind not in ("resident", "window", "budget")
                                                              for m in p.modes):
         raise UsageError(f"--plan-file {path!r} is malformed (ratios must be positive, modes resident/window/budget)")
     return p
+
+
+def read_on_rank0(comm, path: str) -> PlanFile:
+    """Collective: rank 0 reads the plan file (the only rank that need have it), every rank parses it."""
+    from ..engine import collective
+
+    text = collective(comm, lambda: _read_text(path) if comm.rank == 0 else "")
+    raw = comm.bcast_bytes(text.encode() if comm.rank == 0 else None).decode()
+    tmp = Path(path)
+    return _parse(raw, str(tmp))
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise UsageError(f"cannot read --plan-file {path!r}: {e.strerror}") from None
+
+
+def apply_to_args(comm, args) -> PlanFile | None:
+    """For an entry point's --plan-file: read and check the plan against the launched ranks, refuse
+    options it decides, and set the ratios, dtype, allreduce and context from it. None without one."""
+    if not getattr(args, "plan_file", None):
+        return None
+    plan = read_on_rank0(comm, args.plan_file)
+    plan.check(comm.size)
+    clash = [o for o, v in (("--ratios", args.ratios), ("--resident", getattr(args, "resident", False)),
+                            ("--window", getattr(args, "window", None)),
+                            ("--mem-budget", getattr(args, "mem_budget", None))) if v]
+    if clash:
+        raise UsageError(f"--plan-file sets every rank's share and memory mode; drop {', '.join(clash)}")
+    args.ratios = ",".join(repr(r) for r in plan.ratios)
+    args.dtype, args.allreduce = plan.dtype, plan.allreduce
+    if getattr(args, "max_seq_len", None) is None:
+        args.max_seq_len = plan.max_seq
+    return plan
+
+
+def check_store(plan: PlanFile, path: str) -> None:
+    """The store about to run was made for this plan: same model, split and dtype."""
+    from ..store import load_manifest
+
+    m = load_manifest(path)
+    plan.check(len(m["ratios"]), m["config"])
+    if tuple(m["ratios"]) != plan.ratios or m["dtype"] != plan.dtype:
+        raise UsageError(f"store {path!r} is split with ratios {m['ratios']} in {m['dtype']}, the plan asks "
+                         f"{list(plan.ratios)} in {plan.dtype}; split it with: python -m tpimpi.convert SOURCE "
+                         f"--plan-file {plan.path}")
