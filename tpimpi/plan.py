@@ -80,6 +80,7 @@ def make_plan(cfg, profile, st: Settings, units: int = UNITS, explain: bool = Tr
                       "greedy_s_per_token": g_pred.s_per_token if g_pred else None,
                       "equal_shares_s_per_token": _equal(cfg, devices, best.algo, st)},
         "mpirun": mpirun,
+        "device_figures": [devices[d].to_dict() for d in members],  # for predictions beside traces
     }
 
 

@@ -330,7 +330,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="tpimpi.report", description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="*", help="JSON-lines files (default: data/results/*.jsonl)")
     p.add_argument("--out", default="data/results/report", help="directory for report.md and the plots")
+    p.add_argument("--timeline", metavar="FILE.h5", help="draw this trace (generate/bench --trace) as a timeline, "
+                   "one row per rank, beside the cost model's prediction when the run had --plan-file")
+    p.add_argument("--steps", type=int, default=2, help="with --timeline: how many of the last steps to draw")
     args = p.parse_args(argv)
+    if args.timeline:
+        from .trace import draw_timeline
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        png = Path(args.out) / (Path(args.timeline).stem + "_timeline.png")
+        print(draw_timeline(args.timeline, str(png), args.steps) + f" -> {png}")
+        return 0
     paths = args.results or sorted(glob.glob("data/results/*.jsonl"))
     if not paths:
         print("tpimpi.report: error: no results files (run tpimpi.bench first)", file=sys.stderr)

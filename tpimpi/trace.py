@@ -147,3 +147,100 @@ def read(path: str) -> dict:
     with h5py.File(path, "r") as f:
         return {"steps": {k: f["steps"][k][()] for k in f["steps"]}, "events": f["events"][()],
                 "attrs": dict(f.attrs)}
+
+
+def predicted_events(tr: dict) -> tuple[list, float] | None:
+    """The cost model's events for the traced run (when it ran from a plan), and its s/token."""
+    from .config import ModelConfig
+    from .planner.costmodel import Mode, predict
+    from .planner.devices import Device
+
+    plan = tr["attrs"].get("plan")
+    if not plan:
+        return None
+    plan = json.loads(plan)
+    cfg = ModelConfig.from_dict(plan["config"])
+    devs = [Device.from_dict(d, "plan") for d in plan["device_figures"]]
+    pos = tr["steps"]["positions"]
+    prompt = int(pos[pos > 1].sum()) if (pos > 1).any() else 1
+    events: list = []
+    pred = predict(cfg, devs, [r["ratio"] for r in plan["ranks"]], [Mode.from_dict(r["mode"]) for r in plan["ranks"]],
+                   plan["dtype"], plan["allreduce"], prompt_tokens=prompt, new_tokens=int((pos == 1).sum()) + 1,
+                   max_seq=plan["max_seq"], chunk=plan["chunk"], io=plan.get("io", "cache"), events=events)
+    return events, pred.s_per_token
+
+
+COLORS = {"compute": "#4c72b0", "io_wait": "#c44e52", "allreduce": "#dd8452", "read": "#999999",
+          "master": "#55a868"}
+
+
+def _draw(ax, rows: dict, ranks: int, t0: float, title: str) -> None:
+    """rows: kind -> list of (rank, start s, end s)."""
+    for kind, spans in rows.items():
+        for r, a, b in spans:
+            y, h = (r - 0.38, 0.14) if kind == "read" else (r - 0.2, 0.55)
+            ax.broken_barh([((a - t0) * 1e3, max((b - a) * 1e3, 1e-3))], (y, h), color=COLORS[kind], linewidth=0)
+    ax.set_yticks(range(ranks), [f"rank {r}" for r in range(ranks)])
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=9)
+
+
+def measured_rows(tr: dict, steps: list[int]) -> tuple[dict, float]:
+    """kind -> (rank, start, end) spans of the chosen steps, and the first step's start."""
+    st, ev = tr["steps"], tr["events"]
+    kinds = tr["attrs"]["kinds"].split(",")
+    rows: dict = {k: [] for k in COLORS}
+    ranks = st["start"].shape[1]
+    for r in range(ranks):
+        for i in steps:
+            rows["compute"].append((r, st["start"][i, r], st["end"][i, r]))
+            if r == 0 and i + 1 < len(st["start"]):
+                rows["master"].append((0, st["end"][i, 0], st["start"][i + 1, 0]))
+    for rank, step, kind, a, b, _ in ev:
+        if step in steps:
+            name = kinds[kind]
+            if name in rows:
+                rows[name].append((int(rank), a / 1e9, b / 1e9))
+    return rows, float(st["start"][steps[0]].min())
+
+
+def draw_timeline(path: str, out: str, last: int = 2) -> str:
+    """A PNG of the trace's last `last` steps, one row per rank, and the prediction below it when the
+    run had a plan. Returns a one-paragraph text summary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    tr = read(path)
+    st = tr["steps"]
+    n, ranks = st["start"].shape
+    steps = list(range(max(0, n - last), n))
+    pred = predicted_events(tr)
+    fig, axes = plt.subplots(2 if pred else 1, 1, figsize=(11, 1.2 + 0.9 * ranks * (2 if pred else 1)),
+                             squeeze=False, sharex=True)
+    rows, t0 = measured_rows(tr, steps)
+    decode = st["positions"] == 1
+    per_tok = float(np.mean(np.diff(st["start"][:, 0][decode]))) if decode.sum() > 1 else float("nan")
+    _draw(axes[0][0], rows, ranks, t0, f"measured: steps {steps[0]}-{steps[-1]}, {per_tok:.4f} s/token")
+    text = [f"{path}: {n} steps, {ranks} ranks, measured {per_tok:.4f} s/token"]
+    if pred:
+        events, s_tok = pred
+        first = n - len(steps)
+        prow: dict = {k: [] for k in COLORS}
+        starts = [a for s, r, k, a, b in events if s == first]
+        for s, r, k, a, b in events:
+            if s >= first:
+                prow[k].append((r, a, b))
+        _draw(axes[1][0], prow, ranks, min(starts) if starts else 0.0, f"predicted by the cost model: {s_tok:.4f} s/token")
+        text.append(f"predicted {s_tok:.4f} s/token")
+    axes[-1][0].set_xlabel("ms")
+    labels = {"compute": "compute", "io_wait": "waiting for a read", "allreduce": "allreduce (and waiting for the "
+              "slowest rank)", "read": "reader thread reading", "master": "rank 0: head, sampling"}
+    fig.legend(handles=[Patch(color=COLORS[k], label=v) for k, v in labels.items()], loc="lower center", ncol=5,
+               fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return "; ".join(text)
