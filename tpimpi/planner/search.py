@@ -4,7 +4,8 @@ Shares are whole units out of UNITS (ratios for shard.py). For one device and u 
 cost is, from the cost model's parts: C (its blocks' compute) and R (reading its streamed blocks), with
 the memory mode the fastest that fits (everything resident, else a budget of the memory it may use, the
 rest streamed through a window). With A the communication of one token (2 x layers allreduces and
-rank 0's broadcasts, fixed once the number of ranks k, the slowest link and the algorithm are fixed):
+rank 0's broadcasts, fixed once the number of ranks k, the slowest link and the algorithm are fixed) plus
+rank 0's output head (every rank waits for it before the next token):
     cost(u) = max(C + A, R)   reading overlaps compute and allreduces (window >= 2)
               C + R + A       a window of 1 (no overlap)
 and a token takes the largest cost over the ranks (every allreduce waits for the slowest). For each
@@ -88,12 +89,19 @@ def share_cost(cfg, dev, rank: int, world: int, s: RankSlice, st: Settings) -> S
     mode, specs, mp = choose_mode(cfg, s, rank, world, dev, st)
     if mode is None:
         return Share(None, INF, INF, 0, mp.total)
-    kinds = ["attn", "mlp"] * cfg.n_layers + ["head"] * (len(specs) - 2 * cfg.n_layers)
-    c = sum(block_seconds(dev, st.dtype, k, _params(sp.layout)) for k, sp in zip(kinds, specs))
+    # layer blocks only: rank 0's head runs after the last layer while the others wait, so its time is
+    # added to every rank's cost (head_seconds), not to rank 0's alone
+    c = sum(block_seconds(dev, st.dtype, k, _params(sp.layout))
+            for k, sp in zip(["attn", "mlp"] * cfg.n_layers, specs[: 2 * cfg.n_layers]))
     streamed = sum(sp.layout.nbytes for b, sp in enumerate(specs) if b not in mp.resident)
     rate = dev.disk_cache_Bps if st.io in ("cache", "mmap") and streamed <= dev.mem_bytes - mp.total \
         else dev.disk_direct_Bps
     return Share(mode, c, streamed / rate, mp.window, mp.total)
+
+
+def head_seconds(cfg, dev, st: Settings) -> float:
+    """Rank 0's output head for one token on this device (one product over the vocabulary)."""
+    return block_seconds(dev, st.dtype, "head", cfg.vocab * cfg.hidden)
 
 
 def share_table(cfg, devices, st: Settings, units: int = UNITS) -> list[list[Share | None]]:
@@ -111,7 +119,8 @@ def comm_seconds(cfg, algo: str, k: int, latency: float, Bps: float) -> float:
 
 
 def cost_row(row: list, A: float) -> np.ndarray:
-    """cost(u) of one device for u = 0..units, given the communication A of a token (0 at u = 0)."""
+    """cost(u) of one device for u = 0..units, given A: the communication of a token plus rank 0's head,
+    which every rank waits for (0 at u = 0)."""
     out = np.zeros(len(row))
     for u, sh in enumerate(row[1:], 1):
         if sh.mode is None:
@@ -185,7 +194,7 @@ def search(cfg, devices, table, st: Settings, units: int = UNITS, forced: dict |
         for k in range(1, n + 1):
             for lat, bw in ([(0.0, INF)] if k == 1 else links):
                 lat_k, bw_k = (lat, bw) if k > 1 else (0.0, INF)
-                A = comm_seconds(cfg, algo, k, lat_k, bw_k)
+                A = comm_seconds(cfg, algo, k, lat_k, bw_k) + head_seconds(cfg, devices[0], st)
                 costs = np.zeros((n, units + 1))
                 for d in range(n):
                     costs[d] = cost_row(table[d], A)
@@ -219,7 +228,7 @@ def greedy(cfg, devices, table, st: Settings, units: int = UNITS) -> Candidate |
             return None
         out = None
         for algo in st.algos:
-            A = comm_seconds(cfg, algo, k, lat, bw)
+            A = comm_seconds(cfg, algo, k, lat, bw) + head_seconds(cfg, devices[0], st)
             obj = max(cost_row(table[d], A)[alloc[d]] for d in members)
             if out is None or obj < out.objective:
                 out = Candidate(obj, tuple(alloc), algo)
