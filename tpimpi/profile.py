@@ -60,12 +60,12 @@ def measure_links(comm) -> tuple[float, float]:
     return lat, bw
 
 
-def measure_device(comm, cfg, dtypes, threads: int, disk_dir: str) -> dict:
+def measure_device(comm, cfg, dtypes, threads: int, disk_dir: str, disk_bytes: int) -> dict:
     """This rank's figures (all ranks at once, as in a run, so ranks sharing a node share its cores)."""
     rates = {d: product_rates(cfg, comm.size, d) for d in dtypes}
     attn, mlp = block_overheads(cfg)
     try:
-        direct, cached, _ = disk_rates(disk_dir)
+        direct, cached, _ = disk_rates(disk_dir, disk_bytes)
     except OSError as e:
         raise TpimpiError(f"cannot measure the disk in {disk_dir!r} ({e.strerror or e}); pass --disk-dir") from None
     cores = len(os.sched_getaffinity(0))
@@ -83,6 +83,7 @@ def run(comm, argv=None) -> int:
     p.add_argument("--dtypes", default=",".join(PRODUCTS), help="storage formats to measure")
     p.add_argument("--threads", type=int, help="threads per rank (default: as a run: cores / local ranks)")
     p.add_argument("--disk-dir", help="a directory on the store's file system (default: $TPIMPI_CACHE)")
+    p.add_argument("--disk-mib", type=int, default=64, help="size of the temporary file the disk is read from")
     p.add_argument("--link-latency-ms", type=float, default=0.0, help="emulated link, as in the runs")
     p.add_argument("--link-bandwidth-mbps", type=float, default=0.0)
     args = p.parse_args(argv)
@@ -99,7 +100,9 @@ def run(comm, argv=None) -> int:
     threads = set_threads(args.threads)
     disk_dir = args.disk_dir or str(cache_root())
     comm.barrier()
-    mine = collective(comm, measure_device, comm, cfg, dtypes, threads, disk_dir)
+    if args.disk_mib < 1:
+        raise UsageError(f"--disk-mib {args.disk_mib} must be at least 1")
+    mine = collective(comm, measure_device, comm, cfg, dtypes, threads, disk_dir, args.disk_mib << 20)
     lat, bw = measure_links(comm)
     mine.update(link_latency_s=lat, link_Bps=None if comm.rank == 0 or bw == float("inf") else bw)
     if comm.rank != 0 and mine["link_Bps"] is None:

@@ -10,7 +10,8 @@ File layout (times in seconds from that barrier; [steps, ranks] arrays, a step =
 prompt's chunks first, then one per generated token):
     steps/start, steps/end            the forward pass on each rank (rank 0's head and sampling follow it)
     steps/compute_s, io_wait_s, allreduce_s    the pass split three ways (allreduce: waiting for the slowest
-                                      rank included)
+                                      rank included; rank 0's waits for head chunks, between passes, are
+                                      only in events)
     steps/bytes_read, bytes_sent      read by the window's reader; sent in allreduces and broadcasts
     steps/positions [steps]           prompt positions (or 1) of the pass
     events [n, 6]                     rank, step, kind, start ns, end ns, bytes (kinds: attrs["kinds"])
@@ -103,8 +104,9 @@ def summarize(per_rank: list[np.ndarray], algo: str, hidden: int) -> dict[str, n
             st = rows[(s == i) & (kind == STEP)][0]
             out["start"][i, r], out["end"][i, r] = st[2] / 1e9, st[3] / 1e9
             out["positions"][i] = st[4]
-            ar = (s == i) & (kind == ALLREDUCE)
-            io = (s == i) & (kind == IO_WAIT)
+            inside = (rows[:, 2] >= st[2]) & (rows[:, 3] <= st[3])  # rank 0's head waits fall between passes
+            ar = inside & (kind == ALLREDUCE)
+            io = inside & (kind == IO_WAIT)
             out["allreduce_s"][i, r] = dur[ar].sum()
             out["io_wait_s"][i, r] = dur[io].sum()
             out["compute_s"][i, r] = (st[3] - st[2]) / 1e9 - dur[ar].sum() - dur[io].sum()

@@ -118,6 +118,7 @@ def disk_rates(directory: str, nbytes: int = DISK_BYTES) -> tuple[float, float, 
     buf[:] = np.random.default_rng(0).integers(0, 255, DISK_CHUNK, dtype=np.uint8)
     fd, path = tempfile.mkstemp(prefix=f"tpimpi-profile-{os.getpid()}-", dir=directory)
     try:
+        nbytes = max(DISK_CHUNK, nbytes // DISK_CHUNK * DISK_CHUNK)
         for off in range(0, nbytes, DISK_CHUNK):
             os.pwrite(fd, buf, off)
         os.fsync(fd)
