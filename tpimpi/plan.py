@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -19,7 +20,9 @@ from .config import ModelConfig
 from .errors import TpimpiError, UsageError
 from .planner.devices import load_profile
 from .planner.planfile import resolve_model, write_plan
-from .planner.search import ALGOS, UNITS, Settings, greedy, realize, search, share_table
+from .memory import parse_size
+from .planner.costmodel import Mode
+from .planner.search import ALGOS, UNITS, Candidate, Settings, greedy, realize, search, share_table
 from .scheduler import IO_MODES
 from .shard import plan as split_plan
 from .store import DTYPES
@@ -27,20 +30,37 @@ from .store import DTYPES
 MiB = 1 << 20
 
 
-def make_plan(cfg, profile, st: Settings, units: int = UNITS, explain: bool = True) -> dict:
-    """The plan as the dict the plan file holds (plus 'greedy' and the reasons), from a profile."""
+def make_plan(cfg, profile, st: Settings, units: int = UNITS, explain: bool = True, devices_in=None,
+              ratios=None, modes=None) -> dict:
+    """The plan as the dict the plan file holds, from a profile: searched, or with the devices forced in
+    (devices_in: the others are left out), or a configuration given whole (ratios of devices_in, or of
+    every device; modes per rank or chosen) whose prediction is wanted."""
     devices = profile.devices
     for d in devices:
         if st.dtype not in d.matvec_Bps:
             raise UsageError(f"the profile has no {st.dtype} figures (profiled: {', '.join(d.matvec_Bps)}); "
                              f"profile again with --dtypes including {st.dtype}")
+    chosen = sorted(devices_in) if devices_in is not None else list(range(len(devices)))
+    if chosen[0] != 0 or chosen[-1] >= len(devices):
+        raise UsageError(f"--devices must include device 0 (the master) and name devices 0..{len(devices) - 1}")
     table = share_table(cfg, devices, st, units)
-    best = search(cfg, devices, table, st, units)
+    if ratios is not None:
+        if len(ratios) != len(chosen) or (modes is not None and len(modes) != len(chosen)):
+            raise UsageError(f"{len(chosen)} devices take part: give as many --ratios and --modes")
+        alloc = [0] * len(devices)
+        for d, r in zip(chosen, ratios):
+            alloc[d] = r
+        options = [Candidate(math.nan, tuple(alloc), a) for a in st.algos]
+        best = min(options, key=lambda c: realize(cfg, devices, c, st, modes)[2].s_per_token)
+        explain = False
+    else:
+        forced = {d: d in chosen for d in range(len(devices))} if devices_in is not None else None
+        best = search(cfg, devices, table, st, units, forced)
     if best is None:
         need = table[0][units].peak_bytes
         raise UsageError(f"no plan fits: even with every device taking part the master would need "
                          f"{need / MiB:.0f} MiB or some device cannot stream one block; use a smaller dtype")
-    members, modes, pred = realize(cfg, devices, best, st)
+    members, modes, pred = realize(cfg, devices, best, st, modes)
     g = greedy(cfg, devices, table, st, units)
     g_pred = realize(cfg, devices, g, st)[2] if g is not None else None
     reasons = {}
@@ -69,7 +89,8 @@ def make_plan(cfg, profile, st: Settings, units: int = UNITS, explain: bool = Tr
                       "predicted_peak_bytes": rp.peak_bytes, "mem_bytes": devices[d].mem_bytes,
                       "memory": rp.memory, "compute_s": rp.compute_s, "io_wait_s": rp.io_wait_s,
                       "allreduce_s": rp.allreduce_s, "read_bytes": rp.read_bytes, "io_hidden": rp.io_hidden,
-                      "reason": reasons.get(d, "the master (tokenizer, embedding, head; sees the prompt)")})
+                      "reason": reasons.get(d, "the master (tokenizer, embedding, head; sees the prompt)" if d == 0 else
+                                          "as given" if ratios is not None else "as searched")})
     return {
         "model": profile.model, "config": cfg.to_dict(), "dtype": st.dtype,
         "allreduce": best.algo, "ranks": ranks, "max_seq": st.max_seq, "chunk": st.chunk, "io": st.io,
@@ -131,6 +152,35 @@ def _mode(m: dict) -> str:
     return "resident"
 
 
+def _split(text: str, option: str) -> list[str]:
+    parts = text.split(",")
+    try:
+        if not all(float(x) > 0 for x in parts):
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"{option} {text!r} is not a comma-separated list of positive numbers") from None
+    return parts
+
+
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        return sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        raise UsageError(f"{option} {text!r} is not a comma-separated list of device numbers") from None
+
+
+def parse_mode(text: str) -> Mode:
+    """'resident', 'window:2' or 'budget:600M' -> Mode."""
+    kind, _, arg = text.partition(":")
+    if kind == "resident" and not arg:
+        return Mode("resident")
+    if kind == "window" and arg.isdigit() and int(arg) >= 1:
+        return Mode("window", window=int(arg))
+    if kind == "budget" and arg:
+        return Mode("budget", budget=parse_size(arg, "--modes budget"))
+    raise UsageError(f"--modes: {text!r} is not resident, window:W or budget:SIZE")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="tpimpi.plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", required=True, help="the cluster's profile (tpimpi.profile)")
@@ -143,6 +193,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-seq-len", type=int, default=1024, help="context the KV cache is sized for")
     p.add_argument("--prefill-chunk", type=int, default=256)
     p.add_argument("--io", choices=IO_MODES, default="cache")
+    p.add_argument("--devices", help="only these devices of the profile take part, e.g. 0,1,3 (all of them: "
+                   "the search then chooses only shares and modes)")
+    p.add_argument("--ratios", help="do not search: predict these shares of the devices taking part")
+    p.add_argument("--modes", help="with --ratios: each rank's memory mode, e.g. resident,window:2,budget:600M")
     p.add_argument("--out", help="write the plan file here")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     try:
@@ -157,7 +211,12 @@ def main(argv=None) -> int:
             cfg, label, _ = resolve_model(args.model)
         st = Settings(args.dtype, args.prompt_tokens, args.new_tokens, args.max_seq_len, args.prefill_chunk, args.io,
                       (args.allreduce,) if args.allreduce else ALGOS)
-        plan = make_plan(cfg, prof, st)
+        devices_in = _ints(args.devices, "--devices") if args.devices else None
+        ratios = [float(x) for x in _split(args.ratios, "--ratios")] if args.ratios else None
+        if args.modes and not ratios:
+            raise UsageError("--modes goes with --ratios (a searched plan chooses each rank's mode)")
+        modes = [parse_mode(m) for m in args.modes.split(",")] if args.modes else None
+        plan = make_plan(cfg, prof, st, devices_in=devices_in, ratios=ratios, modes=modes)
         plan["model"] = label
         plan["profile"] = args.profile
         if args.out:

@@ -326,6 +326,25 @@ def _allreduce_plot(plt, rows: list[dict]) -> list:
     return [("allreduce_vs_size.png", fig)]
 
 
+def plan_table(rows: list[dict]) -> str:
+    """Predicted beside measured for every run that followed a plan file (the latest of each label)."""
+    runs = latest([r for r in rows if r.get("predicted")], lambda r: (r.get("model"), r.get("label", "")))
+    if not runs:
+        return ""
+    out = ["| label | ranks | ratios | modes | predicted s/token | measured | error | predicted TTFT s | measured "
+           "| peak MiB predicted / measured (worst rank) | error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(runs.values(), key=lambda r: r.get("label", "")):
+        p = r["predicted"]
+        err = p["s_per_token"] / r["s_per_token"] - 1
+        mem = [(a / b - 1, a, b) for a, b in zip(r["predicted_bytes"], r["peak_rss_bytes"])]
+        worst = max(mem, key=lambda m: abs(m[0]))
+        modes = ",".join(m["kind"] + (f":{m['window']}" if m["kind"] == "window" else "") for m in r["plan_modes"])
+        out.append(f"| {r.get('label', '')} | {r['ranks']} | {','.join(f'{x:g}' for x in r['ratios'])} | {modes} | "
+                   f"{p['s_per_token']:.4f} | {r['s_per_token']:.4f} | {err:+.0%} | {p['ttft_s']:.3f} | "
+                   f"{r['ttft_s']:.3f} | {worst[1] / MiB:.0f} / {worst[2] / MiB:.0f} | {worst[0]:+.0%} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="tpimpi.report", description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="*", help="JSON-lines files (default: data/results/*.jsonl)")
@@ -355,6 +374,10 @@ def main(argv=None) -> int:
                   "Runs that stream every block through W buffers, then the resident run of the same model, ranks "
                   "and dtype (vs resident: s/token over its s/token). Peak RSS is the largest rank's; predicted is "
                   "rank 0's plan; prediction error is (predicted - measured) / measured.", "", wt]
+    if pt := plan_table(rows):
+        parts += ["", "## Planner: predicted against measured", "",
+                  "Runs with --plan-file (bench records the plan's prediction beside the measurement); error is "
+                  "(predicted - measured) / measured; peak: the rank with the largest error.", "", pt]
     if ar := allreduce_table(rows):
         parts += ["", "## Allreduce", "", ar]
     made = plots(rows, out)

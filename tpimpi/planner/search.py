@@ -246,19 +246,18 @@ def greedy(cfg, devices, table, st: Settings, units: int = UNITS) -> Candidate |
     return best
 
 
-def realize(cfg, devices, cand: Candidate, st: Settings) -> tuple[list[int], list[Mode], Prediction]:
+def realize(cfg, devices, cand: Candidate, st: Settings, modes=None) -> tuple[list[int], list[Mode], Prediction]:
     """The candidate as a run: its devices in profile order, shard.py's actual split of its ratios, each
-    rank's mode for its actual slice, and the full prediction."""
+    rank's mode for its actual slice (or the modes given), and the full prediction."""
     from ..shard import plan as split_plan
 
     members = [d for d, u in enumerate(cand.units) if u]
     ratios = [cand.units[d] for d in members]
     devs = [devices[d] for d in members]
     slices = split_plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, ratios)
-    modes = []
-    for r, (dev, s) in enumerate(zip(devs, slices)):
-        mode = choose_mode(cfg, s, r, len(devs), dev, st)[0]
-        modes.append(mode or Mode("window", window=1))
+    if modes is None:
+        modes = [choose_mode(cfg, s, r, len(devs), dev, st)[0] or Mode("window", window=1)
+                 for r, (dev, s) in enumerate(zip(devs, slices))]
     pred = predict(cfg, devs, ratios, modes, st.dtype, cand.algo, prompt_tokens=st.prompt_tokens,
                    new_tokens=st.new_tokens, max_seq=st.max_seq, chunk=st.chunk, io=st.io)
     return members, modes, pred
