@@ -36,7 +36,7 @@ CLUSTERS=(
 [ "$SMALL" = 1 ] && CLUSTERS=("${CLUSTERS[@]:0:2}")
 
 launch() {  # launch CORES MEM LINK NP -- COMMAND...: NP ranks under the cluster's emulation
-  local cores=$1 mem=$2 np=$3; shift 4
+  local cores=$1 mem=$2 np=$4; shift 5
   local wrap=(python -m tpimpi.cpulimit --cpu "$cores" --)
   [ "$mem" != - ] && wrap+=(python -m tpimpi.lowmem --limit "$mem" --)
   mpirun -np "$np" "${wrap[@]}" "$@"

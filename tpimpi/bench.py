@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--allreduce", choices=comm_mod.ALLREDUCE_ALGOS, default="star")
+    p.add_argument("--link-latency-ms", type=float, default=0.0, help="emulate a network link: latency per message")
+    p.add_argument("--link-bandwidth-mbps", type=float, default=0.0, help="emulate a network link: bandwidth")
     p.add_argument("--threads", type=int, help="threads per rank (default: cores / local ranks)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="storage dtype when a source has to be converted")
@@ -119,6 +121,7 @@ def bench_tpimpi(comm, args) -> dict | None:
     from .engine import Engine, collective, prepare_store, set_threads
 
     plan = apply_to_args(comm, args)
+    comm.link = comm_mod.Link.from_cli(args.link_latency_ms, args.link_bandwidth_mbps)
     args.max_seq_len = args.max_seq_len or 1024
     mem = MemoryOptions.from_args(args) if plan is None else plan.memory_options(comm.rank, args.io, args.compute)
     threads = set_threads(args.threads, "blas" if mem.compute == "float32" else "torch")
@@ -152,6 +155,7 @@ def bench_tpimpi(comm, args) -> dict | None:
         return None
     last, summary = runs[-1], summarize(runs)
     out = {"system": "tpimpi", "ranks": comm.size, "ratios": list(ratios), "allreduce": args.allreduce,
+           "link_latency_ms": args.link_latency_ms, "link_bandwidth_mbps": args.link_bandwidth_mbps,
            "threads": threads, "dtype": eng.store.dtype, "memory": last["memory"], "window": last["window"],
            "streamed_blocks": last["streamed_blocks"], "n_blocks": last["n_blocks"], "io": mem.io,
            "compute": mem.compute, "prompt_tokens": len(ids), "peak_rss_bytes": last["peak_rss_bytes"],

@@ -25,7 +25,7 @@ from .planner.costmodel import Mode
 from .planner.search import ALGOS, UNITS, Candidate, Settings, greedy, realize, search, share_table
 from .scheduler import IO_MODES
 from .shard import plan as split_plan
-from .store import DTYPES
+from .planner.costmodel import WEIGHT_BYTES
 
 MiB = 1 << 20
 
@@ -186,7 +186,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile", required=True, help="the cluster's profile (tpimpi.profile)")
     p.add_argument("--model", help="store, .gguf, Hugging Face directory or tpimpi.synth shape name "
                    "(default: the default model)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="storage dtype to plan for")
+    p.add_argument("--dtype", choices=list(WEIGHT_BYTES), default="float32", help="storage format to plan for "
+                   "(q8_0, q4_0, q4_1: predictions only, until the store lays them out)")
     p.add_argument("--allreduce", choices=ALGOS, help="plan with this algorithm only (default: the best)")
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length the TTFT is predicted for")
     p.add_argument("--new-tokens", type=int, default=32)

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..engine import memory_plan
+from ..errors import UsageError
 from ..shard import RankSlice
 from .costmodel import CTRL_BYTES, F32, Mode, Prediction, _params, allreduce_seconds, bcast_seconds, block_seconds, \
-    predict
+    layout_dtype, predict, rank_memory
 
 UNITS = 60
 ALGOS = ("star", "tree", "ring", "mpi")
@@ -71,13 +71,15 @@ def choose_mode(cfg, s: RankSlice, rank: int, world: int, dev, st: Settings):
     (as many resident blocks as fit, the rest streamed; reported as a window when none fit)."""
     usable = int(USABLE * dev.mem_bytes)
     res = Mode("resident")
-    specs, mp = memory_plan(cfg, s, rank, world, st.dtype, st.max_seq, res.options(st.chunk, st.io))
+    specs, mp, _ = rank_memory(cfg, s, rank, world, st.dtype, st.max_seq, res.options(st.chunk, st.io))
     if mp.total <= usable:
         return res, specs, mp
     mode = Mode("budget", budget=usable)
     try:
-        specs, mp = memory_plan(cfg, s, rank, world, st.dtype, st.max_seq, mode.options(st.chunk, st.io))
-    except Exception:  # even one streamed block does not fit
+        specs, mp, _ = rank_memory(cfg, s, rank, world, st.dtype, st.max_seq, mode.options(st.chunk, st.io))
+    except UsageError:  # even one streamed block does not fit
+        return None, specs, mp
+    if mp.total > usable:
         return None, specs, mp
     if not mp.resident:
         mode = Mode("window", window=mp.window)
@@ -93,7 +95,8 @@ def share_cost(cfg, dev, rank: int, world: int, s: RankSlice, st: Settings) -> S
     # added to every rank's cost (head_seconds), not to rank 0's alone
     c = sum(block_seconds(dev, st.dtype, k, _params(sp.layout))
             for k, sp in zip(["attn", "mlp"] * cfg.n_layers, specs[: 2 * cfg.n_layers]))
-    streamed = sum(sp.layout.nbytes for b, sp in enumerate(specs) if b not in mp.resident)
+    streamed = int(layout_dtype(st.dtype)[1] * sum(sp.layout.nbytes for b, sp in enumerate(specs)
+                                                 if b not in mp.resident))
     rate = dev.disk_cache_Bps if st.io in ("cache", "mmap") and streamed <= dev.mem_bytes - mp.total \
         else dev.disk_direct_Bps
     return Share(mode, c, streamed / rate, mp.window, mp.total)
@@ -218,8 +221,10 @@ def greedy(cfg, devices, table, st: Settings, units: int = UNITS) -> Candidate |
         k = len(members)
         lat, bw = (max(devices[d].link_latency_s for d in members[1:]), min(devices[d].link_Bps for d in members[1:])) \
             if k > 1 else (0.0, INF)
-        speed = {d: 1.0 / max(table[d][units].compute_s, 1e-12) for d in members}
+        speed = {d: 1.0 / max(table[d][1].compute_s, 1e-12) for d in members}  # inf compute: no room, speed 0
         total = sum(speed.values())
+        if total <= 0:
+            return None
         alloc = [0] * len(devices)
         for d in members:
             alloc[d] = max(1, round(units * speed[d] / total))
@@ -237,7 +242,7 @@ def greedy(cfg, devices, table, st: Settings, units: int = UNITS) -> Candidate |
     members = list(range(len(devices)))
     best = evaluate(members)
     while len(members) > 1:
-        slowest = max(members[1:], key=lambda d: table[d][units].compute_s)
+        slowest = max(members[1:], key=lambda d: table[d][1].compute_s)
         trial = evaluate([d for d in members if d != slowest])
         if trial is None or best is None or trial.objective >= best.objective:
             break
