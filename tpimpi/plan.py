@@ -22,7 +22,7 @@ from .planner.devices import load_profile
 from .planner.planfile import resolve_model, write_plan
 from .memory import parse_size
 from .planner.costmodel import Mode
-from .planner.search import ALGOS, UNITS, Candidate, Settings, greedy, realize, search, share_table
+from .planner.search import ALGOS, UNITS, Candidate, Settings, candidates, greedy, realize, share_table
 from .scheduler import IO_MODES
 from .shard import plan as split_plan
 from .planner.costmodel import WEIGHT_BYTES
@@ -35,7 +35,7 @@ def make_plan(cfg, profile, st: Settings, units: int = UNITS, explain: bool = Tr
     """The plan as the dict the plan file holds, from a profile: searched, or with the devices forced in
     (devices_in: the others are left out), or a configuration given whole (ratios of devices_in, or of
     every device; modes per rank or chosen) whose prediction is wanted."""
-    devices = profile.devices
+    devices, given = profile.devices, ratios is not None
     for d in devices:
         if st.dtype not in d.matvec_Bps:
             raise UsageError(f"the profile has no {st.dtype} figures (profiled: {', '.join(d.matvec_Bps)}); "
@@ -52,10 +52,10 @@ def make_plan(cfg, profile, st: Settings, units: int = UNITS, explain: bool = Tr
             alloc[d] = r
         options = [Candidate(math.nan, tuple(alloc), a) for a in st.algos]
         best = min(options, key=lambda c: realize(cfg, devices, c, st, modes)[2].s_per_token)
-        explain = False
+        reasons = {}
     else:
         forced = {d: d in chosen for d in range(len(devices))} if devices_in is not None else None
-        best = search(cfg, devices, table, st, units, forced)
+        best, pred, reasons = _best_of_pool(cfg, devices, table, st, units, forced, explain)
     if best is None:
         need = table[0][units].peak_bytes
         raise UsageError(f"no plan fits: even with every device taking part the master would need "
@@ -63,17 +63,6 @@ def make_plan(cfg, profile, st: Settings, units: int = UNITS, explain: bool = Tr
     members, modes, pred = realize(cfg, devices, best, st, modes)
     g = greedy(cfg, devices, table, st, units)
     g_pred = realize(cfg, devices, g, st)[2] if g is not None else None
-    reasons = {}
-    if explain:
-        for d in range(1, len(devices)):
-            alt = search(cfg, devices, table, st, units, forced={d: d not in members})
-            other = realize(cfg, devices, alt, st)[2].s_per_token if alt else None
-            if d in members:
-                reasons[d] = (f"{pred.s_per_token:.4g} s/token with it, "
-                              + (f"{other:.4g} without" if other else "no plan fits without it"))
-            else:
-                reasons[d] = (f"{pred.s_per_token:.4g} s/token without it, "
-                              + (f"{other:.4g} with it at its best share" if other else "it cannot hold a share"))
     ratios = [best.units[d] for d in members]
     slices = split_plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, ratios)
     hosts = [devices[d].host for d in members]
@@ -90,7 +79,7 @@ def make_plan(cfg, profile, st: Settings, units: int = UNITS, explain: bool = Tr
                       "memory": rp.memory, "compute_s": rp.compute_s, "io_wait_s": rp.io_wait_s,
                       "allreduce_s": rp.allreduce_s, "read_bytes": rp.read_bytes, "io_hidden": rp.io_hidden,
                       "reason": reasons.get(d, "the master (tokenizer, embedding, head; sees the prompt)" if d == 0 else
-                                          "as given" if ratios is not None else "as searched")})
+                                          "as given" if given else "as searched")})
     return {
         "model": profile.model, "config": cfg.to_dict(), "dtype": st.dtype,
         "allreduce": best.algo, "ranks": ranks, "max_seq": st.max_seq, "chunk": st.chunk, "io": st.io,
@@ -103,6 +92,39 @@ def make_plan(cfg, profile, st: Settings, units: int = UNITS, explain: bool = Tr
         "mpirun": mpirun,
         "device_figures": [devices[d].to_dict() for d in members],  # for predictions beside traces
     }
+
+
+POOL = 6  # optima of the search predicted in full (and 3 for each device forced in or out)
+
+
+def _best_of_pool(cfg, devices, table, st: Settings, units: int, forced, explain: bool):
+    """(best candidate, its prediction, reasons per device): the search's best optima, and with explain
+    each device forced in and out, predicted in full; the plan is the best prediction among them."""
+    pool = candidates(cfg, devices, table, st, units, forced)[:POOL]
+    if explain and forced is None:
+        for d in range(1, len(devices)):
+            for f in (True, False):
+                pool += candidates(cfg, devices, table, st, units, {d: f})[:3]
+    preds = {}
+    for c in pool:
+        if (c.units, c.algo) not in preds:
+            preds[(c.units, c.algo)] = (c, realize(cfg, devices, c, st)[2])
+    fitting = [(c, p) for c, p in preds.values() if p.fits]
+    if not fitting:
+        return None, None, {}
+    best, pred = min(fitting, key=lambda cp: (cp[1].s_per_token, cp[1].ttft_s))
+    reasons = {}
+    if explain:
+        for d in range(1, len(devices)):
+            alt = [p.s_per_token for c, p in fitting if (c.units[d] > 0) != (best.units[d] > 0)]
+            other = min(alt) if alt else None
+            if best.units[d]:
+                reasons[d] = f"{pred.s_per_token:.4g} s/token with it, " + (
+                    f"{other:.4g} without" if other else "no plan fits without it")
+            else:
+                reasons[d] = f"{pred.s_per_token:.4g} s/token without it, " + (
+                    f"{other:.4g} with it at its best share" if other else "it cannot hold a share")
+    return best, pred, reasons
 
 
 def _equal(cfg, devices, algo, st: Settings) -> float | None:

@@ -11,9 +11,14 @@ rank 0's output head (every rank waits for it before the next token):
 and a token takes the largest cost over the ranks (every allreduce waits for the slowest). For each
 algorithm, k and slowest link, a dynamic program over devices finds the units minimising that largest
 cost exactly (min over u of max(best of the devices before, cost of this one)), with the master (device 0:
-it holds the tokenizer and the head, and sees the prompt) always in. The best of these is then predicted
-in full by costmodel.predict with shard.py's split of those ratios. A greedy heuristic (shares in
-proportion to speed, then dropping the slowest device while that helps) is kept as a cross-check.
+it holds the tokenizer and the head, and sees the prompt) always in.
+
+The min-max objective is exact when the slowest rank is the same in every block. The token time is in
+fact a sum over blocks of the slowest rank in each (an attention block's fixed cost may differ from an
+MLP block's from device to device), so the best few optima of every combination, and of every device
+forced in and out, are predicted in full by costmodel.predict with shard.py's split of their ratios,
+and the plan is the best of those predictions. A greedy heuristic (shares in proportion to speed, then
+dropping the slowest device while that helps) is kept as a cross-check.
 """
 
 from __future__ import annotations
@@ -186,32 +191,38 @@ class Candidate:
     algo: str
 
 
-def search(cfg, devices, table, st: Settings, units: int = UNITS, forced: dict | None = None) -> Candidate | None:
-    """The exact optimum of the min-max objective over devices, shares, k, slowest link and algorithm.
-    forced: {device: True (must take part) or False (must not)}."""
+def candidates(cfg, devices, table, st: Settings, units: int = UNITS, forced: dict | None = None) -> list[Candidate]:
+    """The exact optimum of the min-max objective for every algorithm, rank count k and slowest link,
+    best first (distinct allocations). forced: {device: True (must take part) or False (must not)}."""
     n = len(devices)
     forced = forced or {}
     links = sorted({(d.link_latency_s, d.link_Bps) for d in devices[1:]})
-    best = None
+    found: dict = {}
     for algo in st.algos:
         for k in range(1, n + 1):
             for lat, bw in ([(0.0, INF)] if k == 1 else links):
-                lat_k, bw_k = (lat, bw) if k > 1 else (0.0, INF)
-                A = comm_seconds(cfg, algo, k, lat_k, bw_k) + head_seconds(cfg, devices[0], st)
+                A = comm_seconds(cfg, algo, k, lat, bw) + head_seconds(cfg, devices[0], st)
                 costs = np.zeros((n, units + 1))
                 for d in range(n):
                     costs[d] = cost_row(table[d], A)
-                    slower = devices[d].link_latency_s > lat_k or devices[d].link_Bps < bw_k
+                    slower = devices[d].link_latency_s > lat or devices[d].link_Bps < bw
                     if d > 0 and (slower or forced.get(d) is False):
                         costs[d][1:] = INF
                     if d == 0 or forced.get(d) is True:
                         costs[d][0] = INF
                 obj, alloc = minmax_dp(costs, k, units)
-                if alloc and (best is None or obj < best.objective - 1e-12):
-                    best = Candidate(obj, tuple(alloc), algo)
+                key = (tuple(alloc), algo)
+                if alloc and (key not in found or obj < found[key].objective):
+                    found[key] = Candidate(obj, tuple(alloc), algo)
         if n == 1:
             break
-    return best
+    return sorted(found.values(), key=lambda c: c.objective)
+
+
+def search(cfg, devices, table, st: Settings, units: int = UNITS, forced: dict | None = None) -> Candidate | None:
+    """The exact optimum of the min-max objective over devices, shares, k, slowest link and algorithm."""
+    found = candidates(cfg, devices, table, st, units, forced)
+    return found[0] if found else None
 
 
 def greedy(cfg, devices, table, st: Settings, units: int = UNITS) -> Candidate | None:
