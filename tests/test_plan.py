@@ -125,7 +125,7 @@ def test_plan_file_sets_the_run_and_refuses_options_it_decides(tmp_path):
     args = argparse.Namespace(plan_file=path, ratios=None, resident=False, window=None, mem_budget=None,
                               dtype="bfloat16", allreduce="ring", max_seq_len=None)
     p = apply_to_args(comm_mod.SerialComm(), args)
-    assert (args.ratios, args.dtype, args.allreduce, args.max_seq_len) == ("60.0", "float32", plan["allreduce"], 256)
+    assert (args.ratios, args.dtype, args.allreduce, args.max_seq_len) == (None, "float32", plan["allreduce"], 256)
     assert p.memory_options(0).resident
     args = argparse.Namespace(plan_file=path, ratios="1", resident=True, window=None, mem_budget=None)
     with pytest.raises(UsageError, match="drop --ratios, --resident"):
@@ -143,3 +143,29 @@ def test_profile_file_is_checked(tmp_path):
     path.write_text(json.dumps(d))
     with pytest.raises(UsageError, match="positive"):
         load_profile(path)
+
+
+def test_a_store_split_otherwise_is_refused(tiny_gguf, tmp_path):
+    from tpimpi.convert import convert
+    from tpimpi.planner.planfile import check_store
+    from tpimpi.store import load_manifest
+
+    store = convert(tiny_gguf, tmp_path / "s2", 2, ratios="1,1", quiet=True)
+    cfg = load_manifest(store)["config"]
+    for ratios, ok in (([1, 1], True), ([30, 30], True), ([40, 20], False)):
+        plan = make_plan(cfg, Profile((dev(1.0), dev(1.0))), Settings(max_seq=64), explain=False, ratios=ratios)
+        write_plan(str(tmp_path / "p.json"), plan)
+        p = load_plan(str(tmp_path / "p.json"))
+        if ok:
+            check_store(p, str(store))
+        else:
+            with pytest.raises(UsageError, match="split it with: python -m tpimpi.convert SOURCE --plan-file"):
+                check_store(p, str(store))
+    with pytest.raises(UsageError, match="is for 2 ranks"):
+        check_store(load_plan(write_one(tmp_path, cfg)), str(convert(tiny_gguf, tmp_path / "s1", 1, quiet=True)))
+
+
+def write_one(tmp_path, cfg) -> str:
+    path = str(tmp_path / "p2.json")
+    write_plan(path, make_plan(cfg, Profile((dev(1.0), dev(1.0))), Settings(max_seq=64), explain=False, ratios=[1, 1]))
+    return path

@@ -144,7 +144,8 @@ def apply_to_args(comm, args) -> PlanFile | None:
                             ("--mem-budget", getattr(args, "mem_budget", None))) if v]
     if clash:
         raise UsageError(f"--plan-file sets every rank's share and memory mode; drop {', '.join(clash)}")
-    args.ratios = ",".join(repr(r) for r in plan.ratios)
+    # equal shares are no ratios at all: the same split, and the store cached for it
+    args.ratios = None if len(set(plan.ratios)) == 1 else ",".join(repr(r) for r in plan.ratios)
     args.dtype, args.allreduce = plan.dtype, plan.allreduce
     if getattr(args, "max_seq_len", None) is None:
         args.max_seq_len = plan.max_seq
@@ -155,9 +156,14 @@ def check_store(plan: PlanFile, path: str) -> None:
     """The store about to run was made for this plan: same model, split and dtype."""
     from ..store import load_manifest
 
+    from ..shard import plan as split_plan
+
     m = load_manifest(path)
     plan.check(len(m["ratios"]), m["config"])
-    if tuple(m["ratios"]) != plan.ratios or m["dtype"] != plan.dtype:
+    cfg = m["config"]
+    same = split_plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, m["ratios"]) == \
+        split_plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, plan.ratios)
+    if not same or m["dtype"] != plan.dtype:
         raise UsageError(f"store {path!r} is split with ratios {m['ratios']} in {m['dtype']}, the plan asks "
                          f"{list(plan.ratios)} in {plan.dtype}; split it with: python -m tpimpi.convert SOURCE "
                          f"--plan-file {plan.path}")
