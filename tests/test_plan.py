@@ -48,7 +48,8 @@ def test_minmax_dp_matches_brute_force():
 
 def test_search_matches_brute_force_over_devices_shares_links_and_algorithms():
     units = 6
-    devices = [dev(1.0), dev(0.5, lat=2e-3, bw=1e7), dev(0.2), dev(1.0, lat=5e-4, bw=5e7)]
+    # links where the slowest latency and the lowest bandwidth belong to different devices
+    devices = [dev(1.0), dev(0.5, lat=2e-3, bw=1e8), dev(0.2, lat=1e-4, bw=1e7), dev(1.0, lat=5e-4, bw=5e7)]
     table = share_table(CFG, devices, ST, units)
     best = search(CFG, devices, table, ST, units)
     brute = INF
@@ -64,6 +65,8 @@ def test_search_matches_brute_force_over_devices_shares_links_and_algorithms():
     assert best.objective == pytest.approx(brute, rel=1e-12)
     g = greedy(CFG, devices, table, ST, units)
     assert g.objective >= best.objective - 1e-12  # the heuristic never beats the exact search
+    forced = search(CFG, devices, table, ST, units, {d: True for d in range(4)})  # all in: the mixed link
+    assert forced is not None and all(forced.units)
 
 
 def test_a_slower_device_gets_a_smaller_share_and_beats_equal_shares():

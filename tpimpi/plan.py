@@ -43,7 +43,7 @@ def make_plan(cfg, profile, st: Settings, units: int = UNITS, explain: bool = Tr
     chosen = sorted(devices_in) if devices_in is not None else list(range(len(devices)))
     if chosen[0] != 0 or chosen[-1] >= len(devices):
         raise UsageError(f"--devices must include device 0 (the master) and name devices 0..{len(devices) - 1}")
-    table = share_table(cfg, devices, st, units)
+    table = share_table(cfg, devices, st, units) if not given else None
     if ratios is not None:
         if len(ratios) != len(chosen) or (modes is not None and len(modes) != len(chosen)):
             raise UsageError(f"{len(chosen)} devices take part: give as many --ratios and --modes")
@@ -57,11 +57,12 @@ def make_plan(cfg, profile, st: Settings, units: int = UNITS, explain: bool = Tr
         forced = {d: d in chosen for d in range(len(devices))} if devices_in is not None else None
         best, pred, reasons = _best_of_pool(cfg, devices, table, st, units, forced, explain)
     if best is None:
-        need = table[0][units].peak_bytes
-        raise UsageError(f"no plan fits: even with every device taking part the master would need "
-                         f"{need / MiB:.0f} MiB or some device cannot stream one block; use a smaller dtype")
+        need = table[0][units].peak_bytes if table else 0
+        raise UsageError(f"no plan fits{' the devices asked for' if devices_in is not None else ''}: the master "
+                         f"would need {need / MiB:.0f} MiB even with the smallest share, or a device cannot stream "
+                         f"one block; use a smaller dtype or more devices")
     members, modes, pred = realize(cfg, devices, best, st, modes)
-    g = greedy(cfg, devices, table, st, units)
+    g = greedy(cfg, devices, table, st, units) if table else None
     g_pred = realize(cfg, devices, g, st)[2] if g is not None else None
     ratios = [best.units[d] for d in members]
     slices = split_plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, ratios)
@@ -151,7 +152,9 @@ def describe(plan: dict, cfg) -> str:
              f"{p['ttft_s']:.3f} s, {p['s_per_token']:.4f} s/token"
              + (f" (equal shares on all devices: {p['equal_shares_s_per_token']:.4f}" if p["equal_shares_s_per_token"]
                 else " (equal shares on all devices: does not fit")
-             + (f"; greedy cross-check: {p['greedy_s_per_token']:.4f})" if p["greedy_s_per_token"] else ")")]
+             + (f"; greedy cross-check: {p['greedy_s_per_token']:.4f})" if p["greedy_s_per_token"] else ")")
+             + ("" if p["s_per_token"] <= (p["greedy_s_per_token"] or math.inf) + 1e-9 else
+                " -- the greedy heuristic found a faster plan than the search: please report this")]
     for r in plan["ranks"]:
         lines.append(
             f"rank {r['rank']} = device {r['device']} ({r['host']}): ratio {r['ratio']:g}, heads {r['heads'][0]}-"

@@ -196,11 +196,11 @@ def candidates(cfg, devices, table, st: Settings, units: int = UNITS, forced: di
     best first (distinct allocations). forced: {device: True (must take part) or False (must not)}."""
     n = len(devices)
     forced = forced or {}
-    links = sorted({(d.link_latency_s, d.link_Bps) for d in devices[1:]})
     found: dict = {}
+    links = link_sets(devices)
     for algo in st.algos:
         for k in range(1, n + 1):
-            for lat, bw in ([(0.0, INF)] if k == 1 else links):
+            for lat, bw in ([(0.0, INF)] if k == 1 else [lb for s, lb in links.items() if len(s) >= k - 1]):
                 A = comm_seconds(cfg, algo, k, lat, bw) + head_seconds(cfg, devices[0], st)
                 costs = np.zeros((n, units + 1))
                 for d in range(n):
@@ -217,6 +217,20 @@ def candidates(cfg, devices, table, st: Settings, units: int = UNITS, forced: di
         if n == 1:
             break
     return sorted(found.values(), key=lambda c: c.objective)
+
+
+def link_sets(devices) -> dict:
+    """{workers allowed: (their slowest latency, their lowest bandwidth)} for every (latency, bandwidth)
+    threshold the workers' links define: any set of workers has its slowest link among these."""
+    lats = {d.link_latency_s for d in devices[1:]}
+    bws = {d.link_Bps for d in devices[1:]}
+    out = {}
+    for lat in lats:
+        for bw in bws:
+            ok = frozenset(i for i, d in enumerate(devices) if i and d.link_latency_s <= lat and d.link_Bps >= bw)
+            if ok:
+                out[ok] = (max(devices[i].link_latency_s for i in ok), min(devices[i].link_Bps for i in ok))
+    return out
 
 
 def search(cfg, devices, table, st: Settings, units: int = UNITS, forced: dict | None = None) -> Candidate | None:
