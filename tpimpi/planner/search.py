@@ -1,7 +1,7 @@
 """Which devices take part, with what share, memory mode and allreduce: an exact search.
 
 Shares are whole units out of UNITS (ratios for shard.py). For one device and u units the per-token
-cost is, from the cost model's parts: C (its blocks' compute) and R (reading its streamed blocks), with
+cost is, from the cost model's parts: C (its layer blocks' compute) and R (reading its streamed blocks), with
 the memory mode the fastest that fits (everything resident, else a budget of the memory it may use, the
 rest streamed through a window). With A the communication of one token (2 x layers allreduces and
 rank 0's broadcasts, fixed once the number of ranks k, the slowest link and the algorithm are fixed) plus
@@ -18,7 +18,9 @@ fact a sum over blocks of the slowest rank in each (an attention block's fixed c
 MLP block's from device to device), so the best few optima of every combination, and of every device
 forced in and out, are predicted in full by costmodel.predict with shard.py's split of their ratios,
 and the plan is the best of those predictions. A greedy heuristic (shares in proportion to speed, then
-dropping the slowest device while that helps) is kept as a cross-check.
+dropping the slowest device while that helps) is printed as a cross-check, and its plan is predicted with
+the others. Links: for every (slowest latency, lowest bandwidth) the workers' links define, only workers
+within it may take part, and the communication is costed at it (link_sets).
 """
 
 from __future__ import annotations
