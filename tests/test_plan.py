@@ -13,8 +13,18 @@ from tpimpi.errors import UsageError
 from tpimpi.plan import describe, make_plan
 from tpimpi.planner.devices import Device, Profile, load_profile
 from tpimpi.planner.planfile import apply_to_args, load_plan, write_plan
-from tpimpi.planner.search import INF, Settings, brute_force, comm_seconds, cost_row, greedy, head_seconds, \
-    minmax_dp, search, share_table
+from tpimpi.planner.search import (
+    INF,
+    Settings,
+    brute_force,
+    comm_seconds,
+    cost_row,
+    greedy,
+    head_seconds,
+    minmax_dp,
+    search,
+    share_table,
+)
 from tpimpi.synth import shape_config
 
 CFG = shape_config("smollm2-135m", layers=4)

@@ -5,8 +5,16 @@ import math
 import pytest
 
 from tpimpi.engine import memory_plan
-from tpimpi.planner.costmodel import Mode, allreduce_seconds, bcast_seconds, block_seconds, bytes_sent, predict, \
-    simulate, steady_condition
+from tpimpi.planner.costmodel import (
+    Mode,
+    allreduce_seconds,
+    bcast_seconds,
+    block_seconds,
+    bytes_sent,
+    predict,
+    simulate,
+    steady_condition,
+)
 from tpimpi.planner.devices import Device
 from tpimpi.shard import plan as split_plan
 from tpimpi.synth import shape_config

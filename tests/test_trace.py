@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from harness import NoStopTokenizer
+
 from tpimpi import comm as comm_mod
 from tpimpi import trace
 from tpimpi.convert import convert

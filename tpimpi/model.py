@@ -10,6 +10,7 @@ import torch
 from . import layers
 from .config import ModelConfig
 from .shard import RankSlice
+from .trace import ALLREDUCE
 
 
 class RankModel:
@@ -65,4 +66,4 @@ class RankModel:
         t1 = time.perf_counter()
         self.t_comm += t1 - t
         if self.trace is not None:
-            self.trace.add(1, t, t1, nbytes)  # trace.ALLREDUCE
+            self.trace.add(ALLREDUCE, t, t1, nbytes)

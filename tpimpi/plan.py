@@ -18,14 +18,13 @@ import time
 
 from .config import ModelConfig
 from .errors import TpimpiError, UsageError
+from .memory import parse_size
+from .planner.costmodel import WEIGHT_BYTES, Mode
 from .planner.devices import load_profile
 from .planner.planfile import resolve_model, write_plan
-from .memory import parse_size
-from .planner.costmodel import Mode
 from .planner.search import ALGOS, UNITS, Candidate, Settings, candidates, greedy, realize, share_table
 from .scheduler import IO_MODES
 from .shard import plan as split_plan
-from .planner.costmodel import WEIGHT_BYTES
 
 MiB = 1 << 20
 
@@ -134,8 +133,8 @@ def _best_of_pool(cfg, devices, table, st: Settings, units: int, forced, explain
 
 def _equal(cfg, devices, algo, st: Settings) -> float | None:
     """Every device with an equal share, for comparison (None if that does not fit)."""
+    from .planner.costmodel import predict
     from .planner.search import choose_mode
-    from .planner.costmodel import Mode, predict
 
     n = len(devices)
     slices = split_plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, [1] * n)
@@ -237,7 +236,11 @@ def main(argv=None) -> int:
             cfg, label = ModelConfig.from_dict(prof.config), prof.model
         else:
             cfg, label, _ = resolve_model(args.model)
-        st = Settings(args.dtype, args.prompt_tokens, args.new_tokens, args.max_seq_len, args.prefill_chunk, args.io,
+        max_seq = min(args.max_seq_len, cfg.max_context)
+        if args.prompt_tokens + args.new_tokens > max_seq:
+            raise UsageError(f"{args.prompt_tokens} prompt and {args.new_tokens} new tokens do not fit a context "
+                             f"of {max_seq}")
+        st = Settings(args.dtype, args.prompt_tokens, args.new_tokens, max_seq, args.prefill_chunk, args.io,
                       (args.allreduce,) if args.allreduce else ALGOS)
         devices_in = _ints(args.devices, "--devices") if args.devices else None
         ratios = [float(x) for x in _split(args.ratios, "--ratios")] if args.ratios else None

@@ -18,13 +18,14 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from . import comm as comm_mod
 from .engine import available_memory, collective, set_threads
 from .errors import TpimpiError, UsageError
-from .models import cache_root
+from .models import cache_root, is_store
 from .planner.devices import Device, Profile
 from .planner.measure import PRODUCTS, block_overheads, disk_rates, product_rates
 from .planner.planfile import resolve_model
@@ -82,7 +83,8 @@ def run(comm, argv=None) -> int:
     p.add_argument("--out", default="cluster.json", help="where rank 0 writes the profile")
     p.add_argument("--dtypes", default=",".join(PRODUCTS), help="storage formats to measure")
     p.add_argument("--threads", type=int, help="threads per rank (default: as a run: cores / local ranks)")
-    p.add_argument("--disk-dir", help="a directory on the store's file system (default: $TPIMPI_CACHE)")
+    p.add_argument("--disk-dir", help="a directory on the store's file system (default: the store given as "
+                   "--model, else $TPIMPI_CACHE, where converted stores go)")
     p.add_argument("--disk-mib", type=int, default=64, help="size of the temporary file the disk is read from")
     p.add_argument("--link-latency-ms", type=float, default=0.0, help="emulated link, as in the runs")
     p.add_argument("--link-bandwidth-mbps", type=float, default=0.0)
@@ -98,7 +100,7 @@ def run(comm, argv=None) -> int:
 
     cfg = ModelConfig.from_dict(json.loads(comm.bcast_bytes(cfg_json.encode()).decode()))
     threads = set_threads(args.threads)
-    disk_dir = args.disk_dir or str(cache_root())
+    disk_dir = args.disk_dir or (args.model if args.model and is_store(Path(args.model)) else str(cache_root()))
     comm.barrier()
     if args.disk_mib < 1:
         raise UsageError(f"--disk-mib {args.disk_mib} must be at least 1")

@@ -24,6 +24,7 @@ import torch
 
 from .errors import StoreError
 from .store import ALIGN, DTYPES, BlockLayout, BlockSpec, RankStore
+from .trace import IO_WAIT
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IO_MODES = ("cache", "mmap", "direct", "dontneed")
@@ -190,7 +191,7 @@ class BlockScheduler:
                 t1 = time.perf_counter()
                 self.io_wait_s += t1 - t
                 if self.trace is not None:
-                    self.trace.add(2, t, t1, self.specs[b].layout.nbytes)  # trace.IO_WAIT
+                    self.trace.add(IO_WAIT, t, t1, self.specs[b].layout.nbytes)
             if self._reader.error is not None:
                 raise self._reader.error
             buf = self._maps[slot] if self._reader.io == "mmap" else self._bufs[slot][1]

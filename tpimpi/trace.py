@@ -235,7 +235,8 @@ def draw_timeline(path: str, out: str, last: int = 2) -> str:
         for s, r, k, a, b in events:
             if s >= first:
                 prow[k].append((r, a, b))
-        _draw(axes[1][0], prow, ranks, min(starts) if starts else 0.0, f"predicted by the cost model: {s_tok:.4f} s/token")
+        _draw(axes[1][0], prow, ranks, min(starts) if starts else 0.0,
+              f"predicted by the cost model: {s_tok:.4f} s/token")
         text.append(f"predicted {s_tok:.4f} s/token")
     axes[-1][0].set_xlabel("ms")
     labels = {"compute": "compute", "io_wait": "waiting for a read", "allreduce": "allreduce (and waiting for the "

@@ -72,7 +72,8 @@ class PlanFile:
         if cfg is not None and cfg.to_dict() != self.config:
             mine, theirs = _shape(cfg.to_dict()), _shape(self.config)
             raise UsageError(f"plan file {self.path!r} was made for {self.model!r} ({theirs}), not this model "
-                             f"({mine}); make a plan for it with: python -m tpimpi.plan --profile PROFILE --model MODEL")
+                             f"({mine}); make a plan for it with: "
+                             f"python -m tpimpi.plan --profile PROFILE --model MODEL")
 
 
 def _shape(c: dict) -> str:
@@ -154,9 +155,8 @@ def apply_to_args(comm, args) -> PlanFile | None:
 
 def check_store(plan: PlanFile, path: str) -> None:
     """The store about to run was made for this plan: same model, split and dtype."""
-    from ..store import load_manifest
-
     from ..shard import plan as split_plan
+    from ..store import load_manifest
 
     m = load_manifest(path)
     plan.check(len(m["ratios"]), m["config"])

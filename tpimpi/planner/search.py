@@ -32,8 +32,19 @@ import numpy as np
 
 from ..errors import UsageError
 from ..shard import RankSlice
-from .costmodel import CTRL_BYTES, F32, Mode, Prediction, _params, allreduce_seconds, bcast_seconds, block_seconds, \
-    layout_dtype, predict, rank_memory
+from .costmodel import (
+    CTRL_BYTES,
+    F32,
+    Mode,
+    Prediction,
+    _params,
+    allreduce_seconds,
+    bcast_seconds,
+    block_seconds,
+    layout_dtype,
+    predict,
+    rank_memory,
+)
 
 UNITS = 60
 ALGOS = ("star", "tree", "ring", "mpi")
