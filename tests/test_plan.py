@@ -136,9 +136,10 @@ def test_plan_file_sets_the_run_and_refuses_options_it_decides(tmp_path):
     path = str(tmp_path / "plan.json")
     write_plan(path, plan)
     args = argparse.Namespace(plan_file=path, ratios=None, resident=False, window=None, mem_budget=None,
-                              dtype="bfloat16", allreduce="ring", max_seq_len=None)
+                              dtype="bfloat16", allreduce="ring", max_seq_len=None, threads=None)
     p = apply_to_args(comm_mod.SerialComm(), args)
     assert (args.ratios, args.dtype, args.allreduce, args.max_seq_len) == (None, "float32", plan["allreduce"], 256)
+    assert args.threads == 1  # the thread count the device was profiled with
     assert p.memory_options(0).resident
     args = argparse.Namespace(plan_file=path, ratios="1", resident=True, window=None, mem_budget=None)
     with pytest.raises(UsageError, match="drop --ratios, --resident"):

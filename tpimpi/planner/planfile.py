@@ -134,8 +134,10 @@ def _read_text(path: str) -> str:
 
 
 def apply_to_args(comm, args) -> PlanFile | None:
-    """For an entry point's --plan-file: read and check the plan against the launched ranks, refuse
-    options it decides, and set the ratios, dtype, allreduce and context from it. None without one."""
+    """For an entry point's --plan-file (generate, bench, and the server's): read and check the plan
+    against the launched ranks, refuse options it decides, and set the ratios, dtype, allreduce, context
+    and (unless given) this rank's threads from it; the caller then takes each rank's memory options from
+    plan.memory_options(rank) and checks the store with check_store. None without --plan-file."""
     if not getattr(args, "plan_file", None):
         return None
     plan = read_on_rank0(comm, args.plan_file)
@@ -148,6 +150,11 @@ def apply_to_args(comm, args) -> PlanFile | None:
     # equal shares are no ratios at all: the same split, and the store cached for it
     args.ratios = None if len(set(plan.ratios)) == 1 else ",".join(repr(r) for r in plan.ratios)
     args.dtype, args.allreduce = plan.dtype, plan.allreduce
+    figures = plan.raw.get("device_figures") or []
+    if getattr(args, "threads", None) is None and len(figures) == plan.world:
+        # the device was profiled with this many threads: with others (e.g. fewer ranks now share the
+        # node) its figures, and so the plan, would not hold
+        args.threads = int(figures[comm.rank].get("threads", 0)) or None
     if getattr(args, "max_seq_len", None) is None:
         args.max_seq_len = plan.max_seq
     return plan
