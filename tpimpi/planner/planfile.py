@@ -69,15 +69,24 @@ class PlanFile:
             raise UsageError(f"plan file {self.path!r} is for {self.world} ranks (devices "
                              f"{', '.join(map(str, self.devices))} of its profile), launched with {world}; "
                              f"launch it as the plan says: {self.mpirun} ...")
-        if cfg is not None and cfg.to_dict() != self.config:
+        if cfg is not None and _key(cfg.to_dict()) != _key(self.config):
             mine, theirs = _shape(cfg.to_dict()), _shape(self.config)
             raise UsageError(f"plan file {self.path!r} was made for {self.model!r} ({theirs}), not this model "
                              f"({mine}); make a plan for it with: "
                              f"python -m tpimpi.plan --profile PROFILE --model MODEL")
 
 
+SHAPE_KEYS = ("arch", "n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "ffn", "vocab", "tied_embeddings",
+              "attn_bias")  # what the split, the blocks and so the plan depend on
+
+
+def _key(c: dict) -> tuple:
+    return tuple(c.get(k) for k in SHAPE_KEYS)
+
+
 def _shape(c: dict) -> str:
-    return f"{c['arch']}, {c['n_layers']} layers, hidden {c['hidden']}, {c['n_heads']} heads, FFN {c['ffn']}"
+    return (f"{c['arch']}, {c['n_layers']} layers, hidden {c['hidden']}, {c['n_heads']} heads ({c['n_kv_heads']} KV), "
+            f"FFN {c['ffn']}, vocab {c['vocab']}")
 
 
 def write_plan(path: str, d: dict) -> None:
