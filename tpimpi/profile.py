@@ -25,9 +25,10 @@ import numpy as np
 from . import comm as comm_mod
 from .engine import available_memory, collective, set_threads
 from .errors import TpimpiError, UsageError
+from .memory import BASE_RSS
 from .models import cache_root, is_store
 from .planner.devices import Device, Profile
-from .planner.measure import PRODUCTS, block_overheads, disk_rates, product_rates
+from .planner.measure import CYCLE_BYTES, PRODUCTS, block_overheads, disk_rates, product_rates
 from .planner.planfile import resolve_model
 
 PING_SIZES = (8, 64 << 10, 1 << 20)  # bytes: latency, then bandwidth from the slope
@@ -63,7 +64,10 @@ def measure_links(comm) -> tuple[float, float]:
 
 def measure_device(comm, cfg, dtypes, threads: int, disk_dir: str, disk_bytes: int) -> dict:
     """This rank's figures (all ranks at once, as in a run, so ranks sharing a node share its cores)."""
-    rates = {d: product_rates(cfg, comm.size, d) for d in dtypes}
+    mem = int(available_memory())
+    # weights beyond the caches, but on a small device no more than a quarter of what the runtime leaves
+    cycle = min(CYCLE_BYTES, max(16 << 20, (mem - BASE_RSS) // 4))
+    rates = {d: product_rates(cfg, comm.size, d, cycle_bytes=cycle) for d in dtypes}
     attn, mlp = block_overheads(cfg)
     try:
         direct, cached, _ = disk_rates(disk_dir, disk_bytes)
@@ -72,7 +76,7 @@ def measure_device(comm, cfg, dtypes, threads: int, disk_dir: str, disk_bytes: i
     cores = len(os.sched_getaffinity(0))
     return {"host": platform.node(), "matvec_Bps": {d: r[0] for d, r in rates.items()},
             "gemm_flops": {d: r[1] for d, r in rates.items()}, "attn_overhead_s": attn, "mlp_overhead_s": mlp,
-            "mem_bytes": int(available_memory()), "disk_direct_Bps": direct, "disk_cache_Bps": cached,
+            "mem_bytes": mem, "disk_direct_Bps": direct, "disk_cache_Bps": cached,
             "cores": cores, "threads": threads}
 
 

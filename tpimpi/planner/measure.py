@@ -70,13 +70,15 @@ def _timed(fn, min_s: float = TIME_S) -> float:
             return t / n
 
 
-def product_rates(cfg: ModelConfig, world: int, dtype: str, chunk: int = 64) -> tuple[float, float]:
+def product_rates(cfg: ModelConfig, world: int, dtype: str, chunk: int = 64,
+                  cycle_bytes: int = CYCLE_BYTES) -> tuple[float, float]:
     """(weight bytes per second of one-token products, flops per second of chunk-token products) at the
-    shape of one equal share's gate/up matrix for `world` ranks, cycling through weights beyond caches."""
+    shape of one equal share's gate/up matrix for `world` ranks, cycling through weights beyond caches
+    (cycle_bytes of them: less on a device with little memory)."""
     p = PRODUCTS[dtype]
     cols = cfg.hidden
-    rows = max(8, min(2 * -(-cfg.ffn // world), int(MAX_MATRIX / (cols * p.itemsize))))
-    copies = max(2, int(CYCLE_BYTES / (rows * cols * p.itemsize)))
+    rows = max(8, min(2 * -(-cfg.ffn // world), int(min(MAX_MATRIX, cycle_bytes / 2) / (cols * p.itemsize))))
+    copies = max(2, int(cycle_bytes / (rows * cols * p.itemsize)))
     first, fn = p.make(rows, cols)
     mats = [fn] + [p.make(rows, cols, first)[1] for _ in range(copies - 1)]
     x1, xT = torch.randn(1, cols), torch.randn(chunk, cols)
