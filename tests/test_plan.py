@@ -183,3 +183,14 @@ def write_one(tmp_path, cfg) -> str:
     path = str(tmp_path / "p2.json")
     write_plan(path, make_plan(cfg, Profile((dev(1.0), dev(1.0))), Settings(max_seq=64), explain=False, ratios=[1, 1]))
     return path
+
+
+def test_report_puts_the_prediction_beside_the_measurement():
+    from tpimpi.report import plan_table
+
+    row = {"system": "tpimpi", "label": "x", "ranks": 2, "ratios": [2.0, 1.0], "s_per_token": 0.5, "ttft_s": 1.0,
+           "predicted": {"s_per_token": 0.6, "ttft_s": 0.9}, "predicted_bytes": [100 << 20, 90 << 20],
+           "peak_rss_bytes": [110 << 20, 90 << 20], "plan_modes": [{"kind": "resident"}, {"kind": "window", "window": 2}]}
+    table = plan_table([row, {"system": "tpimpi", "s_per_token": 1.0}])
+    assert table.count("\n") == 2  # header, rule, one run: the run without a plan is not in it
+    assert "| x | 2 | 2,1 | resident,window:2 | 0.6000 | 0.5000 | +20% | 0.900 | 1.000 | 100 / 110 | -9% |" in table

@@ -1,13 +1,16 @@
 """Turn benchmark results (JSON lines under data/results/) into Markdown tables and PNG plots.
 
     python -m tpimpi.report [data/results/*.jsonl] [--out data/results/report]
+    python -m tpimpi.report --timeline run.h5 [--steps 2]     # a trace of generate/bench --trace
 
 Writes report.md (one table per kind of run, with ratios to the baselines measured in the same
 files) and, when matplotlib is installed, latency_vs_ranks.png and memory_vs_ranks.png (one line per
 model and memory mode), latency_vs_window.png and memory_vs_window.png (the window sweep, beside the
 resident run of the same model, ranks and dtype) and allreduce_vs_size.png. The generation table
 gives medians over every run of a configuration (repeated rounds on a noisy machine); the sweeps and
-plots take the latest run (by its `time`) of each point.
+plots take the latest run (by its `time`) of each point. Runs made with --plan-file get a table of the
+plan's predicted s/token, TTFT and peak memory beside the measured ones. --timeline draws a trace
+(tpimpi.trace): one row per rank, and the cost model's timeline of the same run when it had a plan.
 """
 
 from __future__ import annotations
