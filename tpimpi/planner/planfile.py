@@ -31,7 +31,17 @@ def resolve_model(model: str | None) -> tuple[ModelConfig, str, str | None]:
     if model is not None and is_store(Path(model)):
         m = load_manifest(model)
         return m["config"], model, m["dtype"]
-    return open_source(model or default_model_path()).config, model or "default", None
+    source = Path(model) if model is not None else default_model_path()
+    if source.is_file():  # a store converted from this very file already has its config (reading a GGUF takes seconds)
+        from ..errors import StoreError
+        from ..models import cached_store_dir
+
+        for manifest in sorted(cached_store_dir(source, 1, (1.0,), "float32").parent.glob("*/manifest.json")):
+            try:
+                return load_manifest(manifest.parent)["config"], model or "default", None
+            except StoreError:
+                continue
+    return open_source(source).config, model or "default", None
 
 
 @dataclass(frozen=True)
