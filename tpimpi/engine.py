@@ -135,7 +135,7 @@ def reset_peak_rss() -> None:
 class Engine:
     """A loaded model on every rank, ready to answer prompts one after another."""
 
-    def __init__(self, comm, path: str, *, max_seq=None, allreduce="star", verify=False,
+    def __init__(self, comm, path: str, *, max_seq=None, allreduce="star", verify="auto",
                  mem: MemoryOptions = MemoryOptions()):
         self.comm, self.mem, self.allreduce, self.path = comm, mem, allreduce, str(path)
         # every rank opens and checks its own weight file

@@ -89,7 +89,12 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p.add_argument("--ratios", help="relative share of each rank, e.g. 2,1,1 (when converting)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="storage dtype (when converting)")
     p.add_argument("--threads", type=int, help="threads per rank for the matrix products (default: cores / local ranks)")
-    p.add_argument("--verify", action="store_true", help="check every weight file's sha256 before running")
+    check = p.add_mutually_exclusive_group()
+    check.add_argument("--verify", dest="verify", action="store_const", const="always", default="auto",
+                       help="check every weight file's sha256 against the manifest before running (by default a "
+                       "file is checked once after every change of it: a copy, an edit, a new conversion)")
+    check.add_argument("--no-verify", dest="verify", action="store_const", const="never",
+                       help="do not check weight files against the manifest's sha256")
     add_memory_args(p)
     p.add_argument("--plan", action="store_true", help="print each rank's predicted memory and exit")
     p.add_argument("--ranks", type=int, help="with --plan: plan for this many ranks instead of the launched ones")
