@@ -209,7 +209,7 @@ class GGUFSource:
     def tokenizer_files(self) -> dict[str, str]:
         from .tokenizer import tokenizer_files_from_gguf
 
-        return tokenizer_files_from_gguf(self.reader)
+        return tokenizer_files_from_gguf(self.path)
 
     def identity(self) -> dict:
         st = self.path.stat()
