@@ -41,6 +41,9 @@ class SerialComm:
     def bcast_(self, buf: np.ndarray) -> None:
         pass
 
+    def bcast_idle_(self, buf: np.ndarray) -> None:
+        pass
+
     def agree(self, error: str | None) -> None:
         if error:
             raise RankFailure(error)
@@ -230,6 +233,20 @@ class MPIComm:
             if self.rank == 0:
                 self.link.wait(buf.nbytes, copies=self.size - 1)
             self.comm.Bcast(buf, root=0)
+
+    def bcast_idle_(self, buf: np.ndarray) -> None:
+        """Broadcast buf from rank 0 where the others may wait long (a server between requests): they sleep
+        while they wait (polling up to every 5 ms) instead of spinning on the cores. Matches only
+        bcast_idle_ (a non-blocking broadcast) on the other ranks, not bcast_."""
+        if self.size == 1:
+            return
+        if self.rank == 0:
+            self.link.wait(buf.nbytes, copies=self.size - 1)
+        req = self.comm.Ibcast(buf, root=0)
+        delay = 5e-5
+        while not req.Test():
+            time.sleep(delay)
+            delay = min(delay * 2, 5e-3)
 
     def agree(self, error: str | None) -> None:
         """Collective: if any rank passes an error, every rank raises RankFailure naming those ranks."""

@@ -66,12 +66,19 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p.add_argument("--system", help="system message for the chat template")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--max-seq-len", type=int, help=f"context to allocate the KV cache for "
-                   f"(default: the model's, at most {DEFAULT_MAX_SEQ})")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    add_engine_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+    return p
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """How the model is split, run and held in memory: shared by generate and serve."""
+    p.add_argument("--max-seq-len", type=int, help=f"context to allocate the KV cache for "
+                   f"(default: the model's, at most {DEFAULT_MAX_SEQ})")
     p.add_argument("--allreduce", choices=comm_mod.ALLREDUCE_ALGOS, default="star",
                    help="star (default), MPI's Allreduce, Reduce+Bcast, ring, binomial tree, or auto: the "
                    "fastest of them for each message size, measured at start-up")
@@ -84,20 +91,23 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     add_memory_args(p)
     p.add_argument("--plan", action="store_true", help="print each rank's predicted memory and exit")
     p.add_argument("--ranks", type=int, help="with --plan: plan for this many ranks instead of the launched ones")
-    p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
-    return p
 
 
 def _validate(args, world: int) -> tuple[SamplingConfig, tuple]:
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    return SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed), validate_engine_args(args, world)
+
+
+def validate_engine_args(args, world: int) -> tuple:
+    """Check add_engine_args' options; the ratios of the launched world."""
     if args.max_seq_len is not None and args.max_seq_len < 2:
         raise UsageError(f"--max-seq-len {args.max_seq_len} must be at least 2")
     if args.prefill_chunk < 1:
         raise UsageError(f"--prefill-chunk {args.prefill_chunk} must be at least 1")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads {args.threads} must be at least 1")
-    return SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed), parse_ratios(args.ratios, world)
+    return parse_ratios(args.ratios, world)
 
 
 def _read_stdin(launched: bool) -> bytes:
@@ -167,10 +177,11 @@ def run(comm, argv=None) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv=None, run_fn=None) -> int:
+    """Run `run_fn` (this module's run; serve passes its own) on every rank, with generate's error handling."""
     comm = comm_mod.world()
     try:
-        code = run(comm, argv)
+        code = (run_fn or run)(comm, argv)
     except (TpimpiError, OSError) as e:
         if isinstance(e, comm_mod.RankFailure) or (isinstance(e, TpimpiError) and not comm.in_lockstep):
             # every rank raised this same error at the same point: rank 0 says it, all exit

@@ -490,6 +490,12 @@ class Tokenizer:
 
     def render_chat(self, user_text: str, system: str | None = None) -> str:
         """The prompt for one user turn (after an optional system turn), ready for the assistant's reply."""
+        messages = ([{"role": "system", "content": system}] if system is not None else [])
+        messages.append({"role": "user", "content": user_text})
+        return self.render_messages(messages)
+
+    def render_messages(self, messages: list[dict]) -> str:
+        """The prompt for a conversation ([{"role": ..., "content": ...}, ...]), ready for the assistant's reply."""
         template = self._config.get("chat_template")
         if not template:
             raise TokenizerError("this tokenizer has no chat template; encode the raw prompt instead")
@@ -498,8 +504,6 @@ class Tokenizer:
             if "default" not in named:
                 raise TokenizerError(f"chat templates {sorted(map(str, named))} include none named 'default'")
             template = named["default"]
-        messages = ([{"role": "system", "content": system}] if system is not None else [])
-        messages.append({"role": "user", "content": user_text})
         from jinja2 import TemplateError
 
         try:
