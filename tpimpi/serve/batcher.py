@@ -151,7 +151,8 @@ class Batcher:
             self.draining_since = time.monotonic()
 
     def load(self) -> dict:
-        return {"running": len(self.active), "waiting": len(self.waiting), "free_slots": len(self.free)}
+        return {"running": len(self.active), "waiting": len(self.waiting), "free_slots": len(self.free),
+                "steps": self.steps, "rows": self.rows_total}
 
     # ---- the step loop (rank 0) ---------------------------------------------------------------------------
     def next_step(self) -> list[tuple[int, int, int]] | None:
