@@ -135,7 +135,7 @@ class Batcher:
         with self.cond:
             if self.draining_since is not None:
                 raise ShuttingDown()
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) >= self.max_queue + len(self.free):  # those beyond the free slots wait
                 raise QueueFull()
             self.waiting.append(seq)
             self.cond.notify()
