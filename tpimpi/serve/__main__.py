@@ -9,6 +9,7 @@ running ones finish for up to --shutdown-timeout seconds, and every rank exits 0
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import sys
@@ -67,13 +68,20 @@ def _validate(args, world: int) -> tuple:
         raise UsageError(f"--shutdown-timeout {args.shutdown_timeout} must not be negative")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} is not a port number (0-65535)")
-    from .http import is_loopback
-
     key = args.api_key or os.environ.get(KEY_ENV) or None
     if not is_loopback(args.host) and key is None:
         raise UsageError(f"--host {args.host} would let other machines use the model: pass --api-key KEY (or set "
                          f"{KEY_ENV}) so that requests need it, or listen on 127.0.0.1")
     return ratios, key, parse_size(args.max_body, "--max-body")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def model_name(args, path: str) -> str:
