@@ -87,7 +87,9 @@ def is_loopback(host: str) -> bool:
 def model_name(args, path: str) -> str:
     if args.served_model_name:
         return args.served_model_name
-    src = Path(args.model) if args.model else Path(path)
+    from ..models import default_model_path
+
+    src = Path(args.model) if args.model else Path(default_model_path())
     return src.name.removesuffix(".gguf") or "tpimpi"
 
 

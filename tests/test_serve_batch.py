@@ -1,0 +1,128 @@
+"""Batched forward passes, and the serve package's pure parts: the control word, the latency model, stop
+strings, request checking and the memory model's slots."""
+
+import numpy as np
+import pytest
+import torch
+from harness import prompt_logits, rel_err
+
+from tpimpi.comm import SerialComm
+from tpimpi.convert import convert
+from tpimpi.engine import Engine, MemoryOptions
+from tpimpi.memory import fixed_parts
+from tpimpi.serve import api
+from tpimpi.serve.batcher import LatencyModel, control_word, pack, unpack
+from tpimpi.serve.text import StopText, held_back
+from tpimpi.shard import plan
+
+PROMPTS = [[1, 9690, 198, 2683, 314, 260, 3575], [1, 520, 9531, 198], [1, 4649, 47, 2, 198, 1, 520, 9531, 198, 42, 7],
+           [1, 2683, 314]]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_gguf, tmp_path_factory):
+    st = convert(tiny_gguf, tmp_path_factory.mktemp("batch") / "s1", 1, quiet=True)
+    eng = Engine(SerialComm(), st, max_seq=64, mem=MemoryOptions(resident=True, prefill_chunk=4), slots=4).load()
+    yield eng
+    eng.close()
+
+
+def run(eng, segments, ids):
+    """One batched step: rows of ids for segments [(slot, pos, n)]; the logits of each segment's last row."""
+    m = eng.model
+    eng.head.embed_into(ids, m.x[: len(ids)])
+    x = m.forward_batch(segments)
+    last = np.cumsum([n for _, _, n in segments]) - 1
+    return torch.stack([eng.head.logits(x[int(r)]).clone() for r in last]).numpy()
+
+
+def prefill_alone(eng, slot, ids):
+    for pos in range(0, len(ids), eng.model.chunk):
+        part = ids[pos : pos + eng.model.chunk]
+        out = run(eng, [(slot, pos, len(part))], part)
+    return out[0]
+
+
+def test_one_sequence_through_the_batched_path_is_bit_identical(engine, tiny_gguf):
+    ref = prompt_logits(engine.model, engine.head, engine.comm, PROMPTS[0])  # forward(): generate's path
+    assert np.array_equal(prefill_alone(engine, 3, PROMPTS[0]), ref)
+
+
+def test_sequences_in_one_step_get_what_they_get_alone(engine):
+    alone, nxt = [], []
+    for slot, ids in enumerate(PROMPTS[:3]):
+        lg = prefill_alone(engine, slot, ids)
+        nxt.append(int(np.argmax(lg)))
+    for slot, ids in enumerate(PROMPTS[:3]):  # each sequence's next step alone (same cache contents after)
+        alone.append(run(engine, [(slot, len(ids), 1)], [nxt[slot]])[0])
+    # again in one step: three decode rows at different positions beside a prompt chunk of a fourth
+    segs = [(slot, len(ids), 1) for slot, ids in enumerate(PROMPTS[:3])] + [(3, 0, 3)]
+    together = run(engine, segs, nxt + PROMPTS[3])
+    for j in range(3):
+        assert rel_err(together[j], alone[j]) < 1e-4
+        assert int(np.argmax(together[j])) == int(np.argmax(alone[j]))
+    assert rel_err(together[3], prefill_alone(engine, 3, PROMPTS[3])) < 1e-4
+    # the head's one pass for several rows gives each row's logits
+    x = torch.randn(3, engine.cfg.hidden)
+    batch = engine.head.logits_batch(x).clone()
+    for j in range(3):
+        assert rel_err(batch[j].numpy(), engine.head.logits(x[j]).numpy()) < 1e-5
+
+
+def test_control_word_round_trip():
+    ctrl = control_word(4)
+    segs = [(2, 17, 1), (0, 5, 1), (3, 0, 16)]
+    pack(ctrl, segs)
+    assert ctrl.dtype == np.int64 and ctrl.shape == (15,) and unpack(ctrl) == segs and ctrl[2] == 18
+    pack(ctrl, None)
+    assert unpack(ctrl) is None
+
+
+def test_latency_model_learns_a_line():
+    lm = LatencyModel()
+    assert lm.predict(4) is None
+    for rows, t in [(1, 0.041), (2, 0.042), (4, 0.044), (8, 0.048)] * 3:
+        lm.add(rows, t)
+    assert lm.predict(16) == pytest.approx(0.056, rel=1e-6)
+
+
+@pytest.mark.parametrize("pieces,stops,expect,stopped", [
+    (["Hello", " wor", "ld! The"], ("world",), ["Hello", " ", ""], True),  # held back while it may be "world"
+    (["ab", "cd"], ("x",), ["ab", "cd"], False),
+    (["a<", "/s", "tuff"], ("</s>",), ["a", "", "</stuff"], False),  # released once it cannot be a stop
+    (["END"], ("END",), [""], True),
+])
+def test_stop_strings_are_cut_and_never_sent(pieces, stops, expect, stopped):
+    st = StopText(stops)
+    assert [st.add(p) for p in pieces] == expect and st.stopped == stopped
+    if not stopped:
+        assert st.add("", final=True) == ""
+
+
+def test_held_back_is_the_longest_possible_start():
+    assert held_back("abc wor", ("world", "or")) == 3 and held_back("abc", ("xyz",)) == 0
+
+
+def test_requests_are_checked_with_their_numbers():
+    lim = api.Limits("m", 100, 50)
+    r = api.parse_chat({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "stop": "x",
+                        "max_completion_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}, lim)
+    assert r.messages == (("user", "hi"),) and r.stop == ("x",) and r.max_tokens == 5 and r.include_usage
+    assert api.budget(r, 90, lim) == 5 and api.budget(api.parse_completion({"prompt": "p"}, lim), 90, lim) == 10
+    for body, status, match in [({"messages": []}, 400, "messages"), ({"messages": [{"role": "bot"}]}, 400, "role"),
+                                ({"prompt": "p", "top_p": 0}, 400, "top_p"), ({"prompt": "p", "model": "n"}, 404, "n"),
+                                ({"prompt": "p", "n": 2}, 400, "n=1"), ({"prompt": "p", "stop": [1]}, 400, "stop")]:
+        with pytest.raises(api.ApiError, match=match) as e:
+            (api.parse_chat if "messages" in body else api.parse_completion)(body, lim)
+        assert e.value.status == status
+    with pytest.raises(api.ApiError, match="maximum context length is 100 tokens.*resulted in 100 tokens"):
+        api.budget(r, 100, lim)
+
+
+def test_the_memory_model_counts_a_kv_cache_per_slot(tiny_gguf):
+    from tpimpi.sources import open_source
+
+    cfg = open_source(tiny_gguf).config
+    s = plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, (1.0,))[0]
+    one, eight = fixed_parts(cfg, s, 0, 1, 64, 16), fixed_parts(cfg, s, 0, 1, 64, 16, slots=8)
+    assert eight["kv_cache"] == 8 * one["kv_cache"] > 0 and eight["buffers"] > one["buffers"]
