@@ -41,7 +41,7 @@ class SerialComm:
     def bcast_(self, buf: np.ndarray) -> None:
         pass
 
-    def bcast_idle_(self, buf: np.ndarray) -> None:
+    def bcast_idle_(self, buf: np.ndarray, spin_s: float = 0.0) -> None:
         pass
 
     def agree(self, error: str | None) -> None:
@@ -234,15 +234,21 @@ class MPIComm:
                 self.link.wait(buf.nbytes, copies=self.size - 1)
             self.comm.Bcast(buf, root=0)
 
-    def bcast_idle_(self, buf: np.ndarray) -> None:
-        """Broadcast buf from rank 0 where the others may wait long (a server between requests): they sleep
-        while they wait (polling up to every 5 ms) instead of spinning on the cores. Matches only
-        bcast_idle_ (a non-blocking broadcast) on the other ranks, not bcast_."""
+    def bcast_idle_(self, buf: np.ndarray, spin_s: float = 0.0) -> None:
+        """Broadcast buf from rank 0 where the others may wait long (a server between requests): they poll
+        for spin_s (yielding the core between polls), then sleep while they wait (polling up to every
+        5 ms) instead of spinning on the cores. Matches only bcast_idle_ (a non-blocking broadcast) on the
+        other ranks, not bcast_."""
         if self.size == 1:
             return
         if self.rank == 0:
             self.link.wait(buf.nbytes, copies=self.size - 1)
         req = self.comm.Ibcast(buf, root=0)
+        until = time.perf_counter() + spin_s
+        while time.perf_counter() < until:
+            if req.Test():
+                return
+            time.sleep(0)
         delay = 5e-5
         while not req.Test():
             time.sleep(delay)

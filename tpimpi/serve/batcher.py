@@ -26,6 +26,7 @@ from .text import StopText
 
 CMD_STOP, CMD_RUN = 0, 1
 CTRL_HEAD = 3  # command, segments, rows
+BUSY_POLL_S = 0.05  # how long a worker polls for the next step before it sleeps (rank 0 samples meanwhile)
 
 
 def control_word(slots: int) -> np.ndarray:
@@ -295,7 +296,8 @@ def step_loop(comm, model, batcher: Batcher | None) -> int:
     while True:
         if comm.rank == 0:
             pack(ctrl, batcher.next_step())
-        comm.bcast_idle_(ctrl)  # workers sleep here between requests
+        # workers poll while steps follow each other closely, and sleep here between requests
+        comm.bcast_idle_(ctrl, BUSY_POLL_S if steps else 0.0)
         segments = unpack(ctrl)
         if segments is None:
             break
