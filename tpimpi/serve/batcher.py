@@ -125,10 +125,11 @@ class Batcher:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.cond = threading.Condition()
         self.latency = LatencyModel()
+        self.recent_s: float | None = None  # moving average of the latest decode steps' time
         self.draining_since: float | None = None
         self.steps = self.rows_total = 0
         self._step: list[tuple[Sequence, int, int]] = []  # (sequence, first row, rows) of the step running
-        self._t_step = 0.0
+        self._t_step, self._step_decodes = 0.0, False
 
     # ---- the HTTP side ----------------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
@@ -190,9 +191,9 @@ class Batcher:
 
     def _admit(self) -> None:
         while self.waiting and self.free:
-            if self.target is not None and self.active:
-                predicted = self.latency.predict(len(self._decoding()) + 1)
-                if predicted is not None and predicted > self.target:
+            if self.target is not None and self.active:  # DFTSP: measured, and predicted with one more
+                predicted = self.latency.predict(len(self.active) + 1)
+                if (self.recent_s or 0.0) > self.target or (predicted is not None and predicted > self.target):
                     return
             seq = self.waiting.popleft()
             seq.slot, seq.pos, seq.pending = self.free.pop(), 0, list(seq.prompt_ids)
@@ -227,6 +228,7 @@ class Batcher:
             segments.append((seq.slot, seq.pos, n))
             self._step.append((seq, row, n))
             row += n
+        self._step_decodes = bool(decoding)
         self._t_step = time.perf_counter()
         return segments
 
@@ -252,8 +254,10 @@ class Batcher:
                 if not seq.cancelled:
                     self._advance(seq, sample(logits[j], seq.samp, seq.gen), now)
         rows_run = sum(n for _, _, n in self._step)
-        if any(s.out_ids for s, _, _ in self._step):  # steps with decoding rows teach the latency model
-            self.latency.add(rows_run, now - self._t_step)
+        if self._step_decodes:  # steps with decoding rows teach the latency model
+            took = now - self._t_step
+            self.latency.add(rows_run, took)
+            self.recent_s = took if self.recent_s is None else 0.8 * self.recent_s + 0.2 * took
         self.steps += 1
         self.rows_total += rows_run
 
