@@ -1,5 +1,5 @@
-"""Batched forward passes, and the serve package's pure parts: the control word, the latency model, stop
-strings, request checking and the memory model's slots."""
+"""Batched forward passes, and the serve package's pure parts: the control word, the latency model,
+request checking and the memory model's slots."""
 
 import numpy as np
 import pytest
@@ -12,7 +12,6 @@ from tpimpi.engine import Engine, MemoryOptions
 from tpimpi.memory import fixed_parts
 from tpimpi.serve import api
 from tpimpi.serve.batcher import LatencyModel, control_word, pack, unpack
-from tpimpi.serve.text import StopText, held_back
 from tpimpi.shard import plan
 
 PROMPTS = [[1, 9690, 198, 2683, 314, 260, 3575], [1, 520, 9531, 198], [1, 4649, 47, 2, 198, 1, 520, 9531, 198, 42, 7],
@@ -84,23 +83,6 @@ def test_latency_model_learns_a_line():
     for rows, t in [(1, 0.041), (2, 0.042), (4, 0.044), (8, 0.048)] * 3:
         lm.add(rows, t)
     assert lm.predict(16) == pytest.approx(0.056, rel=1e-6)
-
-
-@pytest.mark.parametrize("pieces,stops,expect,stopped", [
-    (["Hello", " wor", "ld! The"], ("world",), ["Hello", " ", ""], True),  # held back while it may be "world"
-    (["ab", "cd"], ("x",), ["ab", "cd"], False),
-    (["a<", "/s", "tuff"], ("</s>",), ["a", "", "</stuff"], False),  # released once it cannot be a stop
-    (["END"], ("END",), [""], True),
-])
-def test_stop_strings_are_cut_and_never_sent(pieces, stops, expect, stopped):
-    st = StopText(stops)
-    assert [st.add(p) for p in pieces] == expect and st.stopped == stopped
-    if not stopped:
-        assert st.add("", final=True) == ""
-
-
-def test_held_back_is_the_longest_possible_start():
-    assert held_back("abc wor", ("world", "or")) == 3 and held_back("abc", ("xyz",)) == 0
 
 
 def test_requests_are_checked_with_their_numbers():

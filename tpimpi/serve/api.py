@@ -48,6 +48,7 @@ class GenRequest:
     temperature: float
     top_p: float
     seed: int
+    repetition_penalty: float  # an extension (as vLLM's): transformers' repetition penalty, 1 = none
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
@@ -120,7 +121,8 @@ def _common(body, limits: Limits, **fields) -> GenRequest:
     if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
         raise _bad("'stream_options' must be an object with a boolean include_usage", "stream_options")
     return GenRequest(model=model, max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-                      top_p=_number(body, "top_p", 1.0, 1e-9, 1.0), seed=_int(body, "seed", -(2**63), 2**63 - 1) or 0,
+                      top_p=_number(body, "top_p", 1.0, 1e-9, 1.0), seed=_int(body, "seed", 0, 2**63 - 1) or 0,
+                      repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.01, 100.0),
                       stop=_stop(body), stream=stream, include_usage=stream and opts.get("include_usage", False),
                       **fields)
 

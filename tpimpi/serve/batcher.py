@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..sampling import SamplingConfig, sample
-from .text import StopText
+from ..sampling import SamplingConfig, StopText, sample
 
 CMD_STOP, CMD_RUN = 0, 1
 CTRL_HEAD = 3  # command, segments, rows
@@ -99,6 +98,7 @@ class Sequence:
     gen: torch.Generator | None = None  # the sampler's random stream, seeded by the request
     stream: object = None  # the tokenizer's incremental decoder
     text: StopText | None = None
+    seen: torch.Tensor | None = None  # [n] ids so far, for the repetition penalty
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -198,7 +198,10 @@ class Batcher:
             seq = self.waiting.popleft()
             seq.slot, seq.pos, seq.pending = self.free.pop(), 0, list(seq.prompt_ids)
             seq.gen = torch.Generator().manual_seed(seq.samp.seed)
-            seq.stream, seq.text = self.tok.stream(), StopText(seq.stops)
+            seq.stream = self.tok.stream()
+            seq.text = StopText(seq.stops, self.tok.decode(seq.prompt_ids[-8:]) if seq.stops else "")
+            if seq.samp.repetition_penalty != 1.0:
+                seq.seen = torch.unique(torch.tensor(seq.prompt_ids, dtype=torch.long))
             self.active.append(seq)
 
     def _prefill_budget(self, decode_rows: int) -> int:
@@ -252,7 +255,7 @@ class Batcher:
         with self.cond:
             for j, (seq, _) in enumerate(due):
                 if not seq.cancelled:
-                    self._advance(seq, sample(logits[j], seq.samp, seq.gen), now)
+                    self._advance(seq, sample(logits[j], seq.samp, seq.gen, seq.seen), now)
         rows_run = sum(n for _, _, n in self._step)
         if self._step_decodes:  # steps with decoding rows teach the latency model
             took = now - self._t_step
@@ -264,6 +267,8 @@ class Batcher:
     def _advance(self, seq: Sequence, nxt: int, now: float) -> None:
         seq.out_ids.append(nxt)
         seq.t_first = seq.t_first or now
+        if seq.seen is not None and not bool((seq.seen == nxt).any()):
+            seq.seen = torch.cat([seq.seen, torch.tensor([nxt])])
         eos = nxt in self.tok.eos_ids
         if not eos:
             out = seq.text.add(seq.stream.push(nxt))
@@ -277,10 +282,9 @@ class Batcher:
         if finish is None:
             seq.pending = [nxt]
             return
-        if not seq.text.stopped:
-            out = seq.text.add(seq.stream.flush(), final=True)
-            if out:
-                seq.emit("text", out)
+        out = seq.text.add(seq.stream.flush()) + seq.text.finish()
+        if out:
+            seq.emit("text", out)
         seq.emit("done", finish, len(seq.prompt_ids), len(seq.out_ids))
         self._release(seq)
 

@@ -133,10 +133,9 @@ class HttpFront:
         if req.chat:
             if not self.tok.has_chat_template:
                 raise api.ApiError(400, "this model has no chat template: use /v1/completions")
-            text = self.tok.render_messages([{"role": r, "content": c} for r, c in req.messages])
+            ids = self.tok.encode_chat([{"role": r, "content": c} for r, c in req.messages])
         else:
-            text = req.prompt
-        ids = self.tok.encode(text)
+            ids = self.tok.encode(req.prompt)
         if not ids:
             raise api.ApiError(400, "the prompt encodes to no tokens", param="prompt")
         return ids
@@ -159,7 +158,8 @@ class HttpFront:
             except RuntimeError:  # the loop has closed: nobody is listening any more
                 pass
 
-        seq = Sequence(ids, max_new, SamplingConfig(req.temperature, 0, req.top_p, req.seed), req.stop, emit)
+        seq = Sequence(ids, max_new, SamplingConfig(req.temperature, 0, req.top_p, req.seed, req.repetition_penalty),
+                       req.stop, emit)
         try:
             self.batcher.submit(seq)
         except QueueFull:
