@@ -22,8 +22,8 @@ LIMIT = 256 << 20
 
 
 def recording(fn):
-    def wrapper(self, buf):
-        fn(self, buf)
+    def wrapper(self, buf, *rest):
+        fn(self, buf, *rest)
         if self.rank != 0 and len(received) < LIMIT:
             received.extend(buf.tobytes())
     return wrapper

@@ -108,3 +108,25 @@ def test_the_memory_model_counts_a_kv_cache_per_slot(tiny_gguf):
     s = plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, (1.0,))[0]
     one, eight = fixed_parts(cfg, s, 0, 1, 64, 16), fixed_parts(cfg, s, 0, 1, 64, 16, slots=8)
     assert eight["kv_cache"] == 8 * one["kv_cache"] > 0 and eight["buffers"] > one["buffers"]
+
+
+def test_a_sliding_window_batched_is_the_window_alone(tmp_path_factory):
+    """Mistral's sliding window (4 positions) through the batched path: one sequence bit for bit as forward(),
+    two sequences at different positions in one step as each alone."""
+    from tinymodels import make_tiny_hf
+
+    d = tmp_path_factory.mktemp("window")
+    hf = make_tiny_hf(d / "mistral", arch="mistral", seed=3, sliding_window=4)
+    st = convert(hf, d / "s1", 1, quiet=True)
+    eng = Engine(SerialComm(), st, max_seq=64, mem=MemoryOptions(resident=True, prefill_chunk=4), slots=2).load()
+    try:
+        assert eng.model.windows[0] == 4
+        a, b = PROMPTS[2], PROMPTS[0]
+        assert np.array_equal(prefill_alone(eng, 1, a), prompt_logits(eng.model, eng.head, eng.comm, a))
+        prefill_alone(eng, 0, b)
+        alone = [run(eng, [(1, len(a), 1)], [5])[0], run(eng, [(0, len(b), 1)], [6])[0]]
+        together = run(eng, [(1, len(a), 1), (0, len(b), 1)], [5, 6])
+        for j in range(2):
+            assert rel_err(together[j], alone[j]) < 1e-4
+    finally:
+        eng.close()
