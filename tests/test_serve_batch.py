@@ -130,3 +130,18 @@ def test_a_sliding_window_batched_is_the_window_alone(tmp_path_factory):
             assert rel_err(together[j], alone[j]) < 1e-4
     finally:
         eng.close()
+
+
+def test_the_report_tables_serving_runs_against_one_client():
+    from tpimpi.report import serve_table
+
+    def row(c, tps, lat, label="batch", t="2026-12-01T00:00:00+00:00"):
+        return {"system": "serve", "model": "m", "ranks": 1, "concurrency": c, "label": label, "tokens_per_s": tps,
+                "ttft_p50_s": 0.1, "ttft_p99_s": 0.2, "token_p50_s": lat, "token_p99_s": 2 * lat, "time": t}
+
+    table = serve_table([row(1, 20.0, 0.05), row(8, 90.0, 0.08), row(8, 1.0, 1.0, t="2026-11-01T00:00:00+00:00"),
+                         row(8, 70.0, 0.06, "target-1.5x")])
+    lines = table.splitlines()
+    assert len(lines) == 5  # header, rule, one row per point (the older run of a point is not shown)
+    assert "| m | 1 | batch | 8 | 90.0 | 4.50 x | 100 / 200 | 80.0 / 160.0 | 1.60 x |" in table
+    assert lines[-1].startswith("| m | 1 | target-1.5x | 8 | 70.0 | 3.50 x")

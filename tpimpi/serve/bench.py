@@ -55,7 +55,9 @@ async def one_request(session, url: str, headers: dict, prompt: str, max_tokens:
     return {"t0": t0, "times": times, "tokens": usage["completion_tokens"] if usage else len(times)}
 
 
-async def run_load(url: str, concurrency: int, requests: int, max_tokens: int, key: str | None) -> list[dict]:
+async def run_load(url: str, concurrency: int, requests: int, max_tokens: int,
+                   key: str | None) -> tuple[str, list[dict]]:
+    """(the served model's name, every request's timings)."""
     import aiohttp
 
     headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -65,9 +67,11 @@ async def run_load(url: str, concurrency: int, requests: int, max_tokens: int, k
             return [await one_request(session, url, headers, PROMPTS[(c + i * concurrency) % len(PROMPTS)],
                                       max_tokens) for i in range(requests)]
 
+        async with session.get(url + "/v1/models", headers=headers) as resp:
+            model = (await resp.json())["data"][0]["id"]
         await one_request(session, url, headers, "Hello", 2)  # warm-up: first-call costs are not load
         results = await asyncio.gather(*(client(c) for c in range(concurrency)))
-    return [r for rs in results for r in rs]
+    return model, [r for rs in results for r in rs]
 
 
 def summarize(reqs: list[dict]) -> dict:
@@ -100,10 +104,10 @@ def main(argv=None) -> int:
         print("tpimpi.serve.bench: error: --concurrency, --requests and --max-tokens must be at least 1",
               file=sys.stderr)
         return 2
-    reqs = asyncio.run(run_load(args.url, args.concurrency, args.requests, args.max_tokens, args.api_key))
+    model, reqs = asyncio.run(run_load(args.url, args.concurrency, args.requests, args.max_tokens, args.api_key))
     from ..bench import machine
 
-    result = {"system": "serve", "ranks": args.ranks, "concurrency": args.concurrency, "label": args.label,
+    result = {"system": "serve", "model": model, "ranks": args.ranks, "concurrency": args.concurrency, "label": args.label,
               "max_tokens": args.max_tokens, "max_token_latency_ms": args.max_token_latency_ms,
               **summarize(reqs), "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(sys.argv), "machine": machine()}
