@@ -20,6 +20,7 @@ from ..engine import Engine, MemoryOptions, collective, plan_report, prepare_sto
 from ..errors import UsageError
 from ..generate import _Parser, add_engine_args, main as generate_main, validate_engine_args
 from ..memory import parse_size
+from ..planner.planfile import apply_to_args, check_store
 from ..shard import parse_ratios
 
 KEY_ENV = "TPIMPI_API_KEY"
@@ -95,9 +96,10 @@ def model_name(args, path: str) -> str:
 
 def run(comm, argv=None) -> int:
     args = build_parser(comm.rank).parse_args(argv)
+    plan = apply_to_args(comm, args)
     ratios, key, max_body = _validate(args, comm.size)
     comm.link = comm_mod.Link.from_cli(args.link_latency_ms, args.link_bandwidth_mbps)
-    mem = MemoryOptions.from_args(args)
+    mem = MemoryOptions.from_args(args) if plan is None else plan.memory_options(comm.rank, args.io, args.compute)
     set_threads(args.threads, "blas" if mem.compute == "float32" else "torch")
     if args.plan:
         if comm.rank == 0:
@@ -108,6 +110,8 @@ def run(comm, argv=None) -> int:
     if args.ranks:
         raise UsageError("--ranks goes with --plan; a run uses the ranks mpirun launched")
     path = prepare_store(comm, args.model, ratios, args.dtype)
+    if plan is not None:
+        collective(comm, check_store, plan, path)
     eng = Engine(comm, path, max_seq=args.max_seq_len, allreduce=args.allreduce, verify=args.verify, mem=mem,
                  slots=args.max_batch).load()
     front = collective(comm, lambda: _start_front(args, eng, key, max_body, path) if comm.rank == 0 else None)
