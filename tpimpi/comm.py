@@ -47,6 +47,10 @@ class SerialComm:
     wire = "float32"
     bytes_sent = bytes_recv = 0
 
+    @property
+    def hosts(self) -> list[str]:
+        return [socket.gethostname()]
+
     def setup(self, max_elems: int, algo: str = "star", wire: str | None = None) -> None:
         check_wire(algo, wire or self.wire)
 
@@ -374,7 +378,18 @@ class MPIComm:
             texts = {m for _, m in failed}
             if len(texts) == 1 and (len(failed) == self.size or failed[0][0] == 0):
                 raise RankFailure(texts.pop())  # the same problem everywhere, or rank 0's own: say it once
-            raise RankFailure("; ".join(f"rank {r}: {m}" for r, m in failed))
+            by_text: dict[str, list[int]] = {}
+            for r, m in failed:
+                by_text.setdefault(m, []).append(r)
+            raise RankFailure("; ".join(self._who(ranks) + f": {m}" for m, ranks in by_text.items()))
+
+    def _who(self, ranks: list[int]) -> str:
+        """"rank 2" or "ranks 1, 2", with their hosts when the ranks are not all on one host."""
+        who = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
+        if len(set(self.hosts)) > 1:
+            hosts = list(dict.fromkeys(self.hosts[r] for r in ranks))
+            who += f" (host{'s' if len(hosts) > 1 else ''} {', '.join(hosts)})"
+        return who
 
     def bcast_bytes(self, data: bytes | None) -> bytes:
         """Start-up only: rank 0's bytes on every rank (a length word, then the payload)."""
@@ -383,6 +398,16 @@ class MPIComm:
         buf = np.frombuffer(data, dtype=np.uint8).copy() if self.rank == 0 else np.empty(int(n[0]), np.uint8)
         self.comm.Bcast(buf, root=0)
         return buf.tobytes()
+
+    def isend_(self, buf: np.ndarray, dest: int, tag: int = 0):
+        """Start sending buf (any dtype, contiguous) to dest; returns the request (`.Wait()` it)."""
+        self._count(buf.nbytes, 0)
+        return self.comm.Isend(buf, dest=dest, tag=tag)
+
+    def irecv_(self, buf: np.ndarray, source: int, tag: int = 0):
+        """Start receiving into buf from source; returns the request (`.Wait()` it)."""
+        self._count(0, buf.nbytes)
+        return self.comm.Irecv(buf, source=source, tag=tag)
 
     def gather_ints(self, values: list[int]) -> list[list[int]]:
         """Every rank's list of integers (all of the same length), on every rank."""

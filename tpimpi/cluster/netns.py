@@ -4,8 +4,9 @@ Layout of a cluster called NAME (every object carries NAME, so set-up and teardo
   namespace NAME-sw      the switch: a bridge `br0` and one veth end per host (no address, no route out)
   namespace NAME-head    where mpirun runs, like a laptop a user launches jobs from: on the subnet, no ranks
   namespace NAME-hI      host I: `eth0` at SUBNET's address I+1, `lo`; its link shaping and delay handler
-  STATE/hosts/hI/        host I's disk. Inside host I (its own mount namespace) it is mounted at
-                         STATE/disk, and STATE/hosts shows only hI: no host can read another's files.
+  STATE/hosts/NAME-hI/   host I's disk. Inside host I (its own mount namespace) it is mounted at
+                         STATE/disk, and STATE/hosts shows only NAME-hI: no host reads another's files
+                         (so a store can be at one path on every host, or at STATE/hosts/{host}/...)
   STATE/agent            what Open MPI's launcher runs instead of ssh: address -> namespace
   STATE/hostfile, STATE/cluster.json
 Processes run "on" host I through `run_argv(I, cmd)`: `ip netns exec NAME-hI unshare --uts --mount`, the
@@ -118,7 +119,7 @@ class Cluster:
 
     def disk(self, i: int) -> Path:
         """Host i's disk as seen from outside the cluster."""
-        return Path(self.state) / "hosts" / f"h{i}"
+        return Path(self.state) / "hosts" / self.ns(i)
 
     @property
     def mountpoint(self) -> Path:
