@@ -32,6 +32,12 @@ from ..errors import TpimpiError
 DEFAULT_NAME = "tpimpi-cl"
 DEFAULT_SUBNET = "10.77.0.0/24"
 MAX_HOSTS = 64
+# mpirun's connection to each host's daemon probes an idle link after 3 s, every 1 s, 3 times: a host whose
+# link went down is declared lost in about 6 s (Open MPI's defaults: 300 + 20 x 9 s) and the job ends. The
+# head namespace also gives up on unacknowledged data after 2 retransmissions (about 1.5 s; Linux's default
+# of 15 takes 15 minutes), so mpirun does not hang on a lost host after a rank aborted the job.
+KEEPALIVE = ("--prtemca", "oob_tcp_keepalive_time", "3", "--prtemca", "oob_tcp_keepalive_intvl", "1",
+             "--prtemca", "oob_tcp_keepalive_probes", "3")
 
 
 @dataclass(frozen=True)
@@ -166,7 +172,7 @@ class Cluster:
         """mpirun across the hosts (to be started in the head namespace, see head_argv):
         the hostfile, the agent in place of ssh, MPI over TCP on the cluster's subnet."""
         argv = ["mpirun", "--hostfile", str(self.hostfile), "--prtemca", "plm_ssh_agent", str(self.agent),
-                "--prtemca", "oob_tcp_if_include", self.subnet, "--mca", "btl", "tcp,self",
+                "--prtemca", "oob_tcp_if_include", self.subnet, *KEEPALIVE, "--mca", "btl", "tcp,self",
                 "--mca", "btl_tcp_if_include", self.subnet, "-x", "OMPI_MCA_mpi_yield_when_idle=1",
                 "--map-by", "node"]
         if np_:
@@ -207,6 +213,7 @@ class Cluster:
             _sh("ip", "-n", self.head, "addr", "add", f"{self.head_addr}/{self.prefix}", "dev", "eth0")
             _sh("ip", "-n", self.head, "link", "set", "eth0", "up")
             _sh("ip", "-n", self.head, "link", "set", "lo", "up")
+            _sh("ip", "netns", "exec", self.head, "sysctl", "-qw", "net.ipv4.tcp_retries2=2")
         except TpimpiError:
             self.down()
             raise
