@@ -177,8 +177,9 @@ class MPIComm:
         return table
 
     def time_allreduce(self, algo: str, buf: np.ndarray, reps: int, warmup: int = 2) -> float:
-        """Median seconds of one allreduce of buf with `algo` (collective; after a barrier)."""
-        fn = getattr(self, f"_allreduce_{algo}")
+        """Median seconds of one allreduce of buf with `algo` (collective; after a barrier). "auto" times
+        what setup's measurement chose for this size."""
+        fn = self.allreduce_ if algo == "auto" else getattr(self, f"_allreduce_{algo}")
         for _ in range(warmup):
             fn(buf)
         self.comm.Barrier()
