@@ -180,7 +180,8 @@ def stage(comm, store: str | None, to: str, ratios=None, dtype: str = "float32")
         return 0 if same or has_file(target, info["bytes"], info["sha256"]) else 1
 
     need = [n for (n,) in comm.gather_ints([collective(comm, check)])]
-    err = None
+    comm.barrier()
+    t1, err = time.perf_counter(), None
     try:
         if comm.rank == 0:
             for r in range(1, comm.size):
@@ -204,12 +205,13 @@ def stage(comm, store: str | None, to: str, ratios=None, dtype: str = "float32")
     except OSError as e:
         err = f"{e.filename or dest}: {e.strerror}"
     comm.agree(f"on host {comm.hosts[comm.rank]}: {err}" if err else None)
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - t1
     sent = sum(m["files"][r]["bytes"] for r in range(1, comm.size) if need[r])
     return {"store": src, "to": to, "ranks": comm.size, "staged_ranks": [r for r in range(comm.size) if need[r]],
             "skipped_ranks": [r for r in range(comm.size) if not need[r]],
             "hosts": comm.hosts,
-            "bytes_sent": sent, "seconds": elapsed, "mbps": sent * 8 / elapsed / 1e6 if elapsed else None}
+            "bytes_sent": sent, "seconds": elapsed, "mbps": sent * 8 / elapsed / 1e6 if elapsed else None,
+            "total_seconds": time.perf_counter() - t0}
 
 
 def main(argv=None) -> int:
@@ -236,7 +238,7 @@ def main(argv=None) -> int:
             print(json.dumps(out))
         else:
             print(f"staged {out['store']} to {args.to} on {comm.size} ranks: sent {out['bytes_sent'] / 2**20:.1f} MiB "
-                  f"to ranks {out['staged_ranks'] or 'none'} in {out['seconds']:.2f} s; ranks "
+                  f"to ranks {out['staged_ranks'] or 'none'} in {out['seconds']:.2f} s ({out['mbps'] or 0:.0f} Mbit/s); ranks "
                   f"{out['skipped_ranks'] or 'none'} already had their files")
     return 0
 

@@ -36,6 +36,8 @@ MAX_HOSTS = 64
 # link went down is declared lost in about 6 s (Open MPI's defaults: 300 + 20 x 9 s) and the job ends. The
 # head namespace also gives up on unacknowledged data after 2 retransmissions (about 1.5 s; Linux's default
 # of 15 takes 15 minutes), so mpirun does not hang on a lost host after a rank aborted the job.
+# mpi_ft_enable: a rank whose TCP connection to a killed rank closes does not abort the job itself
+# (naming itself); mpirun, which saw the process die, ends it naming the dead rank and its host.
 KEEPALIVE = ("--prtemca", "oob_tcp_keepalive_time", "3", "--prtemca", "oob_tcp_keepalive_intvl", "1",
              "--prtemca", "oob_tcp_keepalive_probes", "3")
 
@@ -172,7 +174,7 @@ class Cluster:
         """mpirun across the hosts (to be started in the head namespace, see head_argv):
         the hostfile, the agent in place of ssh, MPI over TCP on the cluster's subnet."""
         argv = ["mpirun", "--hostfile", str(self.hostfile), "--prtemca", "plm_ssh_agent", str(self.agent),
-                "--prtemca", "oob_tcp_if_include", self.subnet, *KEEPALIVE, "--mca", "btl", "tcp,self",
+                "--prtemca", "oob_tcp_if_include", self.subnet, *KEEPALIVE, "--mca", "btl", "tcp,self", "--mca", "mpi_ft_enable", "true",
                 "--mca", "btl_tcp_if_include", self.subnet, "-x", "OMPI_MCA_mpi_yield_when_idle=1",
                 "--map-by", "node"]
         if np_:
