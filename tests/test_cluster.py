@@ -46,7 +46,8 @@ def test_stage_then_generate_across_hosts_as_on_one_host(cluster):
     store = c.mountpoint / "store"  # every host's own disk, at the same path
     missing = _mpirun(c, ["tpimpi.generate", "--model", str(src).replace(str(c.disk(0)), str(c.mountpoint)), *ARGS])
     assert missing.returncode == 2
-    assert "ranks 1, 2 (hosts " in missing.stderr and f"-np 3 python -m tpimpi.stage {c.mountpoint}/syn" in missing.stderr
+    assert "ranks 1, 2 (hosts " in missing.stderr
+    assert f"-np 3 python -m tpimpi.stage {c.mountpoint}/syn" in missing.stderr
 
     staged = _mpirun(c, ["tpimpi.stage", str(c.mountpoint / "syn"), "--to", str(store), "--json"])
     assert staged.returncode == 0, staged.stderr

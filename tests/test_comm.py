@@ -110,3 +110,26 @@ def test_auto_with_a_compressed_wire_picks_a_star(comm):
         assert {a for _, a in comm._auto} <= set(comm_mod.WIRE_ALGOS)
     finally:
         comm.setup(2304, "star", "float32")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_silent_peer_in_the_decode_loop_is_named(comm):
+    """Rank 0 waits on rank 1, which stays silent past the peer timeout: rank 0 raises, naming it."""
+    buf = np.zeros(4, dtype=np.float32)
+    timeout, comm.timeout, comm._longest_wait = comm.timeout, 0.3, 0.0
+    comm.in_lockstep = True
+    try:
+        if comm.rank == 0:
+            req = comm.irecv_(buf, 1, tag=99)
+            with pytest.raises(comm_mod.PeerLost, match=rf"rank 0 on host \S+ has heard nothing from rank 1 on host "
+                                                        rf"{comm.hosts[1]} for 0\.\d s"):
+                comm._wait([req], ["rank 1"])
+            req.Wait()  # rank 1 speaks at last: nothing is left pending for the next test
+        elif comm.rank == 1:
+            import time
+
+            time.sleep(0.8)
+            comm.isend_(buf, 0, tag=99).Wait()
+    finally:
+        comm.in_lockstep, comm.timeout = False, timeout
+        comm.barrier()

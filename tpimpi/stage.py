@@ -238,7 +238,8 @@ def main(argv=None) -> int:
             print(json.dumps(out))
         else:
             print(f"staged {out['store']} to {args.to} on {comm.size} ranks: sent {out['bytes_sent'] / 2**20:.1f} MiB "
-                  f"to ranks {out['staged_ranks'] or 'none'} in {out['seconds']:.2f} s ({out['mbps'] or 0:.0f} Mbit/s); ranks "
+                  f"to ranks {out['staged_ranks'] or 'none'} in {out['seconds']:.2f} s "
+                  f"({out['mbps'] or 0:.0f} Mbit/s); ranks "
                   f"{out['skipped_ranks'] or 'none'} already had their files")
     return 0
 

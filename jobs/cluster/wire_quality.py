@@ -47,12 +47,14 @@ def main(argv=None) -> int:
     p.add_argument("--text", default=DEFAULT_TEXT)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--out", default="data/results/cluster.jsonl")
+    p.add_argument("--run", help="a run label to record")
     args = p.parse_args(argv)
     comm = comm_mod.world()
     set_threads(1)
     path = prepare_store(comm, args.model, parse_ratios(None, comm.size), "float32")
     eng = Engine(comm, path, max_seq=args.tokens + 1, mem=MemoryOptions(resident=True)).load()
-    ids = collective(comm, lambda: eng.tok.encode(Path(args.text).read_text())[: args.tokens] if comm.rank == 0 else None)
+    text = Path(args.text)
+    ids = collective(comm, lambda: eng.tok.encode(text.read_text())[: args.tokens] if comm.rank == 0 else None)
     n = comm.bcast_bytes(np.array(ids or [], dtype=np.int64).tobytes())
     ids = np.frombuffer(n, dtype=np.int64).tolist()
     ref, rows = None, []
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
         rows.append({"system": "wire_quality", "wire": wire, "ranks": comm.size, "tokens": len(ids) - 1,
                      "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
                      "top1_agreement": float((ref.argmax(-1) == lp.argmax(-1)).mean()),
-                     "text": args.text, "store": path})
+                     "text": args.text, "store": path, **({"run": args.run} if args.run else {})})
     eng.close()
     if comm.rank == 0:
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

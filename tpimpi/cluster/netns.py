@@ -157,7 +157,8 @@ class Cluster:
         hosts, own = shlex.quote(str(Path(self.state) / "hosts")), shlex.quote(str(self.disk(i)))
         return (f"hostname {self.ns(i)} && mount --bind {own} {disk} && mount -t tmpfs -o size=1m tpimpi-hide {hosts}"
                 f" && mkdir {own} && mount --bind {disk} {own}"
-                f" && export TPIMPI_CACHE={disk}/cache TPIMPI_CLUSTER={shlex.quote(self.name)} TPIMPI_CLUSTER_STATE={st}"
+                f" && export TPIMPI_CACHE={disk}/cache TPIMPI_CLUSTER={shlex.quote(self.name)}"
+                f" TPIMPI_CLUSTER_STATE={st}"
                 f" OMPI_MCA_mpi_yield_when_idle=1 && {cmd}")
 
     def run_argv(self, i: int, cmd: str) -> list[str]:
@@ -174,7 +175,8 @@ class Cluster:
         """mpirun across the hosts (to be started in the head namespace, see head_argv):
         the hostfile, the agent in place of ssh, MPI over TCP on the cluster's subnet."""
         argv = ["mpirun", "--hostfile", str(self.hostfile), "--prtemca", "plm_ssh_agent", str(self.agent),
-                "--prtemca", "oob_tcp_if_include", self.subnet, *KEEPALIVE, "--mca", "btl", "tcp,self", "--mca", "mpi_ft_enable", "true",
+                "--prtemca", "oob_tcp_if_include", self.subnet, *KEEPALIVE, "--mca", "btl", "tcp,self",
+                "--mca", "mpi_ft_enable", "true",
                 "--mca", "btl_tcp_if_include", self.subnet, "-x", "OMPI_MCA_mpi_yield_when_idle=1",
                 "--map-by", "node"]
         if np_:
@@ -254,7 +256,8 @@ exec ip netns exec {self.name}-h$i unshare --uts --mount --propagation private s
         """Remove everything `up` made for this name: processes in its namespaces (ranks, daemons, delay
         handlers), the namespaces with their links, and the state directory. Safe to call again."""
         names = _netns_list()
-        mine = [n for n in names if n in (self.switch, self.head) or (n.startswith(self.name + "-h") and n[len(self.name) + 2:].isdigit())]
+        hosts = {self.ns(i) for i in range(MAX_HOSTS)}
+        mine = [n for n in names if n in hosts or n in (self.switch, self.head)]
         for sig in (signal.SIGTERM, signal.SIGKILL):
             pids = [int(p) for n in mine for p in _sh("ip", "netns", "pids", n, check=False).stdout.split()]
             for p in pids:
