@@ -71,7 +71,7 @@ done
 mpirun -np "$GEN_HOSTS" python3 jobs/cluster/wire_quality.py --tokens "$QUALITY_TOKENS" --out "$out" --run "$RUN"
 
 # 4. staging the STAGE_RANKS-rank store to as many hosts (rank 0 converts it first, in its own cache)
-res=$(cl mpirun -np "$STAGE_RANKS" python3 -m tpimpi.stage --to "$disk/n$STAGE_RANKS" --json)
+res=$(cl mpirun -np "$STAGE_RANKS" python3 -m tpimpi.stage --to "$disk/staged-n$STAGE_RANKS" --json)
 echo "$res" | tail -1 | python3 -c "
 import json, sys
 r = json.load(sys.stdin)

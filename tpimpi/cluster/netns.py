@@ -15,6 +15,7 @@ host name set to NAME-hI (Open MPI tells nodes apart by name) and the disk mount
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import json
 import os
@@ -281,6 +282,12 @@ exec ip netns exec {self.name}-h$i unshare --uts --mount --propagation private s
         """Give each host's outgoing link this delay and rate (replacing what it had)."""
         from . import delay
 
+        for tool, what in (("tc", "iproute2"), ("iptables", "iptables")):
+            if (shape.rate_mbps if tool == "tc" else shape.delay_ms) and shutil.which(tool) is None:
+                raise TpimpiError(f"shaping links needs {tool}: apt-get install {what}")
+        if shape.delay_ms and importlib.util.find_spec("netfilterqueue") is None:
+            raise TpimpiError("delaying packets needs the NetfilterQueue package: apt-get install "
+                              "libnetfilter-queue-dev && pip install NetfilterQueue")
         for i in (range(self.hosts) if hosts is None else hosts):
             ns = self.ns(i)
             _sh("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", "eth0", "root", check=False)
@@ -314,9 +321,9 @@ def usable() -> str | None:
     """None if this machine can build a cluster, else why not (for tests to skip with)."""
     if os.geteuid() != 0:
         return "network namespaces need root"
-    for tool in ("ip", "unshare", "tc", "iptables"):
+    for tool in ("ip", "unshare"):
         if shutil.which(tool) is None:
-            return f"{tool} is not installed (apt-get install iproute2 util-linux iptables)"
+            return f"{tool} is not installed (apt-get install iproute2 util-linux)"
     probe = f"{DEFAULT_NAME}-probe{os.getpid()}"
     p = _sh("ip", "netns", "add", probe, check=False)
     if p.returncode:
