@@ -28,7 +28,8 @@ from . import comm as comm_mod
 from .errors import StoreError, TpimpiError, UsageError
 from .models import prepare
 from .shard import parse_ratios
-from .store import DTYPES, MANIFEST, _check_manifest, _parse_json, sha256_file
+from .store import (DTYPES, MANIFEST, _check_manifest, _parse_json, file_state, sha256_file, stamp_valid,
+                    write_stamp)
 
 CHUNK = 4 << 20  # bytes per message
 _TAG = 31
@@ -48,7 +49,7 @@ def staging_command(store: str, world: int) -> str:
             f"--to {shlex.quote(store)}")
 
 
-def open_rank_store(path: str, rank: int, world: int, verify: bool = False):
+def open_rank_store(path: str, rank: int, world: int, verify: str = "auto"):
     """This rank's RankStore; if this host lacks the store or its file, say how to stage it."""
     from .store import RankStore, rank_file_name
 
@@ -61,13 +62,20 @@ def open_rank_store(path: str, rank: int, world: int, verify: bool = False):
 
 
 def has_file(path: Path, nbytes: int, sha256: str) -> bool:
-    """Whether path is already the file the manifest describes (size, then checksum)."""
+    """Whether path is already the file the manifest describes: its size, then its verification stamp
+    (store.py), else its checksum (and then it is stamped, so the next run need not hash it)."""
     try:
-        if path.stat().st_size != nbytes:
-            return False
+        state = file_state(path)
     except OSError:
         return False
-    return sha256_file(path) == sha256
+    if state["bytes"] != nbytes:
+        return False
+    if stamp_valid(path, sha256):
+        return True
+    if sha256_file(path) != sha256:
+        return False
+    write_stamp(path, sha256, state)
+    return True
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -111,7 +119,9 @@ class _Receiver:
             if not self.error and self.hash.hexdigest() != self.sha256:
                 self.error = f"{self.path.name} arrived damaged (checksum differs from the manifest)"
             if not self.error:
+                state = file_state(self.tmp)  # a rename keeps size, mtime and inode: the stamp holds
                 self.tmp.rename(self.path)
+                write_stamp(self.path, self.sha256, state)  # checked as it arrived: verified
         except OSError as e:
             self.error = f"cannot write {self.path}: {e.strerror}"
         if self.error:
