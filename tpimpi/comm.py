@@ -28,7 +28,7 @@ HOST_BYTES = 64  # fixed-size slot for one rank's host name
 # (the others, so that rank 0 names the culprit first) ends the job: a host whose link went down or that
 # froze sends nothing and closes nothing. TPIMPI_PEER_TIMEOUT overrides it (seconds, 0 = wait forever);
 # the wait allowed grows to 10x the longest wait seen, so slow disks and large blocks do not trip it.
-PEER_TIMEOUT_S = 3.0
+PEER_TIMEOUT_S = 5.0
 
 
 class RankFailure(TpimpiError):
