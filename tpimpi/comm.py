@@ -431,6 +431,15 @@ class MPIComm:
         self.comm.Abort(code)
 
 
+def peer_failure(e: BaseException) -> str | None:
+    """A one-line account if e is MPI reporting a failed peer or link (not a bug in tpimpi), else None."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not isinstance(e, mpi.Exception):
+        return None
+    return (f"MPI reports {e.Get_error_string().strip()} (a peer rank died or its host became unreachable); "
+            f"ending the job")
+
+
 def check_wire(algo: str, wire: str) -> None:
     """Refuse an unknown algorithm or wire format, or a compressed wire with an algorithm that cannot sum it."""
     if algo not in ALLREDUCE_ALGOS:

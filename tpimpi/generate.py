@@ -238,10 +238,14 @@ def main(argv=None) -> int:
         code = 130
     except SystemExit as e:  # --help
         code = e.code if isinstance(e.code, int) else 0
-    except Exception:
-        print(f"tpimpi: rank {comm.rank} failed:\n{traceback.format_exc()}", file=sys.stderr)
-        comm.abort(1)
-        code = 1
+    except Exception as e:
+        lost = comm_mod.peer_failure(e)
+        if lost:
+            print(f"tpimpi: error on rank {comm.rank}: {lost}", file=sys.stderr)
+        else:
+            print(f"tpimpi: rank {comm.rank} failed:\n{traceback.format_exc()}", file=sys.stderr)
+        comm.abort(2 if lost else 1)
+        code = 2 if lost else 1
     return code
 
 
