@@ -75,8 +75,10 @@ def main(argv=None) -> int:
         with open(args.out, "a") as f:
             for r in rows:
                 f.write(json.dumps(dict(r, time=stamp, command=" ".join(sys.argv))) + "\n")
-        print(f"{comm.size} ranks, link {args.link_latency_ms} ms / {args.link_bandwidth_mbps or 'unlimited'} Mbps;"
-              " median microseconds:")
+        where = " ".join(f"{k}={v}" for k, v in notes.items())
+        print(f"{comm.size} ranks on {len(set(comm.hosts))} hosts{', ' + where if where else ''}; emulated link "
+              f"{args.link_latency_ms} ms / {args.link_bandwidth_mbps or 'unlimited'} Mbps; wire {args.wire}; "
+              "median microseconds:")
         print("floats   " + "".join(f"{a:>14}" for a in algos))
         for n in sizes:
             print(f"{n:<9}" + "".join(f"{r['median_s'] * 1e6:14.1f}" for r in rows if r["elems"] == n))
