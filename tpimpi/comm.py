@@ -21,7 +21,7 @@ from .wire import WIRES, Codec
 CONCRETE_ALGOS = ("star", "star_bcast", "mpi", "reduce_bcast", "ring", "tree")
 ALLREDUCE_ALGOS = CONCRETE_ALGOS + ("auto",)
 WIRE_ALGOS = ("star", "star_bcast")  # the algorithms that can send compressed partials (rank 0 sums)
-_TAG_STAR, _TAG_RING, _TAG_TREE, _TAG_BACK = 17, 18, 19, 20
+_TAG_STAR, _TAG_RING, _TAG_TREE, _TAG_PING, _TAG_BACK = 17, 18, 19, 20, 21
 MSG_BYTES = 1024  # fixed-size slot for one rank's error message in `agree`
 HOST_BYTES = 64  # fixed-size slot for one rank's host name
 # While every rank runs the decode loop, a rank that waits this long for a peer (rank 0) or twice as long
@@ -353,6 +353,22 @@ class MPIComm:
             elif r % (2 * mask) == mask:
                 self._sendrecv(None, None, buf, r - mask, _TAG_TREE)
             mask >>= 1
+
+    def pingpong(self, peer: int, buf: np.ndarray, reps: int) -> float:
+        """Median seconds of half a round trip of buf between this rank and `peer` (both call it; the
+        lower rank sends first), through the emulated link when there is one."""
+        first = self.rank < peer
+        times = []
+        for _ in range(reps + 1):  # the first round trip warms the connection up
+            t = self.MPI.Wtime()
+            for sending in ((True, False) if first else (False, True)):
+                if sending:
+                    self.link.wait(buf.nbytes)
+                    self.comm.Send(buf, dest=peer, tag=_TAG_PING)
+                else:
+                    self.comm.Recv(buf, source=peer, tag=_TAG_PING)
+            times.append((self.MPI.Wtime() - t) / 2)
+        return float(np.median(times[1:]))
 
     def bcast_(self, buf: np.ndarray) -> None:
         """Broadcast buf from rank 0, in place (through the hub's link when one is emulated)."""
