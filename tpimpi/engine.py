@@ -26,7 +26,8 @@ from .model import RankModel
 from .models import prepare
 from .sampling import SamplingConfig, StopText, sample
 from .scheduler import BlockScheduler
-from .store import RankStore, rank_specs
+from .stage import open_rank_store
+from .store import rank_specs
 
 CMD_STOP, CMD_RUN = 0, 1
 DEFAULT_MAX_SEQ = 2048
@@ -140,7 +141,7 @@ class Engine:
                  mem: MemoryOptions = MemoryOptions(), slots: int = 1):
         self.comm, self.mem, self.allreduce, self.path, self.slots = comm, mem, allreduce, str(path), slots
         # every rank opens and checks its own weight file
-        self.store = st = collective(comm, lambda: RankStore(self.path, comm.rank, comm.size, verify=verify))
+        self.store = st = collective(comm, lambda: open_rank_store(self.path, comm.rank, comm.size, verify))
         self.cfg = cfg = st.cfg
         self.max_seq = max_seq or min(cfg.max_context, DEFAULT_MAX_SEQ)
         if self.max_seq > cfg.max_context:
