@@ -68,7 +68,7 @@ def test_default_plan_streams_under_the_limit_with_the_same_tokens(env, unlimite
 
 
 def test_budget_comes_from_the_cgroup_limit(env):
-    code = "from tpimpi.engine import available_memory; print(available_memory())"
+    code = "from tpimpi.resources import available_memory; print(available_memory())"
     p = subprocess.run([sys.executable, "-m", "tpimpi.lowmem", "--limit", "700M", "--", sys.executable, "-c", code],
                        env=env, capture_output=True, timeout=60)
     assert p.returncode == 0, p.stderr.decode()

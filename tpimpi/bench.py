@@ -24,7 +24,7 @@ from pathlib import Path
 from . import __version__
 from . import comm as comm_mod
 from .errors import TpimpiError, UsageError
-from .engine import MemoryOptions
+from .resources import MemoryOptions
 from .generate import add_memory_args
 from .sampling import SamplingConfig
 from .shard import parse_ratios
@@ -112,7 +112,8 @@ def raw_read_seconds(store, chunk: int = 64 << 20) -> float:
 
 
 def bench_tpimpi(comm, args) -> dict | None:
-    from .engine import Engine, collective, prepare_store, set_threads
+    from .engine import Engine, collective, prepare_store
+    from .resources import set_threads
 
     mem = MemoryOptions.from_args(args)
     threads = set_threads(args.threads, "blas" if mem.compute == "float32" else "torch")
@@ -166,7 +167,7 @@ def bench_baseline(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .engine import peak_rss, reset_peak_rss, set_threads
+    from .resources import peak_rss, reset_peak_rss, set_threads
     from .models import default_model_path, prepare
     from .tokenizer import Tokenizer
 

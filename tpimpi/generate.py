@@ -15,7 +15,8 @@ import sys
 import traceback
 
 from . import comm as comm_mod
-from .engine import DEFAULT_MAX_SEQ, Engine, MemoryOptions, collective, plan_report, prepare_store, set_threads
+from .engine import Engine, collective, prepare_store
+from .resources import DEFAULT_MAX_SEQ, MemoryOptions, plan_report, set_threads
 from .errors import TpimpiError, UsageError
 from .sampling import SamplingConfig
 from .scheduler import IO_MODES

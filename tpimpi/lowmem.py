@@ -11,7 +11,7 @@ or an explanation when the OOM killer ended the command) and the cgroup is remov
 
 The limit is set before the command starts because Linux 6 no longer moves memory already charged
 elsewhere when a process changes cgroup. Inside, tpimpi reads the limit of its own cgroup and sizes
-its memory budget from it (engine.available_memory). Needs root or a delegated cgroup; where the
+its memory budget from it (resources.available_memory). Needs root or a delegated cgroup; where the
 controller is not writable it says so and exits 2, without running the command.
 
 Only the standard library is imported here: this process stays small and outside the limit.
