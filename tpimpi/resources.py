@@ -17,7 +17,7 @@ import torch
 from . import comm as comm_mod
 from . import lowmem
 from .errors import UsageError
-from .memory import fixed_parts, parse_size, plan_memory
+from .memory import BudgetTooSmall, fixed_parts, parse_size, plan_memory
 from .store import rank_specs
 
 DEFAULT_MAX_SEQ = 2048
@@ -96,13 +96,35 @@ def memory_plan(cfg, s, rank, world, dtype, max_seq, mem: MemoryOptions, data_st
     head_chunk = max(sp.layout.nbytes for sp in specs0)  # head chunks no larger than a layer block
     specs = rank_specs(cfg, s, rank, dtype, head_chunk, data_start)
     fixed = fixed_parts(cfg, s, rank, world, max_seq, mem.prefill_chunk)
+    name = "--mem-budget"
     if mem.resident:
         budget, window = None, None
     elif mem.window is not None:
         budget, window = None, mem.window
+    elif mem.budget:
+        budget, window = mem.budget, None
     else:
-        budget, window = mem.budget or int(0.8 * available_memory()), None
-    return specs, plan_memory(specs, fixed, dtype=dtype, compute=mem.compute, window=window, budget=budget)
+        budget, window = int(0.8 * available_memory()), None
+        name = "the default memory budget (0.8 x the memory available to this rank) of"
+    try:
+        return specs, plan_memory(specs, fixed, dtype=dtype, compute=mem.compute, window=window, budget=budget,
+                                  budget_name=name, context=max_seq)
+    except BudgetTooSmall as e:
+        fits = _largest_context(cfg, s, rank, world, dtype, max_seq, mem, specs, budget)
+        raise BudgetTooSmall(f"{e} (--max-seq-len {fits} fits)" if fits else str(e)) from None
+
+
+def _largest_context(cfg, s, rank, world, dtype, max_seq, mem: MemoryOptions, specs, budget) -> int | None:
+    """The largest power-of-two context below max_seq (down to 64) whose plan fits the budget, if any."""
+    n = 1 << (max_seq - 1).bit_length() - 1
+    while n >= 64:
+        try:
+            plan_memory(specs, fixed_parts(cfg, s, rank, world, n, mem.prefill_chunk), dtype=dtype,
+                        compute=mem.compute, budget=budget)
+            return n
+        except BudgetTooSmall:
+            n //= 2
+    return None
 
 
 def plan_report(model, world, ratios, dtype, max_seq, mem: MemoryOptions) -> str:
