@@ -147,6 +147,16 @@ def test_damaged_worker_file(env, tiny_gguf, tmp_path):
     assert "rank001.safetensors" in errors(generate(env, "--model", st, "--prompt", "x", np=2))[0]
 
 
+def test_conversion_options_are_refused_for_a_ready_store(env, tiny_gguf, tmp_path):
+    """--dtype and --ratios choose how a source is converted; a store holding something else is not silently
+    run as it is."""
+    st = convert(tiny_gguf, tmp_path / "s2", 2, quiet=True)
+    p = generate(env, "--model", st, "--dtype", "bfloat16", "--ratios", "2,1", np=2, stdin=b"hi")
+    assert_one_clear_error(p, "--dtype bfloat16 (it holds float32) and --ratios 2,1 (it was split 1,1) cannot apply "
+                              f"to the ready store '{st}'")
+    assert "python -m tpimpi.convert" in errors(p)[0] and "--ranks 2 --dtype bfloat16 --ratios 2,1" in errors(p)[0]
+
+
 @pytest.mark.parametrize("args,match", [
     (["--temperature", "-1"], "--temperature -1.0"),
     (["--top-p", "0"], "--top-p 0.0"),

@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--allreduce", choices=comm_mod.ALLREDUCE_ALGOS, default="star")
     p.add_argument("--threads", type=int, help="threads per rank (default: cores / local ranks)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="storage dtype when a source has to be converted")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="storage dtype when a source has to be converted (default float32)")
     p.add_argument("--ratios", help="relative share of each rank, e.g. 0.36,0.64 (when converting)")
     p.add_argument("--max-seq-len", type=int, default=1024)
     p.add_argument("--disk", action="store_true", help="first measure the raw O_DIRECT read bandwidth of the "
@@ -118,7 +118,7 @@ def bench_tpimpi(comm, args) -> dict | None:
     mem = MemoryOptions.from_args(args)
     threads = set_threads(args.threads, "blas" if mem.compute == "float32" else "torch")
     ratios = parse_ratios(args.ratios, comm.size)
-    path = prepare_store(comm, args.model, ratios, args.dtype)
+    path = prepare_store(comm, args.model, ratios if args.ratios else None, args.dtype)
     eng = Engine(comm, path, allreduce=args.allreduce, mem=mem, max_seq=args.max_seq_len)
     disk = None
     if args.disk:

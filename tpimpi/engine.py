@@ -36,8 +36,9 @@ def collective(comm, fn, *a):
     return out
 
 
-def prepare_store(comm, model: str | None, ratios, dtype: str) -> str:
-    """Collective: the store to run, found or converted by rank 0 while the others wait without spinning."""
+def prepare_store(comm, model: str | None, ratios=None, dtype: str | None = None) -> str:
+    """Collective: the store to run, found or converted by rank 0 while the others wait without spinning
+    (ratios and dtype: how to convert a source; None: the defaults)."""
     path = collective(comm, lambda: str(prepare(model, comm.size, ratios, dtype)) if comm.rank == 0 else "")
     comm.barrier()
     reset_peak_rss()  # a first run's conversion is a one-off step, not part of running the model

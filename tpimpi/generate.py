@@ -81,7 +81,8 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p.add_argument("--link-latency-ms", type=float, default=0.0, help="emulate a network link: latency per message")
     p.add_argument("--link-bandwidth-mbps", type=float, default=0.0, help="emulate a network link: bandwidth")
     p.add_argument("--ratios", help="relative share of each rank, e.g. 2,1,1 (when converting)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="storage dtype (when converting)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="storage dtype when converting (default float32); "
+                   "refused for a ready store that holds another")
     p.add_argument("--threads", type=int, help="threads per rank for the matrix products (default: cores / local ranks)")
     p.add_argument("--verify", action="store_true", help="check every weight file's sha256 before running")
     add_memory_args(p)
@@ -171,12 +172,12 @@ def run(comm, argv=None) -> int:
     if args.plan:
         if comm.rank == 0:
             print(plan_report(args.model, args.ranks or comm.size, ratios if not args.ranks else
-                              parse_ratios(args.ratios, args.ranks), args.dtype, args.max_seq_len, mem))
+                              parse_ratios(args.ratios, args.ranks), args.dtype or "float32", args.max_seq_len, mem))
         return 0
     if args.ranks:
         raise UsageError("--ranks goes with --plan; a run uses the ranks mpirun launched")
     texts = _texts_on_rank0(comm, args)
-    path = prepare_store(comm, args.model, ratios, args.dtype)
+    path = prepare_store(comm, args.model, ratios if args.ratios else None, args.dtype)
     eng = Engine(comm, path, max_seq=args.max_seq_len, allreduce=args.allreduce, verify=args.verify, mem=mem).load()
     prompt_ids = collective(comm, lambda: eng.encode_prompt(texts[0], args.raw, texts[1]) if comm.rank == 0 else None)
     result = eng.generate(prompt_ids, samp, args.max_new_tokens, stream=not args.json)

@@ -59,10 +59,37 @@ def _matches(path: Path, world: int, ratios, dtype: str) -> bool:
     return True
 
 
-def prepare(model: str | None, world: int, ratios, dtype: str = "float32", quiet: bool = False) -> Path:
-    """The store directory to run: `model` itself if it is a store, else a cached conversion of it."""
+def check_store_options(path: Path, world: int, ratios, dtype: str | None) -> None:
+    """Refuse --dtype or --ratios that differ from what a ready store holds, with the command that makes one."""
+    m = store.load_manifest(path)
+    wrong = []
+    if dtype is not None and dtype != m["dtype"]:
+        wrong.append(f"--dtype {dtype} (it holds {m['dtype']})")
+    if ratios is not None and not _same_shares(ratios, m["ratios"]):
+        wrong.append(f"--ratios {','.join(f'{r:g}' for r in ratios)} (it was split "
+                     f"{','.join(f'{r:g}' for r in m['ratios'])})")
+    if wrong:
+        src = m.get("source", {}).get("path", "SOURCE")
+        opts = (f"--dtype {dtype or m['dtype']}" + (f" --ratios {','.join(f'{r:g}' for r in ratios)}" if ratios
+                                                     else ""))
+        raise ModelError(f"{' and '.join(wrong)} cannot apply to the ready store {str(path)!r}: they choose how a "
+                         f"source is converted; convert it so with: python -m tpimpi.convert {src} --ranks {world} "
+                         f"{opts} --out DIR, or pass the source file as --model")
+
+
+def _same_shares(a, b) -> bool:
+    return len(a) == len(b) and all(abs(x / sum(a) - y / sum(b)) < 1e-9 for x, y in zip(a, b))
+
+
+def prepare(model: str | None, world: int, ratios=None, dtype: str | None = None, quiet: bool = False) -> Path:
+    """The store directory to run: `model` itself if it is a store, else a cached conversion of it.
+    `ratios` and `dtype` say how to convert (None: equal shares, float32); given for a ready store that
+    was converted otherwise, they are refused rather than ignored (a store is never re-split silently)."""
     if model is not None and is_store(Path(model)):
+        check_store_options(Path(model), world, ratios, dtype)
         return Path(model)
+    ratios = tuple(ratios) if ratios is not None else (1.0,) * world
+    dtype = dtype or "float32"
     source = default_model_path() if model is None else Path(model)
     if not source.exists():
         raise ModelError(f"model path {str(source)!r} does not exist")
