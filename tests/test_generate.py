@@ -61,13 +61,19 @@ def test_json_output_has_what_was_promised(serial_run):
     assert len(r["peak_rss_bytes"]) == 1 and r["peak_rss_bytes"][0] > 10 << 20
 
 
-@pytest.mark.parametrize("np_,algo", [(2, "star"), (3, "mpi")])
+@pytest.mark.parametrize("np_,algo", [(2, "star"), (3, "mpi"), (2, "auto")])
 def test_mpirun_gives_the_serial_tokens(env, tiny_gguf, serial_run, np_, algo):
     p = generate(env, "--model", tiny_gguf, "--prompt", "Hello there", "--max-new-tokens", 6, "--json",
                  "--allreduce", algo, np=np_)
     assert p.returncode == 0, p.stderr.decode()
     r = json.loads(p.stdout)
     assert r["token_ids"] == serial_run["token_ids"] and len(r["peak_rss_bytes"]) == np_
+    if algo == "auto":  # what it chose, measured from one token's hidden state (72 floats in the tiny model) up
+        table = r["allreduce_auto"]
+        assert table[0]["up_to_floats"] == 72 and table[-1]["up_to_floats"] == 256 * 72  # [prefill chunk, hidden]
+        assert {c["algorithm"] for c in table} <= {"star", "mpi", "reduce_bcast", "ring", "tree"}
+    else:
+        assert r["allreduce_auto"] is None
 
 
 def test_prompt_from_stdin_and_streamed_text(env, tiny_gguf, serial_run):

@@ -32,7 +32,7 @@ class SerialComm:
     rank, size = 0, 1
     in_lockstep = False  # set while every rank runs the decode loop
 
-    def setup(self, max_elems: int, algo: str = "star") -> None:
+    def setup(self, max_elems: int, algo: str = "star", hidden: int | None = None) -> None:
         pass
 
     def allreduce_(self, buf: np.ndarray) -> None:
@@ -100,9 +100,10 @@ class MPIComm:
         self._recv = np.empty((0, 0), dtype=np.float32)
         self._auto: list[tuple[int, str]] = []  # (largest size, algorithm) from the start-up measurement
 
-    def setup(self, max_elems: int, algo: str = "star") -> None:
+    def setup(self, max_elems: int, algo: str = "star", hidden: int | None = None) -> None:
         """Preallocate receive buffers for messages of up to max_elems floats; `auto` measures every
-        algorithm at a few sizes up to max_elems and keeps the fastest for each."""
+        algorithm at a few sizes from one token's hidden state (hidden) up to max_elems and keeps the
+        fastest for each."""
         if algo not in ALLREDUCE_ALGOS:
             raise TpimpiError(f"allreduce {algo!r} is not one of {', '.join(ALLREDUCE_ALGOS)}")
         rows = self.size - 1 if self.rank == 0 else 1  # star: a row per worker; ring, tree: one scratch row
@@ -110,7 +111,7 @@ class MPIComm:
             self._recv = np.empty((rows, max_elems), dtype=np.float32)  # [rows, elems]
         self.algo = algo
         if algo == "auto":
-            self._auto = self.measure_auto(max_elems)
+            self._auto = self.measure_auto(max_elems, hidden or max_elems)
 
     def allreduce_(self, buf: np.ndarray) -> None:
         """Sum buf over all ranks, in place; every rank ends with bit-identical values."""
@@ -121,9 +122,9 @@ class MPIComm:
             algo = next((a for size, a in self._auto if buf.size <= size), self._auto[-1][1])
         getattr(self, f"_allreduce_{algo}")(buf.reshape(-1))
 
-    def measure_auto(self, max_elems: int, reps: int = 5) -> list[tuple[int, str]]:
+    def measure_auto(self, max_elems: int, hidden: int, reps: int = 5) -> list[tuple[int, str]]:
         """For sizes hidden .. max_elems (x4 steps), the fastest concrete algorithm, as rank 0 timed it."""
-        sizes, n = [], min(576, max_elems)
+        sizes, n = [], min(hidden, max_elems)
         while n < max_elems:
             sizes.append(n)
             n *= 4

@@ -75,6 +75,11 @@ class Engine:
         self.blocks.close()
         self.store.close()
 
+    def auto_choices(self) -> list[dict] | None:
+        """With --allreduce auto: the algorithm the start-up measurement chose for each message size."""
+        table = getattr(self.comm, "_auto", None) if self.allreduce == "auto" else None  # comm.setup's table
+        return [{"up_to_floats": n, "algorithm": a} for n, a in table] if table else None
+
     def _load_master(self):
         from .tokenizer import Tokenizer
 
@@ -119,7 +124,8 @@ class Engine:
                 compute_s=[t / 1e6 for t in compute_us],
                 per_token={"io_wait_s": max(io_us) / 1e6 / n, "allreduce_s": max(comm_us) / 1e6 / n,
                            "compute_s": max(compute_us) / 1e6 / n, "bytes_read": max(read) // n},
-                ranks=comm.size, allreduce=self.allreduce, store=self.path, threads=threads_in_use(),
+                ranks=comm.size, allreduce=self.allreduce, allreduce_auto=self.auto_choices(),
+                store=self.path, threads=threads_in_use(),
                 memory=self.plan.describe(), window=self.plan.window if self.plan.streamed else None,
                 streamed_blocks=self.plan.streamed, n_blocks=self.plan.n_blocks)
         return result

@@ -192,8 +192,16 @@ def run(comm, argv=None) -> int:
                   f"(slowest rank): compute {pt['compute_s'] * 1e3:.1f} ms, allreduce {pt['allreduce_s'] * 1e3:.1f} ms, "
                   f"I/O wait {pt['io_wait_s'] * 1e3:.1f} ms, read {pt['bytes_read'] / 2**20:.1f} MiB; peak RSS "
                   f"{max(result['peak_rss_bytes']) / 2**20:.0f} MiB (predicted {result['predicted_peak_bytes'] / 2**20:.0f})"
-                  f" on the largest of {comm.size} ranks]", file=sys.stderr)
+                  f" on the largest of {comm.size} ranks{_auto_text(result)}]", file=sys.stderr)
     return 0
+
+
+def _auto_text(result: dict) -> str:
+    """'; allreduce auto chose star up to 576 floats, ...' when --allreduce auto measured at start-up."""
+    table = result.get("allreduce_auto")
+    if not table:
+        return ""
+    return "; allreduce auto chose " + ", ".join(f"{c['algorithm']} up to {c['up_to_floats']} floats" for c in table)
 
 
 def main(argv=None) -> int:

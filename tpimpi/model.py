@@ -30,7 +30,7 @@ class RankModel:
         whole_groups = kv_of_q == [j // cfg.group for j in range(s.n_kv * cfg.group)]
         self.group = cfg.group if whole_groups else 0  # lets decode attention skip gathering the cache
         self.cos, self.sin = layers.rope_tables(cfg, max_seq)  # [S, hd] each
-        comm.setup(self.chunk * h, allreduce)
+        comm.setup(self.chunk * h, allreduce, hidden=h)
         self.t_comm = self.t_forward = 0.0
 
     def forward(self, T: int, pos: int) -> torch.Tensor:
