@@ -6,7 +6,8 @@
 
 Each run warms up, then generates --repeat times with greedy decoding and a fixed number of new tokens
 (end-of-sequence does not stop it, so every system does the same work), and appends one JSON line with
-medians and the configuration to --out. Rank 0 prints a one-line summary.
+medians and the configuration to --out (default: $TPIMPI_CACHE/results/bench.jsonl, outside the
+repository). Rank 0 prints a one-line summary.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .sampling import SamplingConfig
 from .shard import parse_ratios
 
 DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
-DEFAULT_OUT = "data/results/bench.jsonl"
+RESULTS = "results/bench.jsonl"  # under the cache directory, outside the repository: see default_out()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,8 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "rank files, for the ratio of the bandwidth decode achieves")
     p.add_argument("--label", default="", help="free text stored with the result")
     add_memory_args(p)
-    p.add_argument("--out", default=DEFAULT_OUT, help="JSON-lines file the result is appended to")
+    p.add_argument("--out", help="JSON-lines file the result is appended to (default: $TPIMPI_CACHE/"
+                   f"{RESULTS}, i.e. ~/.cache/tpimpi/{RESULTS}; the jobs/ scripts that publish figures name "
+                   "data/results/... explicitly)")
     return p
+
+
+def default_out() -> Path:
+    """Where results go unless --out says: beside the cache, never into the checkout's committed results."""
+    from .models import cache_root
+
+    return cache_root() / RESULTS
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -239,7 +249,7 @@ def main(argv=None) -> int:
         else:
             result = bench_tpimpi(comm, args)
         if comm.rank == 0:
-            record(result, args, args.out)
+            record(result, args, args.out or str(default_out()))
     except TpimpiError as e:
         if comm.rank == 0:
             print(f"tpimpi.bench: error: {e}", file=sys.stderr)
