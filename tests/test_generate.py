@@ -76,6 +76,16 @@ def test_mpirun_gives_the_serial_tokens(env, tiny_gguf, serial_run, np_, algo):
         assert r["allreduce_auto"] is None
 
 
+def test_a_first_run_converts_in_another_process(env, tiny_gguf, tmp_path):
+    """So the conversion's memory is not in the running rank's peak RSS: the GGUF reader never loads here."""
+    code = ("import sys; from tpimpi.models import prepare; st = prepare(sys.argv[1], 1); "
+            "print(st.is_dir(), 'gguf' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code, str(tiny_gguf)], env=dict(env, TPIMPI_CACHE=str(tmp_path)),
+                       capture_output=True, timeout=60)
+    assert p.returncode == 0, p.stderr.decode()
+    assert p.stdout.decode().split() == ["True", "False"]
+
+
 def test_prompt_from_stdin_and_streamed_text(env, tiny_gguf, serial_run):
     p = generate(env, "--model", tiny_gguf, "--max-new-tokens", 6, np=2, stdin=b"Hello there")
     assert p.returncode == 0, p.stderr.decode()

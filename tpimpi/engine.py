@@ -41,7 +41,7 @@ def prepare_store(comm, model: str | None, ratios=None, dtype: str | None = None
     (ratios and dtype: how to convert a source; None: the defaults)."""
     path = collective(comm, lambda: str(prepare(model, comm.size, ratios, dtype)) if comm.rank == 0 else "")
     comm.barrier()
-    reset_peak_rss()  # a first run's conversion is a one-off step, not part of running the model
+    reset_peak_rss()  # a first run converts in a child process; nothing before this is part of running the model
     return comm.bcast_bytes(path.encode()).decode()
 
 
