@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,10 @@ def convert_elsewhere(source: Path, out: Path, world: int, ratios, dtype: str, q
         else:
             sys.stderr.write(line)
             sys.stderr.flush()
-    if proc.wait() != 0:
+    if proc.wait() == -signal.SIGKILL:
+        raise ModelError(f"converting {str(source)!r} for {world} ranks was killed, by the OOM killer if this "
+                         f"runs under a memory limit (tpimpi.lowmem): a conversion holds a whole tensor at a time; "
+                         f"convert without the limit first (one unlimited run, or python -m tpimpi.convert)")
+    if proc.returncode != 0:
         raise ModelError(error or f"converting {str(source)!r} failed (python -m tpimpi.convert exited with "
                                   f"status {proc.returncode})")
