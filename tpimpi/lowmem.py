@@ -1,6 +1,6 @@
 """Run a command as if on a device with little memory: alone in a memory cgroup with a hard limit.
 
-    mpirun -np 8 python -m tpimpi.lowmem --limit 400M -- python -m tpimpi.generate --prompt "..."
+    echo "..." | mpirun -np 8 python -m tpimpi.lowmem --limit 400M -- python -m tpimpi.generate
 
 Each process launched this way makes a child cgroup under its own (the cgroup v1 memory controller,
 or memory.max under cgroup v2), starts the command in it and waits. Everything the command allocates,
