@@ -111,8 +111,8 @@ for _m in METHODS:
 if "comm" in LEAK or "file" in LEAK:
     _texts, _generate = generate._texts_on_rank0, engine.Engine.generate
 
-    def _leaky_texts(comm, args):
-        texts = _texts(comm, args)
+    def _leaky_texts(comm, args, *rest):
+        texts = _texts(comm, args, *rest)
         if "comm" in LEAK:  # a buggy version that sends the prompt to every rank
             comm.bcast_bytes(texts[0].encode() if comm.rank == 0 else None)
         if "file" in LEAK and comm.rank != 0 and args.system_file:  # ... or lets workers read it

@@ -14,6 +14,9 @@ import json
 import sys
 import traceback
 
+import numpy as np
+
+from . import chat as chat_mod
 from . import comm as comm_mod
 from . import stdin
 from .engine import Engine, collective, prepare_store
@@ -64,6 +67,8 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     src.add_argument("--prompt", help="the prompt (default: read standard input); with more than one rank it is in "
                      "every rank's command line, so prefer standard input or --prompt-file")
     src.add_argument("--prompt-file", help="read the prompt from this file (rank 0 alone opens it)")
+    p.add_argument("--chat", action="store_true", help="hold a conversation: read one message per line on rank 0 "
+                   "(the default when standard input is a terminal and no prompt is given); /reset, /exit")
     sysm = p.add_mutually_exclusive_group()
     sysm.add_argument("--system", help="system message for the chat template (in every rank's command line)")
     sysm.add_argument("--system-file", help="read the system message from this file (rank 0 alone opens it)")
@@ -75,6 +80,10 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="divide the logits of ids already in the "
+                   "prompt or answer by this (multiply if negative), as transformers does; 1 = none (default)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end the answer before TEXT "
+                   "(repeatable)")
     p.add_argument("--allreduce", choices=comm_mod.ALLREDUCE_ALGOS, default="star",
                    help="star (default), MPI's Allreduce, Reduce+Bcast, ring, binomial tree, or auto: the "
                    "fastest of them for each message size, measured at start-up")
@@ -84,7 +93,12 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), help="storage dtype when converting (default float32); "
                    "refused for a ready store that holds another")
     p.add_argument("--threads", type=int, help="threads per rank for the matrix products (default: cores / local ranks)")
-    p.add_argument("--verify", action="store_true", help="check every weight file's sha256 before running")
+    check = p.add_mutually_exclusive_group()
+    check.add_argument("--verify", dest="verify", action="store_const", const="always", default="auto",
+                       help="check every weight file's sha256 against the manifest before running (by default a "
+                       "file is checked once after every change of it: a copy, an edit, a new conversion)")
+    check.add_argument("--no-verify", dest="verify", action="store_const", const="never",
+                       help="do not check weight files against the manifest's sha256")
     add_memory_args(p)
     p.add_argument("--plan", action="store_true", help="print each rank's predicted memory and exit")
     p.add_argument("--ranks", type=int, help="with --plan: plan for this many ranks instead of the launched ones")
@@ -101,7 +115,13 @@ def _validate(args, world: int) -> tuple[SamplingConfig, tuple]:
         raise UsageError(f"--prefill-chunk {args.prefill_chunk} must be at least 1")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads {args.threads} must be at least 1")
-    return SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed), parse_ratios(args.ratios, world)
+    if args.chat and (args.prompt is not None or args.prompt_file is not None or args.json or args.raw):
+        raise UsageError("--chat reads the conversation from standard input; it goes without --prompt, "
+                         "--prompt-file, --json and --raw")
+    if any(not s for s in args.stop):
+        raise UsageError("--stop needs a non-empty TEXT")
+    samp = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed, args.repetition_penalty)
+    return samp, parse_ratios(args.ratios, world)
 
 
 def _read_text(path: str, option: str) -> str:
@@ -138,13 +158,14 @@ def _system_message(args) -> str | None:
     return _read_text(args.system_file, "--system-file") if args.system_file is not None else args.system
 
 
-def _texts_on_rank0(comm, args) -> tuple[str, str | None] | None:
-    """Collective: rank 0 reads the prompt and system message (before loading, so a missing prompt is
-    reported at once) while the others wait without spinning; an error there stops every rank."""
-    texts, err = None, None
+def _texts_on_rank0(comm, args, chat: bool = False) -> tuple[str | None, str | None] | None:
+    """Collective: rank 0 reads the prompt (not in a chat: standard input is the conversation) and the
+    system message, before loading, so a missing prompt is reported at once, while the others wait
+    without spinning; an error there stops every rank."""
+    texts, err = (None, None), None
     if comm.rank == 0:
         try:
-            texts = _read_prompt(args, comm_mod.launched()), _system_message(args)
+            texts = None if chat else _read_prompt(args, comm_mod.launched()), _system_message(args)
         except TpimpiError as e:
             err = str(e)
     comm.barrier()
@@ -159,6 +180,16 @@ def _warn_command_line_text(args, world: int) -> None:
         print(f"tpimpi: note: {' and '.join(given)} text is in every rank's command line (ps, /proc/PID/cmdline "
               f"on every node); pipe the prompt to standard input or use --prompt-file/--system-file to keep it "
               f"on rank 0", file=sys.stderr, flush=True)
+
+
+def _chat_mode(comm, args) -> bool:
+    """Collective: --chat, or no prompt given and the user at a terminal (rank 0 decides for all)."""
+    flag = np.zeros(1, dtype=np.int64)
+    if comm.rank == 0:
+        flag[0] = args.chat or (args.prompt is None and args.prompt_file is None and not args.json
+                                and chat_mod.input_is_terminal(comm_mod.launched()))
+    comm.bcast_(flag)
+    return bool(flag[0])
 
 
 def run(comm, argv=None) -> int:
@@ -176,18 +207,23 @@ def run(comm, argv=None) -> int:
         return 0
     if args.ranks:
         raise UsageError("--ranks goes with --plan; a run uses the ranks mpirun launched")
-    texts = _texts_on_rank0(comm, args)
+    chat = _chat_mode(comm, args)
+    prompt, system = _texts_on_rank0(comm, args, chat)
     path = prepare_store(comm, args.model, ratios if args.ratios else None, args.dtype)
     eng = Engine(comm, path, max_seq=args.max_seq_len, allreduce=args.allreduce, verify=args.verify, mem=mem).load()
-    prompt_ids = collective(comm, lambda: eng.encode_prompt(texts[0], args.raw, texts[1]) if comm.rank == 0 else None)
-    result = eng.generate(prompt_ids, samp, args.max_new_tokens, stream=not args.json)
+    if chat:
+        code = chat_mod.chat(comm, eng, samp, args.max_new_tokens, system, tuple(args.stop), comm_mod.launched())
+        eng.close()
+        return code
+    prompt_ids = collective(comm, lambda: eng.encode_prompt(prompt, args.raw, system) if comm.rank == 0 else None)
+    result = eng.generate(prompt_ids, samp, args.max_new_tokens, stream=not args.json, stop=tuple(args.stop))
     eng.close()
     if comm.rank == 0:
         if args.json:
             print(json.dumps(result))
         else:
             pt = result["per_token"]
-            print(f"\n[{result['prompt_tokens']} prompt tokens, {len(result['token_ids'])} generated; "
+            print(f"[{result['prompt_tokens']} prompt tokens, {len(result['token_ids'])} generated; "
                   f"TTFT {result['ttft_s']:.3f} s, {result['decode_tokens_per_s'] or 0:.2f} tokens/s; per token "
                   f"(slowest rank): compute {pt['compute_s'] * 1e3:.1f} ms, allreduce {pt['allreduce_s'] * 1e3:.1f} ms, "
                   f"I/O wait {pt['io_wait_s'] * 1e3:.1f} ms, read {pt['bytes_read'] / 2**20:.1f} MiB; peak RSS "
