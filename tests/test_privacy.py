@@ -82,7 +82,8 @@ def patterns(secret, store, texts):
     """{name: bytes} a worker must never hold: each secret as UTF-8, and as its token ids (int64, int32)."""
     tok = Tokenizer.load(store)
     prompt, system = texts[0].read_text(), texts[1].read_text()
-    full = tok.encode(tok.render_chat(prompt, system) if tok.has_chat_template else prompt)
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    full = tok.encode_chat(messages) if tok.has_chat_template else tok.encode(prompt)  # as rank 0 encodes it
     out = {}
     for what, word in secret.items():
         out[f"{what} text"] = word.encode()
