@@ -24,9 +24,10 @@ def env(tmp_path_factory):
     return e
 
 
-def generate(env, *args, np=1, stdin=None, timeout=120):
-    """Run the command line; stdin is bytes to pipe in, or a file object (e.g. subprocess.DEVNULL)."""
-    cmd = [sys.executable, "-m", "tpimpi.generate"] + [str(a) for a in args]
+def generate(env, *args, np=1, stdin=None, script=None, timeout=120):
+    """Run the command line (or `script` with its arguments); stdin is bytes to pipe in, or a file object
+    (e.g. subprocess.DEVNULL)."""
+    cmd = [sys.executable] + ([str(script)] if script else ["-m", "tpimpi.generate"]) + [str(a) for a in args]
     if np > 1:
         cmd = ["mpirun", "-np", str(np)] + cmd
     if isinstance(stdin, bytes):
