@@ -19,9 +19,11 @@ import numpy as np
 from . import chat as chat_mod
 from . import comm as comm_mod
 from . import stdin
+from . import trace
 from .engine import Engine, collective, prepare_store
 from .resources import DEFAULT_MAX_SEQ, MemoryOptions, plan_report, set_threads
 from .errors import TpimpiError, UsageError
+from .planner.planfile import apply_to_args, check_store
 from .sampling import SamplingConfig
 from .scheduler import IO_MODES
 from .shard import parse_ratios
@@ -90,6 +92,7 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p.add_argument("--link-latency-ms", type=float, default=0.0, help="emulate a network link: latency per message")
     p.add_argument("--link-bandwidth-mbps", type=float, default=0.0, help="emulate a network link: bandwidth")
     p.add_argument("--ratios", help="relative share of each rank, e.g. 2,1,1 (when converting)")
+    p.add_argument("--plan-file", help="run as this plan says (tpimpi.plan): shares, memory modes, allreduce, dtype")
     p.add_argument("--dtype", choices=list(DTYPES), help="storage dtype when converting (default float32); "
                    "refused for a ready store that holds another")
     p.add_argument("--threads", type=int, help="threads per rank for the matrix products (default: cores / local ranks)")
@@ -103,6 +106,8 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true", help="print each rank's predicted memory and exit")
     p.add_argument("--ranks", type=int, help="with --plan: plan for this many ranks instead of the launched ones")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+    p.add_argument("--trace", metavar="FILE.h5", help="record every rank's compute, I/O wait, allreduce wait and "
+                   "bytes per token into this HDF5 file (draw it with python -m tpimpi.report --timeline FILE.h5)")
     return p
 
 
@@ -192,13 +197,23 @@ def _chat_mode(comm, args) -> bool:
     return bool(flag[0])
 
 
+def trace_attrs(eng, model, plan) -> dict:
+    """What a trace file records about the run besides its events."""
+    attrs = {"allreduce": eng.allreduce, "hidden": eng.cfg.hidden, "model": model or "default",
+             "dtype": eng.store.dtype, "config": eng.cfg.to_dict()}
+    if plan is not None:
+        attrs["plan"] = plan.raw
+    return attrs
+
+
 def run(comm, argv=None) -> int:
     args = build_parser(comm.rank).parse_args(argv)
+    plan = apply_to_args(comm, args)
     samp, ratios = _validate(args, comm.size)
     if comm.rank == 0 and not args.plan:
         _warn_command_line_text(args, comm.size)
     comm.link = comm_mod.Link.from_cli(args.link_latency_ms, args.link_bandwidth_mbps)
-    mem = MemoryOptions.from_args(args)
+    mem = MemoryOptions.from_args(args) if plan is None else plan.memory_options(comm.rank, args.io, args.compute)
     set_threads(args.threads, "blas" if mem.compute == "float32" else "torch")
     if args.plan:
         if comm.rank == 0:
@@ -210,13 +225,18 @@ def run(comm, argv=None) -> int:
     chat = _chat_mode(comm, args)
     prompt, system = _texts_on_rank0(comm, args, chat)
     path = prepare_store(comm, args.model, ratios if args.ratios else None, args.dtype)
+    if plan is not None:
+        collective(comm, check_store, plan, path)
     eng = Engine(comm, path, max_seq=args.max_seq_len, allreduce=args.allreduce, verify=args.verify, mem=mem).load()
     if chat:
         code = chat_mod.chat(comm, eng, samp, args.max_new_tokens, system, tuple(args.stop), comm_mod.launched())
         eng.close()
         return code
     prompt_ids = collective(comm, lambda: eng.encode_prompt(prompt, args.raw, system) if comm.rank == 0 else None)
+    tracer = trace.attach(eng, comm) if args.trace else None
     result = eng.generate(prompt_ids, samp, args.max_new_tokens, stream=not args.json, stop=tuple(args.stop))
+    if tracer is not None:
+        trace.write(comm, tracer, args.trace, trace_attrs(eng, args.model, plan))
     eng.close()
     if comm.rank == 0:
         if args.json:
