@@ -10,6 +10,7 @@ reason; an entry that matches no README line fails the test, so the list stays c
 
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -89,10 +90,13 @@ def test_the_readme_has_commands_and_the_skip_list_is_current():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A scratch directory with the checkout's entries linked in, and a fresh model cache."""
+    """A scratch directory with the checkout's entries linked in (data/ copied: commands write results
+    there), and a fresh model cache."""
     d = tmp_path_factory.mktemp("readme")
     for entry in ROOT.iterdir():
-        if entry.name not in (".git",):
+        if entry.name == "data":
+            shutil.copytree(entry, d / entry.name)
+        elif entry.name != ".git":
             (d / entry.name).symlink_to(entry)
     env = dict(os.environ, TPIMPI_CACHE=str(tmp_path_factory.mktemp("readme-cache")), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1")
