@@ -344,7 +344,7 @@ def test_many_prompts_through_one_engine_do_not_grow_memory(long_stores):
 
 @pytest.mark.parametrize("args,match", [
     (["--window", "1000"], "--window 1000 is out of range"),
-    (["--mem-budget", "1M"], re.compile(r"--mem-budget 1 MiB is too small: even one streamed block needs \d+ MiB")),
+    (["--mem-budget", "1M"], re.compile(r"--mem-budget 1 MiB is too small for this rank: before any weights it holds \d+ MiB .* --max-seq-len")),
     (["--ratios", "1,0"], "--ratios '1,0': every ratio must be a positive number"),
     (["--prefill-chunk", "0"], "--prefill-chunk 0 must be at least 1"),
     (["--io", "bogus"], "argument --io: invalid choice: 'bogus'"),

@@ -27,7 +27,7 @@ def _cgroups_writable() -> str | None:
 
 
 WHY_NOT = _cgroups_writable()
-pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
+needs_cgroups = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
 
 
 def run(env, *args, limit=None, np=2, timeout=180):
@@ -46,6 +46,7 @@ def unlimited(env):
     return json.loads(p.stdout.decode().strip().splitlines()[-1])
 
 
+@needs_cgroups
 def test_resident_slices_do_not_fit_and_the_oom_killer_says_so(env, unlimited):
     assert min(unlimited["peak_rss_bytes"]) > LIMIT  # the premise: every rank's resident slice is too big
     p = run(env, "--resident", limit=LIMIT)
@@ -54,6 +55,7 @@ def test_resident_slices_do_not_fit_and_the_oom_killer_says_so(env, unlimited):
     assert "OOM killer ended the command" in err and "does not fit in 440 MiB" in err, err
 
 
+@needs_cgroups
 def test_default_plan_streams_under_the_limit_with_the_same_tokens(env, unlimited):
     p = run(env, limit=LIMIT)
     assert p.returncode == 0, p.stderr.decode()
@@ -67,14 +69,16 @@ def test_default_plan_streams_under_the_limit_with_the_same_tokens(env, unlimite
     assert all(0 < c <= LIMIT for c in r["cgroup_peak_bytes"])
 
 
+@needs_cgroups
 def test_budget_comes_from_the_cgroup_limit(env):
-    code = "from tpimpi.engine import available_memory; print(available_memory())"
+    code = "from tpimpi.resources import available_memory; print(available_memory())"
     p = subprocess.run([sys.executable, "-m", "tpimpi.lowmem", "--limit", "700M", "--", sys.executable, "-c", code],
                        env=env, capture_output=True, timeout=60)
     assert p.returncode == 0, p.stderr.decode()
     assert int(p.stdout) == 700 * MiB
 
 
+@needs_cgroups
 @pytest.mark.parametrize("args, message", [
     (["--limit", "lots", "--", "true"], "--limit 'lots' is not a size"),
     (["--limit", "400M"], "no command given"),
@@ -87,9 +91,51 @@ def test_bad_input_gets_one_clear_message(env, args, message):
     assert err.count("tpimpi.lowmem:") == 1
 
 
+@needs_cgroups
 def test_no_cgroup_is_left_behind(env):
     kind, parent = lowmem.own_cgroup()
     before = set(parent.glob("tpimpi-r*"))
     p = subprocess.run([sys.executable, "-m", "tpimpi.lowmem", "--limit", "64M", "--", "true"], env=env, timeout=30)
     assert p.returncode == 0
     assert set(parent.glob("tpimpi-r*")) == before
+
+
+def _v2_tree(tmp_path):
+    """A directory tree standing in for a cgroup v2 mount: root passes memory down, a and b do not."""
+    root = tmp_path / "cgroup"
+    b = root / "a" / "b"
+    b.mkdir(parents=True)
+    for d, ctl in ((root, "cpu memory\n"), (root / "a", "cpu\n"), (b, "\n")):
+        (d / "cgroup.subtree_control").write_text(ctl)
+    return root, root / "a", b
+
+
+def test_v2_enables_the_memory_controller_top_down_before_the_child(tmp_path):
+    """The v2 path's logic against a stand-in tree (this machine has cgroup v1): which cgroup.subtree_control
+    files get "+memory" (every ancestor that does not already pass memory down, not the others), that the
+    child is made after them and gets memory.max. What this cannot test here: that the kernel accepts the
+    writes, refuses them (EBUSY) in a cgroup that holds processes, creates the child's memory files and
+    enforces memory.max; test_resident_slices_do_not_fit... checks enforcement under v1."""
+    root, a, b = _v2_tree(tmp_path)
+    d = lowmem.make_child("v2", root, b, "tpimpi-r0-1", 123 * MiB)
+    assert (root / "cgroup.subtree_control").read_text() == "cpu memory\n"  # already passes memory: untouched
+    assert (a / "cgroup.subtree_control").read_text() == "+memory"
+    assert (b / "cgroup.subtree_control").read_text() == "+memory"
+    assert d == b / "tpimpi-r0-1" and (d / "memory.max").read_text() == str(123 * MiB)
+
+
+def test_v2_stops_at_the_first_ancestor_that_refuses(tmp_path):
+    """Top-down order: when a's subtree_control cannot be written, b's is not touched and no child is made."""
+    root, a, b = _v2_tree(tmp_path)
+    (a / "cgroup.subtree_control").unlink()
+    (a / "cgroup.subtree_control").mkdir()  # writing it fails (EISDIR), as a refusing kernel file would
+    with pytest.raises(OSError, match="cannot enable the memory controller in .*/a/cgroup.subtree_control"):
+        lowmem.make_child("v2", root, b, "tpimpi-r0-1", 123 * MiB)
+    assert (b / "cgroup.subtree_control").read_text() == "\n" and not (b / "tpimpi-r0-1").exists()
+
+
+def test_v1_writes_no_subtree_control(tmp_path):
+    root, a, b = _v2_tree(tmp_path)
+    d = lowmem.make_child("v1", root, b, "tpimpi-r0-1", 64 * MiB)
+    assert (a / "cgroup.subtree_control").read_text() == "cpu\n"
+    assert (d / "memory.limit_in_bytes").read_text() == str(64 * MiB)

@@ -45,7 +45,7 @@ class ThreadComm:
     def __init__(self, group: ThreadGroup, rank: int):
         self.g, self.rank, self.size = group, rank, group.size
 
-    def setup(self, max_elems: int, algo: str = "star") -> None:
+    def setup(self, max_elems: int, algo: str = "star", hidden: int | None = None) -> None:
         pass
 
     def allreduce_(self, buf: np.ndarray) -> None:

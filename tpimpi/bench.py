@@ -6,7 +6,8 @@
 
 Each run warms up, then generates --repeat times with greedy decoding and a fixed number of new tokens
 (end-of-sequence does not stop it, so every system does the same work), and appends one JSON line with
-medians and the configuration to --out. Rank 0 prints a one-line summary.
+medians and the configuration to --out (default: $TPIMPI_CACHE/results/bench.jsonl, outside the
+repository). Rank 0 prints a one-line summary.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 from . import __version__
 from . import comm as comm_mod
 from .errors import TpimpiError, UsageError
-from .engine import MemoryOptions
+from .resources import MemoryOptions
 from . import trace
 from .generate import add_memory_args, trace_attrs
 from .planner.planfile import apply_to_args, check_store
@@ -32,7 +33,7 @@ from .sampling import SamplingConfig
 from .shard import parse_ratios
 
 DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
-DEFAULT_OUT = "data/results/bench.jsonl"
+RESULTS = "results/bench.jsonl"  # under the cache directory, outside the repository: see default_out()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--link-latency-ms", type=float, default=0.0, help="emulate a network link: latency per message")
     p.add_argument("--link-bandwidth-mbps", type=float, default=0.0, help="emulate a network link: bandwidth")
     p.add_argument("--threads", type=int, help="threads per rank (default: cores / local ranks)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="storage dtype when a source has to be converted")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="storage dtype when a source has to be converted (default float32)")
     p.add_argument("--ratios", help="relative share of each rank, e.g. 0.36,0.64 (when converting)")
     p.add_argument("--plan-file", help="run as this plan says (tpimpi.plan); the prediction is recorded beside")
     p.add_argument("--max-seq-len", type=int, help="context for the KV cache (default 1024, or the plan's)")
@@ -58,8 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default="", help="free text stored with the result")
     p.add_argument("--trace", metavar="FILE.h5", help="record per-token events of the measured runs (tpimpi.trace)")
     add_memory_args(p)
-    p.add_argument("--out", default=DEFAULT_OUT, help="JSON-lines file the result is appended to")
+    p.add_argument("--out", help="JSON-lines file the result is appended to (default: $TPIMPI_CACHE/"
+                   f"{RESULTS}, i.e. ~/.cache/tpimpi/{RESULTS}; the jobs/ scripts that publish figures name "
+                   "data/results/... explicitly)")
     return p
+
+
+def default_out() -> Path:
+    """Where results go unless --out says: beside the cache, never into the checkout's committed results."""
+    from .models import cache_root
+
+    return cache_root() / RESULTS
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -118,7 +128,8 @@ def raw_read_seconds(store, chunk: int = 64 << 20) -> float:
 
 
 def bench_tpimpi(comm, args) -> dict | None:
-    from .engine import Engine, collective, prepare_store, set_threads
+    from .engine import Engine, collective, prepare_store
+    from .resources import set_threads
 
     plan = apply_to_args(comm, args)
     comm.link = comm_mod.Link.from_cli(args.link_latency_ms, args.link_bandwidth_mbps)
@@ -126,7 +137,7 @@ def bench_tpimpi(comm, args) -> dict | None:
     mem = MemoryOptions.from_args(args) if plan is None else plan.memory_options(comm.rank, args.io, args.compute)
     threads = set_threads(args.threads, "blas" if mem.compute == "float32" else "torch")
     ratios = parse_ratios(args.ratios, comm.size)
-    path = prepare_store(comm, args.model, ratios, args.dtype)
+    path = prepare_store(comm, args.model, ratios if args.ratios else None, args.dtype)
     if plan is not None:
         collective(comm, check_store, plan, path)
     eng = Engine(comm, path, allreduce=args.allreduce, mem=mem, max_seq=args.max_seq_len)
@@ -185,7 +196,7 @@ def bench_baseline(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .engine import peak_rss, reset_peak_rss, set_threads
+    from .resources import peak_rss, reset_peak_rss, set_threads
     from .models import default_model_path, prepare
     from .tokenizer import Tokenizer
 
@@ -257,7 +268,7 @@ def main(argv=None) -> int:
         else:
             result = bench_tpimpi(comm, args)
         if comm.rank == 0:
-            record(result, args, args.out)
+            record(result, args, args.out or str(default_out()))
     except TpimpiError as e:
         if comm.rank == 0:
             print(f"tpimpi.bench: error: {e}", file=sys.stderr)

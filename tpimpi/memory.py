@@ -98,10 +98,28 @@ def _scratch_bytes(specs: list[BlockSpec], compute: str) -> int:
     return scratch_bytes(max(packed)) if packed else 0
 
 
+class BudgetTooSmall(UsageError):
+    """The budget does not hold even the fixed part and one streamed block."""
+
+
+def too_small_message(budget: int, smallest: MemoryPlan, budget_name: str = "--mem-budget",
+                      context: int | None = None) -> str:
+    """What the smallest plan holds, which part costs, and the flag that lowers it."""
+    fixed = {k: v for k, v in smallest.parts.items() if k != "weights" and v}
+    ctx = f" for a context of {context} positions" if context else ""
+    return (f"{budget_name} {budget / MiB:.0f} MiB is too small for this rank: before any weights it holds "
+            f"{sum(fixed.values()) / MiB:.0f} MiB ({', '.join(f'{k} {v / MiB:.0f}' for k, v in fixed.items())} MiB; "
+            f"the KV cache and activations are sized{ctx}), and streaming one block at a time adds "
+            f"{smallest.parts['weights'] / MiB:.0f} MiB; lower the context with --max-seq-len, or give it more "
+            f"memory, more ranks or a bf16 store")
+
+
 def plan_memory(specs: list[BlockSpec], fixed: dict[str, int], *, dtype: str, compute: str,
-                window: int | None = None, budget: int | None = None) -> MemoryPlan:
+                window: int | None = None, budget: int | None = None, budget_name: str = "--mem-budget",
+                context: int | None = None) -> MemoryPlan:
     """Resident set and window for: all resident (neither given), a window, or a budget (which keeps
-    as many evenly spaced blocks resident as fit beside a window of 2, or of `window`)."""
+    as many evenly spaced blocks resident as fit beside a window of 2, or of `window`). A budget too
+    small for the fixed part and one streamed block raises BudgetTooSmall naming both."""
     from .scheduler import evenly_spaced
 
     n = len(specs)
@@ -128,8 +146,7 @@ def plan_memory(specs: list[BlockSpec], fixed: dict[str, int], *, dtype: str, co
     if smallest.total > budget:
         smallest = make(set(), 1)
         if smallest.total > budget:
-            raise UsageError(f"--mem-budget {budget / MiB:.0f} MiB is too small: even one streamed block needs "
-                             f"{smallest.total / MiB:.0f} MiB on this rank ({smallest.describe()})")
+            raise BudgetTooSmall(too_small_message(budget, smallest, budget_name, context))
         return smallest
     lo, hi = 0, n - 1  # the most evenly spaced resident blocks that still fit
     while lo < hi:

@@ -40,7 +40,7 @@ class RankModel:
         self.group = cfg.group if whole_groups else 0  # lets decode attention skip gathering the cache
         self.cos, self.sin = layers.rope_tables(cfg, max_seq)  # [S, hd] each
         self.windows = [cfg.window(i) for i in range(cfg.n_layers)]  # per layer: 0, or a sliding window
-        comm.setup(self.rows * h, allreduce)
+        comm.setup(self.rows * h, allreduce, hidden=h)
         self.t_comm = self.t_forward = 0.0
         self.trace = None  # a trace.Tracer when --trace is on
 

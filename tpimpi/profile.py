@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from . import comm as comm_mod
-from .engine import available_memory, collective, set_threads
+from .engine import collective
+from .resources import available_memory, set_threads
 from .errors import TpimpiError, UsageError
 from .memory import BASE_RSS
 from .models import cache_root, is_store

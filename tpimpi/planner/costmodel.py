@@ -21,7 +21,7 @@ Communication. One allreduce of n bytes among k ranks, with the slowest link's l
     tree, mpi, reduce_bcast  2 ceil(log2 k) (L + n / B)
 which is also how comm.Link emulates a link, so emulated runs check the model.
 
-Memory is memory.py's model, through engine.memory_plan: nothing is re-derived here.
+Memory is memory.py's model, through resources.memory_plan: nothing is re-derived here.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 
 from ..config import ModelConfig
-from ..engine import MemoryOptions, memory_plan
+from ..resources import MemoryOptions, memory_plan
 from ..shard import plan as split_plan
 from ..store import DTYPES
 from .devices import Device
@@ -93,7 +93,7 @@ def layout_dtype(dtype: str) -> tuple[str, float]:
 
 
 def rank_memory(cfg, s, rank: int, world: int, dtype: str, max_seq: int, options):
-    """(block specs, memory plan, byte scale) of one rank: memory.py's plan through engine.memory_plan, for
+    """(block specs, memory plan, byte scale) of one rank: memory.py's plan through resources.memory_plan, for
     a format it lays out; else the float16 plan with the weights scaled to the format's size."""
     from dataclasses import replace
 

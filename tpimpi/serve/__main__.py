@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from .. import comm as comm_mod
-from ..engine import Engine, MemoryOptions, collective, plan_report, prepare_store, set_threads
+from ..engine import Engine, collective, prepare_store
+from ..resources import MemoryOptions, plan_report, set_threads
 from ..errors import UsageError
 from ..generate import _Parser, add_engine_args, main as generate_main, validate_engine_args
 from ..memory import parse_size
