@@ -142,6 +142,7 @@ def plan_report(model, world, ratios, dtype, max_seq, mem: MemoryOptions, slots:
             raise UsageError(f"store {model!r} is split for {m['world']} ranks, not {world}")
     else:
         cfg = open_source(model or default_model_path()).config
+        dtype = dtype or "float32"
     max_seq = max_seq or min(cfg.max_context, DEFAULT_MAX_SEQ)
     lines = [f"{cfg.arch}: {cfg.n_layers} layers, hidden {cfg.hidden}, {cfg.n_heads} heads ({cfg.n_kv_heads} KV), "
              f"FFN {cfg.ffn}, vocab {cfg.vocab}; {world} ranks, {dtype}, context {max_seq}"
