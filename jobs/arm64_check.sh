@@ -30,6 +30,8 @@ TORCH_VERSION=${TORCH_VERSION:-2.10.0}
 PROMPT=${PROMPT:-"What is the capital of France? Answer in one sentence."}
 NEW_TOKENS=${NEW_TOKENS:-8}
 RANKS=${RANKS:-1 2}
+DTYPES=${DTYPES:-float32 bfloat16}   # storage formats to check (float16 is bfloat16's twin)
+QUANTIZED=${QUANTIZED:-q8 q4 auto}  # quantized formats, checked where tpimpi.convert offers them (below)
 TESTS=${TESTS:-1}
 KEEP=${KEEP:-0}
 PYTHON=${PYTHON:-python3}
@@ -177,10 +179,15 @@ done > "$WORK/fake/cpuinfo"
 
 # --- the reference: the same stores and prompt on this x86_64 host ----------------------------------------
 # Stores are converted here once per version of tpimpi's code and kept: both machines read the same bytes.
-# Every storage dtype the converter offers joins the check; when quantized formats land (engineer "quant":
-# --dtype q8|q4 and GGUF's Q4_1 kept), their stores are converted, run and compared like the others.
-dtypes=$(PYTHONPATH=$REPO $PYTHON -c 'from tpimpi.store import DTYPES; print(" ".join(d for d in DTYPES if d != "float16"))')
-key=$( (cd "$REPO" && cat tpimpi/*.py $(find tpimpi -mindepth 2 -name '*.py' | sort)) | sha256sum | cut -c1-16)
+# QUANTIZED FORMATS (engineer "quant": --dtype q8|q4, and auto, which keeps a GGUF's own Q4_1 blocks): each of
+# QUANTIZED that the converter offers joins the check, converted, run and compared like float32 and bfloat16.
+offered=$(PYTHONPATH=$REPO $PYTHON -m tpimpi.convert --help | grep -o -- '--dtype {[^}]*}' | head -1 | tr -d '{}' \
+  | cut -d' ' -f2 | tr ',' ' ')
+dtypes=$DTYPES
+for q in $QUANTIZED; do
+  if [[ " $offered " == *" $q "* ]]; then dtypes+=" $q"; fi
+done
+key=$( (echo "$dtypes $RANKS"; cd "$REPO" && cat $(find tpimpi -name '*.py' | sort)) | sha256sum | cut -c1-16)
 STORES=$CACHE/stores-$key
 if [ ! -e "$STORES/.complete" ]; then
   stage "converting the default model on the host: ${dtypes// /, } at ${RANKS// /, } rank(s)"
