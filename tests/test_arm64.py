@@ -39,6 +39,15 @@ def test_differences_fail(tokens, scale):
     assert not c.ok
 
 
+@pytest.mark.parametrize("scale,ok", [(1 + 1e-2, True), (1 + 1e-1, False)])
+def test_bfloat16_products_have_their_own_tolerance_but_not_for_tokens(scale, ok):
+    name = "bfloat16-n2-compute-bf16"
+    (x, xl), (a, al) = _side(name=name), _side(LOGITS * scale, name=name)
+    assert compare.compare_runs(x, a, xl, al)[0].ok is ok
+    (a, al) = _side(LOGITS, [504, 3575, 282, 7042], name=name)
+    assert not compare.compare_runs(x, a, xl, al)[0].ok
+
+
 def test_a_configuration_missing_on_one_side_fails():
     (x, xl), (a, al) = _side(), _side(name="bfloat16-n2")
     checks = compare.compare_runs(x, a, xl, al)

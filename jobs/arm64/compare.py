@@ -5,7 +5,7 @@
 Each DIR holds what jobs/arm64/probe.py wrote at each rank count (n1/, n2/, ...): results.json, NAME.npy
 and kernels.json. A configuration passes when its greedy tokens are the same on both machines and its
 last-position logits agree within the tolerance the x86 tests use against transformers (largest absolute
-difference over the largest magnitude). ARM_DIR may also hold cli-NAME.json (`tpimpi.generate --json` on
+difference over the largest magnitude; bfloat16 products have their own, BF16_TOL, explained below). ARM_DIR may also hold cli-NAME.json (`tpimpi.generate --json` on
 store NAME: its tokens must be the probe's on x86_64) and converted-NAME.manifest.json (a conversion made
 on aarch64: every file's sha256 must be that of the x86_64 store STORES/NAME). Prints the kernels each
 side ran and one line per check; exits 1 if any check fails or is missing on one side.
@@ -22,6 +22,17 @@ from pathlib import Path
 import numpy as np
 
 TOL = 1e-4  # tests/test_model.py's tolerance against transformers
+# With --compute bfloat16 every product's input and output is rounded to bfloat16 (8 significant bits), and
+# the two machines' bf16 kernels add in different orders (x86_64: oneDNN on AVX512-BF16/AMX; aarch64's torch:
+# OpenBLAS's sbgemm and its own NEON kernels, a Neoverse N1 having no bf16 instructions), so they round
+# differently. On x86_64 alone these logits move by 0.7% from float32 products and by 1% between 1 and
+# 2 ranks; aarch64's were 1.2% from x86_64's. The tokens must still be the same.
+BF16_TOL = 5e-2
+
+
+def tolerance(name: str, tol: float = TOL) -> float:
+    """The logits tolerance of a configuration: bfloat16 products' own where it has them."""
+    return max(tol, BF16_TOL) if name.endswith("-compute-bf16") else tol
 
 
 @dataclass(frozen=True)
@@ -48,11 +59,11 @@ def compare_runs(x86: dict, arm: dict, x86_logits: dict, arm_logits: dict, tol: 
             checks.append(Check(name, False, f"missing on {' and '.join(missing)}"))
             continue
         a, b = x86[name]["token_ids"], arm[name]["token_ids"]
-        d = rel_diff(arm_logits[name], x86_logits[name])
-        detail = f"tokens {'same' if a == b else 'DIFFER'}; logits differ by {d:.2e} (tolerance {tol:.0e})"
+        d, t = rel_diff(arm_logits[name], x86_logits[name]), tolerance(name, tol)
+        detail = f"tokens {'same' if a == b else 'DIFFER'}; logits differ by {d:.2e} (tolerance {t:.0e})"
         if a != b:
             detail += f"; x86_64 {a}, aarch64 {b}"
-        checks.append(Check(name, a == b and d <= tol, detail))
+        checks.append(Check(name, a == b and d <= t, detail))
     return checks
 
 
