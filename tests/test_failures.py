@@ -143,6 +143,70 @@ def test_a_weight_file_cut_short_mid_run_ends_the_job_with_one_message(env, long
     assert_all_gone(ranks.values())
 
 
+# ---- a damaged weight file -----------------------------------------------------------------------
+
+
+def _damage(st, rank: int, keep_mtime: bool, nbytes: int = 200 << 10) -> None:
+    """Overwrite nbytes (or what there is) of a rank's layer blocks with 0xff (float32 NaN), size unchanged."""
+    f = st / store.rank_file_name(rank)
+    rs = store.RankStore(st, rank, 2)
+    start, end = rs.block_offset(0), rs.block_offset(rs.n_blocks - 1) + rs.layout(rs.n_blocks - 1).nbytes
+    rs.close()
+    before = f.stat()
+    with open(f, "r+b") as fh:
+        fh.seek(start)
+        fh.write(b"\xff" * min(nbytes, end - start))
+    if keep_mtime:
+        os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert f.stat().st_size == before.st_size and f.stat().st_ino == before.st_ino
+
+
+def test_damage_the_stamp_cannot_see_is_caught_by_the_non_finite_check(env, long_stores, tmp_path):
+    st = shutil.copytree(long_stores[2], tmp_path / "s2")
+    for r in range(2):
+        store.RankStore(st, r, 2, verify="auto").close()  # the copy verified and stamped, as a first run does
+    _damage(st, 1, keep_mtime=True)  # size, mtime and inode as stamped: the file is not hashed again
+    p = generate(env, "--model", st, "--prompt", "Hello", "--raw", "--max-new-tokens", 4, np=2)
+    assert_one_clear_error(p, "the hidden states are not finite")
+    said = errors(p)[0]
+    assert "from rank 1 in layers.0.attn" in said and "--verify" in said, said
+    assert "checking" not in p.stderr.decode()
+    p = generate(env, "--model", st, "--prompt", "Hello", "--raw", "--max-new-tokens", 4, "--verify", np=2)
+    assert_one_clear_error(p, "rank001.safetensors: checksum does not match the manifest")
+
+
+def test_damage_is_found_before_the_run_without_being_asked(env, long_stores, tmp_path):
+    st = shutil.copytree(long_stores[2], tmp_path / "s2")
+    _damage(st, 1, keep_mtime=False)
+    p = generate(env, "--model", st, "--prompt", "Hello", "--raw", "--max-new-tokens", 4, np=2)
+    assert_one_clear_error(p, "rank001.safetensors: checksum does not match the manifest")
+    assert "rank 1: checking rank001.safetensors" in p.stderr.decode()
+    p = generate(env, "--model", st, "--prompt", "Hello", "--raw", "--max-new-tokens", 4, "--no-verify", np=2)
+    assert_one_clear_error(p, "from rank 1 in layers.0.attn")  # skipped on request: the run's check remains
+
+
+@pytest.mark.parametrize("row,match", [(-1, "the logits are not finite"), (0, "embedding rows of the input")])
+def test_damage_to_rank0s_embedding_or_head_is_named(long_stores, tmp_path, row, match):
+    """The head (tied: the embedding table) is rank 0's alone: NaN there is caught where it is used."""
+    from harness import run_store
+    from tpimpi.comm import SerialComm
+    from tpimpi.errors import StoreError
+
+    st = shutil.copytree(long_stores[1], tmp_path / "s1")
+    rs = store.RankStore(st, 0, 1, verify="auto")  # verified and stamped
+    row_bytes = rs.cfg.hidden * 4
+    offset = rs.offsets["embed"] + (row % rs.cfg.vocab) * row_bytes  # the last row is no prompt token's
+    rs.close()
+    f = st / store.rank_file_name(0)
+    before = f.stat()
+    with open(f, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\xff" * row_bytes)
+    os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))  # past the stamp
+    with pytest.raises(StoreError, match=match + ".*--verify"):
+        run_store(st, SerialComm(), [0, 5, 7], 1)
+
+
 # ---- a conversion is killed -------------------------------------------------------------------------
 
 

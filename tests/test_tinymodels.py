@@ -147,3 +147,31 @@ def test_default_model_knows_the_capital_of_france():
     tokens = tm.hf_greedy(model, ids, 12)
     assert len(tokens) == 12
     assert "Paris" in tokenizer.decode(tokens)
+
+
+@pytest.mark.parametrize("style", ["rope_parameters", "rope_scaling"])
+def test_rope_scaling_is_written_as_transformers_and_llama_cpp_write_it(tmp_path, style):
+    import json
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}
+    hf_dir = tm.make_tiny_hf(tmp_path / "hf", rope=rope, rope_style=style, hidden=64, n_heads=4, n_kv_heads=2)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    if style == "rope_scaling":  # Llama 3.1's own config.json: theta beside the scaling entry
+        assert "rope_parameters" not in cfg and cfg["rope_theta"] == tm.ROPE_THETA
+        assert cfg["rope_scaling"] == rope
+    else:
+        assert cfg["rope_parameters"] == {**rope, "rope_theta": tm.ROPE_THETA}
+    from transformers import AutoConfig
+
+    loaded = AutoConfig.from_pretrained(hf_dir).rope_parameters
+    assert {k: loaded[k] for k in rope} == rope
+    gguf_path = tm.make_tiny_gguf(tmp_path / "t.gguf", hf_dir=hf_dir, tokenizer=False)
+    meta = tm.read_gguf_metadata(gguf_path)
+    assert not any(k.startswith("tokenizer.") for k in meta)
+    assert not any(k.startswith("llama.rope.scaling") for k in meta)  # llama3 goes in a tensor, not keys
+    import gguf
+
+    factors = {t.name: t for t in gguf.GGUFReader(gguf_path).tensors}["rope_freqs.weight"].data
+    np.testing.assert_array_equal(factors, tm.llama3_rope_freqs(rope, tm.ROPE_THETA, 16))
+    assert factors[0] == 1.0 and factors[-1] == 8.0

@@ -4,9 +4,10 @@ import importlib.util
 import json
 import os
 import random
-from types import SimpleNamespace
 
 import pytest
+
+from tokenizers import AddedToken
 
 from tpimpi.tokenizer import (
     Tokenizer,
@@ -84,7 +85,7 @@ def assert_streams_like_decode(tok, ids):
 def smollm():
     """(our Tokenizer, transformers' tokenizer, our files) for the default GGUF, loaded once."""
     path = smollm_path()
-    files = tokenizer_files_from_gguf(gguf.GGUFReader(path))
+    files = tokenizer_files_from_gguf(path)
     return Tokenizer.from_files(files, where=path), hf_from_gguf(path), files
 
 
@@ -153,7 +154,7 @@ def test_default_model_facts(smollm):
     tok, ref, files = smollm
     config = json.loads(files["tokenizer_config.json"])
     assert config["bos_token"] == "<|im_start|>" and config["eos_token"] == "<|im_end|>"
-    assert config["add_bos_token"] is False
+    assert not tok.add_bos and config.get("add_bos_token") in (None, False)
     assert tok.vocab_size == len(ref) == 49152
     # <|im_end|> is the eos and ends a turn; <|endoftext|> ends a document; <|im_start|> must not stop.
     assert tok.eos_ids == frozenset(ref.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
@@ -233,7 +234,7 @@ def tiny_spm(tmp_path_factory):
     writer.write_tensors_to_file()
     writer.close()
 
-    files = tokenizer_files_from_gguf(gguf.GGUFReader(str(path)))
+    files = tokenizer_files_from_gguf(path)
     return Tokenizer.from_files(files, where=str(path)), hf_from_gguf(str(path))
 
 
@@ -272,21 +273,30 @@ def test_sentencepiece_hf_dir_infers_bos_from_post_processor(tiny_spm, tmp_path)
 # ---------------------------------------------------------------- errors at the boundary
 
 
-def fake_reader(**fields):
-    return SimpleNamespace(fields={key: SimpleNamespace(contents=lambda v=v: v) for key, v in fields.items()})
+def write_tokenizer_gguf(path, model, pre=None):
+    """A GGUF holding only tokenizer metadata: two tokens, one merge."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model(model)
+    if pre is not None:
+        writer.add_tokenizer_pre(pre)
+    writer.add_token_list(["a", "b", "ab"])
+    writer.add_token_merges(["a b"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
-def test_unsupported_pre_tokenizer_is_named():
-    reader = fake_reader(**{"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "deepseek-llm",
-                            "tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.merges": ["a b"]})
+def test_unsupported_pre_tokenizer_is_named(tmp_path):
+    # transformers would take GPT-2's split for it without a word
     with pytest.raises(TokenizerError, match="'deepseek-llm'"):
-        tokenizer_files_from_gguf(reader)
+        tokenizer_files_from_gguf(write_tokenizer_gguf(tmp_path / "t.gguf", "gpt2", "deepseek-llm"))
 
 
-def test_unsupported_model_is_named():
-    reader = fake_reader(**{"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
+def test_unsupported_model_is_named(tmp_path):
     with pytest.raises(TokenizerError, match="'bert'"):
-        tokenizer_files_from_gguf(reader)
+        tokenizer_files_from_gguf(write_tokenizer_gguf(tmp_path / "t.gguf", "bert"))
 
 
 def test_hf_dir_without_tokenizer_json_names_the_path(tmp_path):
@@ -323,3 +333,115 @@ def test_template_exception_becomes_tokenizer_error(tmp_path):
     assert tok.render_chat("hi") == "hi"
     with pytest.raises(TokenizerError, match="System role not supported"):
         tok.render_chat("hi", system="be brief")
+
+
+# ---------------------------------------------------------------- chat prompts as token ids
+# The chat templates these model families ship (their tokenizer_config.json "chat_template"), written
+# out because the tests run offline. Llama 2, Llama 3 and Mistral emit {{ bos_token }} themselves.
+
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+MISTRAL_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}{%- for message in loop_messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('After the optional system message, conversation roles must alternate "
+    "user/assistant/user/assistant/...') }}{%- endif %}"
+    "{%- if message['role'] == 'user' %}{%- if loop.first and system_message is defined %}"
+    "{{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}"
+    "{%- else %}{{- ' [INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token}}"
+    "{%- else %}{{- raise_exception('Only user and assistant roles are supported, with the exception of an "
+    "initial optional system message!') }}{%- endif %}{%- endfor %}"
+)
+QWEN2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+CONVERSATIONS = {
+    "user": [{"role": "user", "content": "What is 2+2?"}],
+    "system": [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "What is 2+2?"}],
+    "multi-turn": [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi! How can I help?"},
+                   {"role": "user", "content": "Name a fox."}],
+    "system, multi-turn": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"},
+                           {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Name a fox."}],
+}
+
+
+def hf_chat_ids(ref, messages):
+    out = ref.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def _with_template(ref, directory, template, llama3=False):
+    """(our Tokenizer, transformers' tokenizer) of `ref`'s files with `template` (and Llama 3's special
+    tokens, its <|begin_of_text|> BOS added by tokenizer.json's post-processor as in Meta's files)."""
+    ref.save_pretrained(directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (directory / "chat_template.jinja").unlink(missing_ok=True)
+    if llama3:
+        from tokenizers import Tokenizer as Backend, processors
+
+        backend = Backend.from_file(str(directory / "tokenizer.json"))
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIALS])
+        bos = backend.token_to_id("<|begin_of_text|>")
+        backend.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B:1",
+            special_tokens=[("<|begin_of_text|>", bos)])
+        backend.save(str(directory / "tokenizer.json"))
+        config.update(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+        config.pop("add_bos_token", None)
+        config.pop("added_tokens_decoder", None)
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    ours = Tokenizer.from_files(tokenizer_files_from_hf_dir(directory), where=str(directory))
+    theirs = transformers.PreTrainedTokenizerFast.from_pretrained(directory, local_files_only=True)
+    return ours, theirs
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizers(tiny_spm, smollm, tmp_path_factory):
+    """Family name -> (ours, transformers') with that family's template and special tokens."""
+    _, spm_ref = tiny_spm
+    _, bpe_ref, _ = smollm
+    made = {"smollm2": (smollm[0], bpe_ref)}
+    for name, ref, template, llama3 in (("llama2", spm_ref, LLAMA2_TEMPLATE, False),
+                                         ("mistral", spm_ref, MISTRAL_TEMPLATE, False),
+                                         ("llama3", bpe_ref, LLAMA3_TEMPLATE, True),
+                                         ("qwen2", bpe_ref, QWEN2_TEMPLATE, False)):
+        made[name] = _with_template(ref, tmp_path_factory.mktemp(name), template, llama3)
+    return made
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama2", "llama3", "mistral", "qwen2", "smollm2"])
+@pytest.mark.parametrize("conversation", list(CONVERSATIONS))
+def test_chat_ids_match_apply_chat_template(chat_tokenizers, family, conversation):
+    ours, theirs = chat_tokenizers[family]
+    messages = CONVERSATIONS[conversation]
+    expected = hf_chat_ids(theirs, messages)
+    assert ours.encode_chat(messages) == expected
+    if ours.add_bos:  # the template wrote BOS once; encode_chat must not add a second one
+        assert expected[:2] != [ours.bos_id] * 2 and expected[0] == ours.bos_id

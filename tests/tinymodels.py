@@ -65,7 +65,8 @@ def hf_tokenizer(source):
     return AutoTokenizer.from_pretrained(str(source), local_files_only=True)
 
 
-def _tiny_config(arch, *, n_layers, hidden, n_heads, n_kv_heads, ffn, tie):
+def _tiny_config(arch, *, n_layers, hidden, n_heads, n_kv_heads, ffn, tie, rope=None, sliding_window=None,
+                 max_window_layers=0, max_positions=MAX_POSITIONS):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     if arch not in ARCHS:
@@ -80,9 +81,9 @@ def _tiny_config(arch, *, n_layers, hidden, n_heads, n_kv_heads, ffn, tie):
         num_attention_heads=n_heads,
         num_key_value_heads=n_kv_heads,
         head_dim=hidden // n_heads,
-        max_position_embeddings=MAX_POSITIONS,
+        max_position_embeddings=max_positions,
         rms_norm_eps=RMS_EPS,
-        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
+        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA, **(rope or {})},
         tie_word_embeddings=tie,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
@@ -91,8 +92,9 @@ def _tiny_config(arch, *, n_layers, hidden, n_heads, n_kv_heads, ffn, tie):
     if arch == "llama":
         return LlamaConfig(**common)
     if arch == "mistral":
-        return MistralConfig(sliding_window=None, **common)
-    return Qwen2Config(use_sliding_window=False, **common)
+        return MistralConfig(sliding_window=sliding_window, **common)
+    return Qwen2Config(use_sliding_window=sliding_window is not None, sliding_window=sliding_window,
+                       max_window_layers=max_window_layers, **common)
 
 
 @torch.no_grad()
@@ -121,17 +123,27 @@ def make_tiny_hf(
     ffn=100,
     tie=True,
     dtype=torch.float32,
+    rope=None,
+    rope_style="rope_parameters",
+    sliding_window=None,
+    max_window_layers=0,
+    max_positions=MAX_POSITIONS,
 ) -> Path:
     """Write a seeded random model plus the default tokenizer to `directory`; return the directory.
 
     Weights are drawn in float32 and then cast to `dtype`, so a bfloat16 model holds the rounded
-    float32 weights of the same seed. qwen2 gets random non-zero q/k/v biases.
+    float32 weights of the same seed. qwen2 gets random non-zero q/k/v biases. `rope` adds RoPE scaling
+    keys (e.g. {"rope_type": "llama3", "factor": 8.0, ...}); rope_style "rope_scaling" writes them as
+    transformers 4 and Llama 3.1's own config.json do (rope_theta beside a rope_scaling entry) instead of
+    transformers 5's rope_parameters. `sliding_window`: Mistral's window, or Qwen2's (use_sliding_window)
+    on the layers from `max_window_layers` on.
     """
     from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
     config = _tiny_config(
-        arch, n_layers=n_layers, hidden=hidden, n_heads=n_heads, n_kv_heads=n_kv_heads, ffn=ffn, tie=tie
+        arch, n_layers=n_layers, hidden=hidden, n_heads=n_heads, n_kv_heads=n_kv_heads, ffn=ffn, tie=tie,
+        rope=rope, sliding_window=sliding_window, max_window_layers=max_window_layers, max_positions=max_positions,
     )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _randomize(model, seed)
@@ -139,6 +151,15 @@ def make_tiny_hf(
     model.config.dtype = dtype
     model.save_pretrained(directory, safe_serialization=True)
     hf_tokenizer(default_gguf_path()).save_pretrained(directory)
+    if rope_style == "rope_scaling":
+        cfg_path = directory / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        params = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = params.pop("rope_theta")
+        cfg["rope_scaling"] = params if params.get("rope_type", "default") != "default" else None
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+    elif rope_style != "rope_parameters":
+        raise ValueError(f"rope_style must be rope_parameters or rope_scaling, got {rope_style!r}")
     return directory
 
 
@@ -242,11 +263,13 @@ def _gguf_name(hf_name: str) -> str:
     raise KeyError(f"no llama GGUF name for weight {hf_name!r}")
 
 
-def make_tiny_gguf(path, *, hf_dir) -> Path:
+def make_tiny_gguf(path, *, hf_dir, tokenizer=True) -> Path:
     """Write the weights of the llama directory `hf_dir` as an F32 llama GGUF at `path`; return `path`.
 
-    Tensor names, the Q/K row permutation and the llama.* keys follow llama.cpp's convert_hf_to_gguf.py;
-    all tokenizer.* keys are copied from the default model's GGUF.
+    Tensor names, the Q/K row permutation, the llama.* keys and RoPE scaling (linear and yarn as
+    llama.rope.scaling.* keys, Llama 3.1's llama3 as a rope_freqs tensor) follow llama.cpp's
+    convert_hf_to_gguf.py; all tokenizer.* keys are copied from the default model's GGUF unless
+    `tokenizer` is false (a file for reading the model's settings only: opens in a fraction of the time).
     """
     import gguf
     from safetensors.torch import load_file
@@ -258,7 +281,9 @@ def make_tiny_gguf(path, *, hf_dir) -> Path:
     n_head, n_head_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
     tied = cfg.get("tie_word_embeddings", False)
-    theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta"))
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = rope.get("rope_theta", cfg.get("rope_theta"))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
 
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_name("tpimpi tiny llama")  # transformers reads a name containing "mistral" as mistral
@@ -273,8 +298,17 @@ def make_tiny_gguf(path, *, hf_dir) -> Path:
     writer.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(cfg["vocab_size"])
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope_type == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    elif rope_type not in ("default", "llama3"):
+        raise ValueError(f"make_tiny_gguf does not write rope scaling {rope_type!r}")
     for key, (vtype, val, item_type) in read_gguf_metadata(default_gguf_path()).items():
-        if key.startswith("tokenizer."):
+        if key.startswith("tokenizer.") and tokenizer:
             writer.add_key_value(key, val, vtype, sub_type=item_type)
 
     weights = {}
@@ -288,12 +322,36 @@ def make_tiny_gguf(path, *, hf_dir) -> Path:
         elif hf_name.endswith("k_proj.weight"):
             w = _permute_qk(w, n_head, n_head_kv)
         writer.add_tensor(_gguf_name(hf_name), np.ascontiguousarray(w, dtype=np.float32))
+    if rope_type == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama3_rope_freqs(rope, theta, head_dim))
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def llama3_rope_freqs(rope: dict, theta: float, head_dim: int) -> np.ndarray:
+    """The rope_freqs tensor [head_dim/2] llama.cpp's converter writes for Llama 3.1 scaling: per frequency,
+    the divisor of its inverse frequency (1 for high frequencies, factor for low ones, a blend between),
+    computed frequency by frequency as convert_hf_to_gguf.py does."""
+    import math
+
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_ctx = rope["original_max_position_embeddings"]
+    out = []
+    for i in range(0, head_dim, 2):
+        freq = 1.0 / theta ** (i / head_dim)
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
 
 
 # ---- transformers reference ----------------------------------------------------------------------

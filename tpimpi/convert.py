@@ -6,7 +6,8 @@ Tensors are read one layer at a time and each rank's slices are appended to that
 model is never held twice. Everything is written under a temporary directory and renamed into place
 only after the manifest (sizes and sha256 of every file) is complete: an interrupted conversion never
 leaves something that looks like a store, and what a killed one leaves beside the output (.OUT.tmp-PID)
-is removed by the next conversion of the same output.
+is removed by the next conversion of the same output. Each rank file is then stamped as verified (see
+store.py), so a run does not hash what the converter has just hashed.
 """
 
 from __future__ import annotations
@@ -145,6 +146,8 @@ def convert(source, out: str | os.PathLike, world: int, ratios=None,
             shutil.rmtree(old)
         else:
             tmp.rename(out)
+        for f in files:  # the hashes were taken while writing: the first run need not hash the files again
+            store.write_stamp(out / f["name"], f["sha256"], store.file_state(out / f["name"]))
         _progress(f"converted {cfg.arch} ({cfg.n_layers} layers) for {world} ranks in "
                   f"{time.perf_counter() - t0:.1f} s -> {out}", quiet)
         if not quiet and sys.stderr.isatty():

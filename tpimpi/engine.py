@@ -24,7 +24,7 @@ from .head import Head
 from .memory import fixed_parts, parse_size, plan_memory
 from .model import RankModel
 from .models import prepare
-from .sampling import SamplingConfig, sample
+from .sampling import SamplingConfig, StopText, sample
 from .scheduler import BlockScheduler
 from .store import RankStore, rank_specs
 
@@ -135,7 +135,7 @@ def reset_peak_rss() -> None:
 class Engine:
     """A loaded model on every rank, ready to answer prompts one after another."""
 
-    def __init__(self, comm, path: str, *, max_seq=None, allreduce="star", verify=False,
+    def __init__(self, comm, path: str, *, max_seq=None, allreduce="star", verify="auto",
                  mem: MemoryOptions = MemoryOptions()):
         self.comm, self.mem, self.allreduce, self.path = comm, mem, allreduce, str(path)
         # every rank opens and checks its own weight file
@@ -174,8 +174,10 @@ class Engine:
         """Rank 0: the prompt's token ids (chat template applied unless raw), checked against the context."""
         tok = self.tok
         if tok.has_chat_template and not raw:
-            text = tok.render_chat(text, system)
-        ids = tok.encode(text)
+            messages = ([{"role": "system", "content": system}] if system is not None else [])
+            ids = tok.encode_chat([*messages, {"role": "user", "content": text}])
+        else:
+            ids = tok.encode(text)
         if not ids:
             raise UsageError("the prompt encodes to no tokens")
         if len(ids) >= self.max_seq:
@@ -185,13 +187,13 @@ class Engine:
         return ids
 
     def generate(self, prompt_ids, samp: SamplingConfig, max_new: int, stream: bool = False,
-                 stop_at_eos: bool = True) -> dict:
+                 stop_at_eos: bool = True, start_pos: int = 0, stop: tuple[str, ...] = ()) -> dict:
         """All ranks: one generation. Rank 0 gets the result and per-rank figures; others get {}."""
         comm, model, blocks = self.comm, self.model, self.blocks
         model.t_comm = model.t_forward = blocks.io_wait_s = 0.0
         read0 = blocks.total_bytes_read
         result = decode_loop(comm, model, self.head, self.tok, prompt_ids, samp, max_new, self.max_seq, stream,
-                             stop_at_eos)
+                             stop_at_eos, start_pos, stop)
         times = (blocks.io_wait_s, model.t_comm, model.t_forward - blocks.io_wait_s - model.t_comm)
         mine = [peak_rss(), blocks.total_bytes_read - read0, *(int(t * 1e6) for t in times), *cgroup_figures(),
                 self.plan.total]
@@ -256,21 +258,40 @@ def threads_in_use() -> int:
     return max([torch.get_num_threads()] + [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"])
 
 
-def decode_loop(comm, model, head, tok, prompt_ids, samp, max_new, max_seq, stream=True, stop_at_eos=True) -> dict:
-    """The loop every rank runs. Rank 0 decides; the others follow its control word."""
+def decode_loop(comm, model, head, tok, prompt_ids, samp, max_new, max_seq, stream=True, stop_at_eos=True,
+                start_pos=0, stop=()) -> dict:
+    """The loop every rank runs. Rank 0 decides; the others follow its control word.
+
+    Rank 0 feeds prompt_ids[start_pos:] at positions start_pos.. (the KV cache already holds the ones
+    before: a conversation's earlier turns), then generates until max_new tokens, an end-of-turn token,
+    a stop string or the end of the context. Its result says which ("stop_reason") and how many
+    positions the cache now holds ("positions").
+    """
     comm.in_lockstep = True  # from here an error on one rank cannot be agreed on: it ends the job
     ctrl = np.zeros(3, dtype=np.int64)  # [command, T, pos]
     gen = torch.Generator().manual_seed(samp.seed)
-    out_ids, pending, pos = [], list(prompt_ids or []), 0
-    printer = tok.stream() if comm.rank == 0 and stream else None
+    out_ids, pending, pos = [], list((prompt_ids or [])[start_pos:]), start_pos
+    reason = None
+    if comm.rank == 0:
+        penalize = samp.repetition_penalty != 1.0
+        seen = torch.unique(torch.tensor(prompt_ids, dtype=torch.long)) if penalize else None  # [n] ids so far
+        decoder = tok.stream() if stream or stop else None  # else the text is decoded once, at the end
+        text = StopText(tuple(stop), tok.decode(prompt_ids[-8:]) if stop else "")
+        out = sys.stdout if stream else None
     t0 = time.perf_counter()
     t_first = t_last = None
     times = []  # seconds from the start to each generated token
     while True:
         if comm.rank == 0:
-            eos = stop_at_eos and out_ids and out_ids[-1] in tok.eos_ids
-            done = len(out_ids) >= max_new or eos or pos + len(pending) > max_seq
-            ctrl[:] = (CMD_STOP if done else CMD_RUN, min(len(pending), model.chunk), pos)
+            if stop_at_eos and out_ids and out_ids[-1] in tok.eos_ids:
+                reason = "eos"
+            elif text.stopped:
+                reason = "stop_string"
+            elif len(out_ids) >= max_new:
+                reason = "length"
+            elif pos + len(pending) > max_seq:
+                reason = "context_full"
+            ctrl[:] = (CMD_STOP if reason else CMD_RUN, min(len(pending), model.chunk), pos)
         comm.bcast_(ctrl)
         if ctrl[0] == CMD_STOP:
             break
@@ -286,27 +307,38 @@ def decode_loop(comm, model, head, tok, prompt_ids, samp, max_new, max_seq, stre
             pending = pending[T:]
             if pending:  # more of the prompt to feed before the first token
                 continue
-            nxt = sample(logits, samp, gen)
+            nxt = sample(logits, samp, gen, seen)
             out_ids.append(nxt)
+            if penalize and not bool((seen == nxt).any()):
+                seen = torch.cat([seen, torch.tensor([nxt])])
             pending = [nxt]
             t_last = time.perf_counter()
             t_first = t_first or t_last
             times.append(t_last - t0)
-            if printer is not None and nxt not in tok.eos_ids:
-                sys.stdout.write(printer.push(nxt))
-                sys.stdout.flush()
+            if decoder is not None and nxt not in tok.eos_ids:
+                shown = text.add(decoder.push(nxt))
+                if out is not None and shown:
+                    out.write(shown)
+                    out.flush()
     comm.in_lockstep = False
     if comm.rank != 0:
         return {}
-    if printer is not None:
-        sys.stdout.write(printer.flush())
-        sys.stdout.flush()
+    if decoder is None:  # neither streamed nor checked for stop strings: decoded once
+        shown = text.add(tok.decode([i for i in out_ids if i not in tok.eos_ids]))
+    else:
+        shown = text.add(decoder.flush())
+    shown += text.finish()
+    if out is not None:
+        # the answer ends its line, so what is printed after it (statistics, the next prompt) starts a new one
+        out.write(shown + ("" if text.text.endswith("\n") else "\n"))
+        out.flush()
     n = len(out_ids)
-    text_ids = [i for i in out_ids if i not in tok.eos_ids]
     return {
-        "text": tok.decode(text_ids),
+        "text": text.text,
         "token_ids": out_ids,
         "prompt_tokens": len(prompt_ids),
+        "stop_reason": reason,
+        "positions": pos,
         "ttft_s": (t_first - t0) if t_first else None,
         "decode_tokens_per_s": (n - 1) / (t_last - t_first) if n > 1 and t_last > t_first else None,
         "decode_s_per_token": (t_last - t_first) / (n - 1) if n > 1 else None,

@@ -14,6 +14,9 @@ import select
 import sys
 import traceback
 
+import numpy as np
+
+from . import chat as chat_mod
 from . import comm as comm_mod
 from .engine import DEFAULT_MAX_SEQ, Engine, MemoryOptions, collective, plan_report, prepare_store, set_threads
 from .errors import TpimpiError, UsageError
@@ -63,6 +66,8 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="the prompt (default: read standard input)")
     src.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--chat", action="store_true", help="hold a conversation: read one message per line on rank 0 "
+                   "(the default when standard input is a terminal and no prompt is given); /reset, /exit")
     p.add_argument("--system", help="system message for the chat template")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -72,6 +77,10 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="divide the logits of ids already in the "
+                   "prompt or answer by this (multiply if negative), as transformers does; 1 = none (default)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end the answer before TEXT "
+                   "(repeatable)")
     p.add_argument("--allreduce", choices=comm_mod.ALLREDUCE_ALGOS, default="star",
                    help="star (default), MPI's Allreduce, Reduce+Bcast, ring, binomial tree, or auto: the "
                    "fastest of them for each message size, measured at start-up")
@@ -80,7 +89,12 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p.add_argument("--ratios", help="relative share of each rank, e.g. 2,1,1 (when converting)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="storage dtype (when converting)")
     p.add_argument("--threads", type=int, help="threads per rank for the matrix products (default: cores / local ranks)")
-    p.add_argument("--verify", action="store_true", help="check every weight file's sha256 before running")
+    check = p.add_mutually_exclusive_group()
+    check.add_argument("--verify", dest="verify", action="store_const", const="always", default="auto",
+                       help="check every weight file's sha256 against the manifest before running (by default a "
+                       "file is checked once after every change of it: a copy, an edit, a new conversion)")
+    check.add_argument("--no-verify", dest="verify", action="store_const", const="never",
+                       help="do not check weight files against the manifest's sha256")
     add_memory_args(p)
     p.add_argument("--plan", action="store_true", help="print each rank's predicted memory and exit")
     p.add_argument("--ranks", type=int, help="with --plan: plan for this many ranks instead of the launched ones")
@@ -97,7 +111,13 @@ def _validate(args, world: int) -> tuple[SamplingConfig, tuple]:
         raise UsageError(f"--prefill-chunk {args.prefill_chunk} must be at least 1")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads {args.threads} must be at least 1")
-    return SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed), parse_ratios(args.ratios, world)
+    if args.chat and (args.prompt is not None or args.prompt_file is not None or args.json or args.raw):
+        raise UsageError("--chat reads the conversation from standard input; it goes without --prompt, "
+                         "--prompt-file, --json and --raw")
+    if any(not s for s in args.stop):
+        raise UsageError("--stop needs a non-empty TEXT")
+    samp = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed, args.repetition_penalty)
+    return samp, parse_ratios(args.ratios, world)
 
 
 def _read_stdin(launched: bool) -> bytes:
@@ -134,6 +154,16 @@ def _read_prompt(args, launched: bool) -> str:
     return text
 
 
+def _chat_mode(comm, args) -> bool:
+    """Collective: --chat, or no prompt given and the user at a terminal (rank 0 decides for all)."""
+    flag = np.zeros(1, dtype=np.int64)
+    if comm.rank == 0:
+        flag[0] = args.chat or (args.prompt is None and args.prompt_file is None and not args.json
+                                and chat_mod.input_is_terminal(comm_mod.launched()))
+    comm.bcast_(flag)
+    return bool(flag[0])
+
+
 def run(comm, argv=None) -> int:
     args = build_parser(comm.rank).parse_args(argv)
     samp, ratios = _validate(args, comm.size)
@@ -149,16 +179,20 @@ def run(comm, argv=None) -> int:
         raise UsageError("--ranks goes with --plan; a run uses the ranks mpirun launched")
     path = prepare_store(comm, args.model, ratios, args.dtype)
     eng = Engine(comm, path, max_seq=args.max_seq_len, allreduce=args.allreduce, verify=args.verify, mem=mem).load()
+    if _chat_mode(comm, args):
+        code = chat_mod.chat(comm, eng, samp, args.max_new_tokens, args.system, tuple(args.stop), comm_mod.launched())
+        eng.close()
+        return code
     prompt_ids = collective(comm, lambda: eng.encode_prompt(_read_prompt(args, comm_mod.launched()), args.raw,
                                                              args.system) if comm.rank == 0 else None)
-    result = eng.generate(prompt_ids, samp, args.max_new_tokens, stream=not args.json)
+    result = eng.generate(prompt_ids, samp, args.max_new_tokens, stream=not args.json, stop=tuple(args.stop))
     eng.close()
     if comm.rank == 0:
         if args.json:
             print(json.dumps(result))
         else:
             pt = result["per_token"]
-            print(f"\n[{result['prompt_tokens']} prompt tokens, {len(result['token_ids'])} generated; "
+            print(f"[{result['prompt_tokens']} prompt tokens, {len(result['token_ids'])} generated; "
                   f"TTFT {result['ttft_s']:.3f} s, {result['decode_tokens_per_s'] or 0:.2f} tokens/s; per token "
                   f"(slowest rank): compute {pt['compute_s'] * 1e3:.1f} ms, allreduce {pt['allreduce_s'] * 1e3:.1f} ms, "
                   f"I/O wait {pt['io_wait_s'] * 1e3:.1f} ms, read {pt['bytes_read'] / 2**20:.1f} MiB; peak RSS "

@@ -8,11 +8,14 @@ multiplied chunk by chunk in both cases, so every memory mode gives bit-identica
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from .layers import rms_norm
 from .scheduler import TORCH_DTYPES
+from .errors import StoreError
 from .store import DTYPES, RankStore
 
 
@@ -39,6 +42,9 @@ class Head:
         rows = self._rows[:n]
         self.store.embed_rows_into(ids, rows)
         out.copy_(torch.from_numpy(rows).view(self.td).view(len(ids), self.cfg.hidden))
+        if not math.isfinite(out.sum()):
+            raise StoreError(f"{self.store.path}: the embedding rows of the input are not finite (NaN or infinity): "
+                             f"rank 0's weight file is damaged; run again with --verify to check it against the manifest")
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [h] last hidden state -> logits [V] (a buffer the next call reuses)."""
@@ -53,5 +59,9 @@ class Head:
                 self.logits_buf[r0:r1] = torch.mv(w, xn.to(w.dtype))
             self.blocks.release(b)
             r0 = r1
+        if not math.isfinite(self.logits_buf[: self.n_tokens].sum()):
+            raise StoreError(f"{self.store.path}: the logits are not finite (NaN or infinity) although the hidden "
+                             f"state is: rank 0's output head or final norm is damaged; run again with --verify "
+                             f"to check every file against the manifest")
         self.logits_buf[self.n_tokens :] = float("-inf")
         return self.logits_buf

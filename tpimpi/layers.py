@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config import ModelConfig, yarn_mscale
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -33,14 +33,19 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
-    """Rotary inverse frequencies [head_dim/2], with linear or Llama-3 scaling if the model asks."""
+    """Rotary inverse frequencies [head_dim/2] as the model's rope scaling gives them (see RopeScaling);
+    computed as transformers' rope init functions do, in float32."""
     d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))  # [hd/2]
     rs = cfg.rope_scaling
-    if rs is None:
+    if rs is None or rs.kind == "dynamic":  # dynamic NTK changes nothing up to max_position_embeddings
         return inv
     if rs.kind == "linear":
         return inv / rs.factor
+    if rs.kind == "factors":
+        return inv / torch.tensor(rs.freq_factors, dtype=torch.float32)
+    if rs.kind == "yarn":
+        return _yarn(cfg, rs)
     # llama3: keep high frequencies, divide low ones by factor, blend in between
     low_wavelen = rs.original_max_position / rs.low_freq_factor
     high_wavelen = rs.original_max_position / rs.high_freq_factor
@@ -52,11 +57,38 @@ def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(is_mid, mid, scaled)
 
 
+def _yarn(cfg: ModelConfig, rs) -> torch.Tensor:
+    """YaRN's NTK-by-parts frequencies [hd/2]: dimensions that turn fewer than beta_slow times over the
+    original context are divided by factor, more than beta_fast times kept, a linear ramp in between."""
+    d, base = cfg.head_dim, cfg.rope_theta
+
+    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over the context
+        return d * math.log(rs.original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(rs.beta_fast), dim_of(rs.beta_slow)
+    if rs.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001  # no division by zero
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # [hd/2]
+    pos_freqs = base ** (torch.arange(0, d, 2).float() / d)
+    keep = 1 - ramp  # share of the unscaled frequency
+    return (1.0 / (rs.factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+
+
+def rope_attention_scale(cfg: ModelConfig) -> float:
+    """The factor cos and sin are multiplied by (YaRN's attention temperature; 1 for the other kinds)."""
+    rs = cfg.rope_scaling
+    return rs.attention_factor or yarn_mscale(rs.factor) if rs is not None and rs.kind == "yarn" else 1.0
+
+
 def rope_tables(cfg: ModelConfig, max_seq: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables [max_seq, head_dim] (frequencies repeated for both halves)."""
     freqs = torch.outer(torch.arange(max_seq, dtype=torch.float32), inv_frequencies(cfg))  # [S, hd/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [S, hd]
-    return emb.cos(), emb.sin()
+    scale = rope_attention_scale(cfg)
+    return emb.cos() * scale, emb.sin() * scale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -66,12 +98,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def attention(x, w, cache_k, cache_v, pos, cos, sin, kv_of_q, cfg: ModelConfig, out, group: int = 0) -> None:
+def attention_mask(T: int, pos: int, k0: int, window: int = 0) -> torch.Tensor | None:
+    """Which keys k0..pos+T-1 the queries at pos..pos+T-1 see: [T, pos+T-k0] bool (None for one query,
+    which sees them all: k0 is where its window starts). Causal: query p sees keys up to p; with a
+    window, only keys above p - window."""
+    if T == 1:
+        return None
+    q = (torch.arange(T) + pos).unsqueeze(1)  # [T, 1] query positions
+    k = torch.arange(k0, pos + T).unsqueeze(0)  # [1, L-k0] key positions
+    mask = k <= q
+    return mask & (k > q - window) if window else mask
+
+
+def attention(x, w, cache_k, cache_v, pos, cos, sin, kv_of_q, cfg: ModelConfig, out, group: int = 0,
+              window: int = 0) -> None:
     """This rank's heads of one attention layer; writes its partial output [T, h] into out.
 
     x [T, h] hidden states at positions pos..pos+T; w: norm [h], wqkv [(q+2kv)*hd, h], bqkv, wo [h, q*hd];
     cache_k/cache_v [kv, S, hd] this layer's cache for this rank's KV heads; kv_of_q [q] long; group: g if
-    q head j uses KV head j // g for every j (the rank holds whole groups), else 0.
+    q head j uses KV head j // g for every j (the rank holds whole groups), else 0; window: a query sees
+    only the last `window` positions, itself included (Mistral's sliding window), 0 for all.
     """
     n_q, n_kv, hd = kv_of_q.numel(), cache_k.shape[0], cfg.head_dim
     if n_q == 0:
@@ -87,17 +133,16 @@ def attention(x, w, cache_k, cache_v, pos, cos, sin, kv_of_q, cfg: ModelConfig, 
     cache_k[:, pos : pos + T] = apply_rope(k, c, s)
     cache_v[:, pos : pos + T] = v
     L = pos + T
+    k0 = max(0, L - T - window + 1) if window else 0  # no query of this call sees a key before k0
     scale = 1.0 / math.sqrt(hd)
     if T == 1 and group:  # decode with whole groups: q heads of a KV head side by side, the cache not copied
-        scores = torch.bmm(q.reshape(n_kv, group, hd), cache_k[:, :L].transpose(1, 2)).mul_(scale)  # [kv, g, L]
-        o = torch.bmm(torch.softmax(scores, -1), cache_v[:, :L]).view(n_q, 1, hd)  # [q, 1, hd]
+        scores = torch.bmm(q.reshape(n_kv, group, hd), cache_k[:, k0:L].transpose(1, 2)).mul_(scale)  # [kv, g, L-k0]
+        o = torch.bmm(torch.softmax(scores, -1), cache_v[:, k0:L]).view(n_q, 1, hd)  # [q, 1, hd]
     else:
-        keys = cache_k[:, :L].index_select(0, kv_of_q)  # [q, L, hd]
-        vals = cache_v[:, :L].index_select(0, kv_of_q)  # [q, L, hd]
-        mask = None
-        if T > 1:  # causal: query t (at pos+t) sees keys 0..pos+t
-            mask = torch.arange(L).unsqueeze(0) <= (torch.arange(T) + pos).unsqueeze(1)  # [T, L]
-        o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale)  # [q, T, hd]
+        keys = cache_k[:, k0:L].index_select(0, kv_of_q)  # [q, L-k0, hd]
+        vals = cache_v[:, k0:L].index_select(0, kv_of_q)  # [q, L-k0, hd]
+        o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=attention_mask(T, pos, k0, window),
+                                           scale=scale)  # [q, T, hd]
     out.copy_(linear(o.transpose(0, 1).reshape(T, n_q * hd), w["wo"]))
 
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
 import torch
 
 from . import layers
+from .comm import RankFailure
 from .config import ModelConfig
 from .shard import RankSlice
+from .store import block_name
+
+NO_BLOCK = 1 << 40  # "no block": larger than any block index
 
 
 class RankModel:
@@ -30,6 +35,7 @@ class RankModel:
         whole_groups = kv_of_q == [j // cfg.group for j in range(s.n_kv * cfg.group)]
         self.group = cfg.group if whole_groups else 0  # lets decode attention skip gathering the cache
         self.cos, self.sin = layers.rope_tables(cfg, max_seq)  # [S, hd] each
+        self.windows = [cfg.window(i) for i in range(cfg.n_layers)]  # per layer: 0, or a sliding window
         comm.setup(self.chunk * h, allreduce)
         self.t_comm = self.t_forward = 0.0
 
@@ -39,19 +45,40 @@ class RankModel:
         assert T <= self.chunk and pos + T <= self.max_seq
         t0 = time.perf_counter()
         x, part, part_np = self.x[:T], self.part[:T], self.part_np[:T]
+        first_bad = NO_BLOCK  # the first block whose partial sum on this rank was not finite
         for i in range(cfg.n_layers):
             layers.attention(x, blocks.get(2 * i), self.cache_k[i], self.cache_v[i], pos, self.cos, self.sin,
-                             self.kv_of_q, cfg, part, self.group)
+                             self.kv_of_q, cfg, part, self.group, self.windows[i])
             blocks.release(2 * i)
+            if first_bad == NO_BLOCK and not math.isfinite(part_np.sum()):  # a sum: no allocation
+                first_bad = 2 * i
             t = time.perf_counter()
             comm.allreduce_(part_np)
             self.t_comm += time.perf_counter() - t
             x += part
             layers.mlp(x, blocks.get(2 * i + 1), cfg, part)
             blocks.release(2 * i + 1)
+            if first_bad == NO_BLOCK and not math.isfinite(part_np.sum()):
+                first_bad = 2 * i + 1
             t = time.perf_counter()
             comm.allreduce_(part_np)
             self.t_comm += time.perf_counter() - t
             x += part
         self.t_forward += time.perf_counter() - t0
+        if not math.isfinite(self.x_np[:T].sum()):  # the same on every rank, so every rank gets here
+            self._non_finite(first_bad)
         return x
+
+    def _non_finite(self, first_bad: int) -> None:
+        """Collective, on hidden states that are not finite: every rank raises the same RankFailure naming
+        the rank(s) whose partial sum went non-finite first."""
+        bad = [b for (b,) in self.comm.gather_ints([first_bad])]  # [ranks]
+        first = min(bad)
+        if first == NO_BLOCK:
+            where = "no rank's partial sum was (the sum of finite partials overflowed)"
+        else:
+            ranks = [r for r, b in enumerate(bad) if b == first]
+            where = (f"the first non-finite partial sum came from rank{'s' if len(ranks) > 1 else ''} "
+                     f"{', '.join(map(str, ranks))} in {block_name(first)}")
+        raise RankFailure(f"the hidden states are not finite (NaN or infinity): {where}. A damaged weight file "
+                          f"gives this; run again with --verify to check every file against the manifest")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig, rope_scaling_from_hf
+from .config import ModelConfig, RopeScaling, rope_scaling_from_hf, scaled_context, yarn_mscale
 from .errors import ModelError
 
 # Per-layer tensor keys, in Hugging Face's names under model.layers.N.
@@ -45,6 +45,18 @@ GGUF_LAYER_KEYS = {
     "down": "ffn_down.weight",
 }
 BIAS_KEYS = ("bq", "bk", "bv")
+# {arch}.* metadata keys of a GGUF file that tpimpi reads (or that change nothing it computes); any other
+# is refused, so that no setting of the file is silently dropped
+GGUF_ARCH_KEYS = {
+    "block_count", "context_length", "embedding_length", "feed_forward_length", "vocab_size",
+    "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
+    "attention.key_length", "attention.value_length", "attention.sliding_window",
+    "rope.dimension_count", "rope.freq_base", "rope.scaling.type", "rope.scaling.factor",
+    "rope.scaling.original_context_length", "rope.scaling.attn_factor", "rope.scaling.yarn_beta_fast",
+    "rope.scaling.yarn_beta_slow",
+    "rope.scaling.finetuned",  # informational: whether the model was fine-tuned at the scaled length
+}
+GGUF_ZERO_KEYS = {"expert_count", "expert_used_count"}  # some converters write them as 0 for dense models
 
 
 def open_source(path: str | os.PathLike):
@@ -78,8 +90,8 @@ class GGUFSource:
         except (OSError, ValueError, KeyError, IndexError) as e:
             raise ModelError(f"cannot read GGUF file {str(self.path)!r}: {e}") from None
         self.tensors = {t.name: t for t in self.reader.tensors}
-        self.config = self._config()
         self._used: set[str] = set()
+        self.config = self._config()
 
     def _field(self, key: str, default=None):
         f = self.reader.fields.get(key)
@@ -93,10 +105,24 @@ class GGUFSource:
         arch = self._field("general.architecture")
         if arch not in ("llama", "qwen2"):
             raise ModelError(f"GGUF architecture {arch!r} is not supported (supported: llama, qwen2)")
+        unknown = sorted(k for k in self.reader.fields if k.startswith(f"{arch}.") and
+                         k[len(arch) + 1 :] not in GGUF_ARCH_KEYS and
+                         not (k[len(arch) + 1 :] in GGUF_ZERO_KEYS and self._field(k) == 0))
+        if unknown:
+            raise ModelError(f"GGUF file {str(self.path)!r} has settings tpimpi does not implement: {unknown}")
         n_heads = int(self._field(f"{arch}.attention.head_count"))
         hidden = int(self._field(f"{arch}.embedding_length"))
         head_dim = int(self._field(f"{arch}.attention.key_length", hidden // n_heads))
+        for key in ("attention.value_length", "rope.dimension_count"):
+            if int(self._field(f"{arch}.{key}", head_dim)) != head_dim:
+                raise ModelError(f"GGUF file {str(self.path)!r}: {arch}.{key} = {self._field(f'{arch}.{key}')} "
+                                 f"differs from head_dim {head_dim}; partial rotary embeddings and unequal key and "
+                                 f"value sizes are not supported")
+        window = int(self._field(f"{arch}.attention.sliding_window", 0))
+        if window and arch != "llama":
+            raise ModelError(f"GGUF file {str(self.path)!r}: a sliding window on {arch} is not supported")
         vocab = int(self.tensors["token_embd.weight"].shape[-1])
+        rope = self._rope_scaling(arch, head_dim)
         return ModelConfig(
             arch=arch,
             n_layers=int(self._field(f"{arch}.block_count")),
@@ -108,10 +134,44 @@ class GGUFSource:
             vocab=vocab,
             rope_theta=float(self._field(f"{arch}.rope.freq_base", 10000.0)),
             norm_eps=float(self._field(f"{arch}.attention.layer_norm_rms_epsilon")),
-            max_context=int(self._field(f"{arch}.context_length")),
+            max_context=scaled_context(int(self._field(f"{arch}.context_length")), rope),
             tied_embeddings="output.weight" not in self.tensors,
             attn_bias="blk.0.attn_q.bias" in self.tensors,
+            rope_scaling=rope,
+            sliding_window=window,
         )
+
+    def _rope_scaling(self, arch: str, head_dim: int) -> RopeScaling | None:
+        """From {arch}.rope.scaling.* and the rope_freqs tensor (Llama 3.1/3.2: llama3 scaling, written by
+        llama.cpp's converter as per-frequency divisors), with llama.cpp's meaning of each key."""
+        kind = self._field(f"{arch}.rope.scaling.type", "none")
+        factor = float(self._field(f"{arch}.rope.scaling.factor", 1.0))
+        if "rope_freqs.weight" in self.tensors:
+            if kind != "none" and not (kind == "linear" and factor == 1.0):
+                raise ModelError(f"GGUF file {str(self.path)!r}: rope scaling {kind!r} together with a rope_freqs "
+                                 f"tensor is not supported")
+            factors = self._tensor("rope_freqs.weight").reshape(-1)
+            if factors.size != head_dim // 2:
+                raise ModelError(f"GGUF file {str(self.path)!r}: rope_freqs has {factors.size} values, "
+                                 f"head_dim {head_dim} needs {head_dim // 2}")
+            return RopeScaling("factors", freq_factors=tuple(factors.tolist()))
+        if kind == "none" or (kind == "linear" and factor == 1.0):
+            return None
+        if kind == "linear":
+            return RopeScaling("linear", factor)
+        if kind == "yarn":
+            # llama.cpp multiplies YaRN's 0.1 ln(factor) + 1 by attn_factor (default 1)
+            att = float(self._field(f"{arch}.rope.scaling.attn_factor", 1.0)) * yarn_mscale(factor)
+            orig = int(self._field(f"{arch}.rope.scaling.original_context_length", 0)) or None
+            if orig is None:
+                raise ModelError(f"GGUF file {str(self.path)!r}: yarn rope scaling lacks "
+                                 f"{arch}.rope.scaling.original_context_length")
+            return RopeScaling("yarn", factor, original_max_position=orig,
+                               beta_fast=float(self._field(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
+                               beta_slow=float(self._field(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)),
+                               attention_factor=att)
+        raise ModelError(f"GGUF file {str(self.path)!r}: rope scaling {kind!r} is not supported "
+                         f"(supported: none, linear, yarn, and llama3's rope_freqs)")
 
     def _tensor(self, name: str) -> np.ndarray:
         from gguf.quants import dequantize
@@ -144,12 +204,12 @@ class GGUFSource:
 
     def unused(self) -> list[str]:
         """Tensors of the file the conversion did not take (should be none)."""
-        return sorted(set(self.tensors) - self._used - {"rope_freqs.weight"})
+        return sorted(set(self.tensors) - self._used)
 
     def tokenizer_files(self) -> dict[str, str]:
         from .tokenizer import tokenizer_files_from_gguf
 
-        return tokenizer_files_from_gguf(self.reader)
+        return tokenizer_files_from_gguf(self.path)
 
     def identity(self) -> dict:
         st = self.path.stat()
@@ -181,6 +241,10 @@ class HFSource:
         try:
             n_heads = int(hf["num_attention_heads"])
             hidden = int(hf["hidden_size"])
+            self._refuse_unsupported(hf, arch)
+            window, sliding_from = self._sliding_window(hf, arch)
+            rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}  # theta: inside wins
+            rope_scaling = self._rope_scaling(hf)
             return ModelConfig(
                 arch=arch,
                 n_layers=int(hf["num_hidden_layers"]),
@@ -190,15 +254,66 @@ class HFSource:
                 head_dim=int(hf.get("head_dim") or hidden // n_heads),
                 ffn=int(hf["intermediate_size"]),
                 vocab=int(hf["vocab_size"]),
-                rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+                rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
                 norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                max_context=int(hf.get("max_position_embeddings", 4096)),
+                max_context=scaled_context(int(hf.get("max_position_embeddings", 4096)), rope_scaling),
                 tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 attn_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
-                rope_scaling=rope_scaling_from_hf(hf.get("rope_scaling")),
+                rope_scaling=rope_scaling,
+                sliding_window=window,
+                sliding_from=sliding_from,
             )
         except KeyError as e:
             raise ModelError(f"{str(self.path / 'config.json')!r} lacks {e.args[0]!r}") from None
+        except ModelError as e:
+            raise ModelError(f"{str(self.path / 'config.json')!r}: {e}") from None
+
+    @staticmethod
+    def _rope_scaling(hf: dict):
+        """transformers 4 writes `rope_scaling` (theta beside it), transformers 5 `rope_parameters` (theta
+        inside); either may carry the scaling. When both are there they must agree."""
+        old, new = hf.get("rope_scaling"), hf.get("rope_parameters")
+        mpe, orig = int(hf.get("max_position_embeddings", 4096)), hf.get("original_max_position_embeddings")
+        a, b = rope_scaling_from_hf(old, mpe, orig), rope_scaling_from_hf(new, mpe, orig)
+        if old and new and a != b:
+            raise ModelError(f"rope_scaling {old} and rope_parameters {new} disagree")
+        return a or b
+
+    @staticmethod
+    def _refuse_unsupported(hf: dict, arch: str) -> None:
+        """Settings that would change what the model computes and that tpimpi does not implement."""
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ModelError(f"hidden_act {act!r} is not supported (only silu)")
+        if hf.get("mlp_bias"):
+            raise ModelError("mlp_bias is not supported")
+        if float(hf.get("partial_rotary_factor") or 1.0) != 1.0:
+            raise ModelError(f"partial_rotary_factor {hf['partial_rotary_factor']} is not supported")
+        if hf.get("quantization_config"):
+            raise ModelError("quantized checkpoints (quantization_config) are not supported; use the "
+                             "unquantized weights or a GGUF file")
+
+    @staticmethod
+    def _sliding_window(hf: dict, arch: str) -> tuple[int, int]:
+        """(window, first layer with it): Mistral's on every layer; Qwen2's, when use_sliding_window, on
+        layers from max_window_layers on (transformers' layer_types, which a saved config may list)."""
+        n = int(hf["num_hidden_layers"])
+        window = int(hf.get("sliding_window", 4096) or 0)  # transformers' default when the key is absent
+        if arch == "llama" or (arch == "qwen2" and not hf.get("use_sliding_window")):
+            window = 0
+        first = int(hf.get("max_window_layers", 28)) if arch == "qwen2" else 0
+        first = min(first, n) if window else 0
+        types = hf.get("layer_types")
+        if types is not None:
+            if len(types) != n or set(types) - {"full_attention", "sliding_attention"}:
+                raise ModelError(f"layer_types {types} is not one of full_attention/sliding_attention per layer")
+            if window and "full_attention" in types:
+                first = max(i for i, t in enumerate(types) if t == "full_attention") + 1
+            want = ["full_attention"] * first + ["sliding_attention" if window else "full_attention"] * (n - first)
+            if types != want:
+                raise ModelError(f"layer_types {types} (sliding window {window or None}) is not supported: the "
+                                 f"sliding layers must be the last ones")
+        return window, first
 
     def _weight_index(self) -> dict[str, str]:
         from safetensors import safe_open
@@ -240,7 +355,18 @@ class HFSource:
         return self._tensor("lm_head.weight")
 
     def unused(self) -> list[str]:
-        return sorted(k for k in set(self._index) - self._used if not k.endswith("rotary_emb.inv_freq"))
+        """Tensors of the checkpoint the conversion did not take (should be none). Rotary inverse
+        frequencies that older checkpoints store are checked against the ones tpimpi computes."""
+        from .layers import inv_frequencies
+
+        left = sorted(set(self._index) - self._used)
+        ours = inv_frequencies(self.config).numpy()
+        for k in [k for k in left if k.endswith("rotary_emb.inv_freq")]:
+            theirs = self._tensor(k).reshape(-1)
+            if theirs.shape != ours.shape or not np.allclose(theirs, ours, rtol=1e-5, atol=0):
+                raise ModelError(f"{str(self.path)!r}: {k} differs from the rotary frequencies config.json gives")
+            left.remove(k)
+        return left
 
     def tokenizer_files(self) -> dict[str, str]:
         from .tokenizer import tokenizer_files_from_hf_dir

@@ -242,7 +242,8 @@ def _positive(v) -> bool:
 
 def _check_fields(cls, d, where: str) -> None:
     """Every field of the dataclass cls that d gives has the declared type and a sane value: ints in
-    1..MAX_DIM (n_layers up to MAX_LAYERS), floats positive and finite. cls checks the relations."""
+    1..MAX_DIM (n_layers up to MAX_LAYERS), floats positive and finite, or 0 where that is the default.
+    cls checks the relations."""
     if not isinstance(d, dict):
         raise StoreError(f"{where}: {cls.__name__} is {type(d).__name__}, not an object")
     hints = typing.get_type_hints(cls)
@@ -250,6 +251,8 @@ def _check_fields(cls, d, where: str) -> None:
         v, t = d.get(f.name), hints[f.name]
         if f.name not in d or t not in (int, float, bool, str):
             continue  # a missing field is reported by the constructor, a nested one by the caller
+        if f.default == 0 and v == 0 and type(v) is t:  # 0 where 0 means "none" (sliding_window, ...)
+            continue
         if t is int:
             ok = type(v) is int and 1 <= v <= (MAX_LAYERS if f.name == "n_layers" else MAX_DIM)
         else:
@@ -316,18 +319,110 @@ def load_manifest(directory: str | os.PathLike) -> dict:
     return _check_manifest(_parse_json(raw, f"{path}: unreadable manifest"), path)
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20, progress=None) -> str:
+    """The file's sha256; progress(bytes hashed) is called after every chunk when given."""
+    h, done = hashlib.sha256(), 0
     with open(path, "rb") as f:
         while b := f.read(chunk):
             h.update(b)
+            done += len(b)
+            if progress is not None:
+                progress(done)
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Verification stamps: a rank file is hashed once per file state, not once per run.
+#
+# A stamp records (size, mtime_ns, inode) of a file whose sha256 matched the manifest. While the file
+# keeps all three, it is taken as verified; a copy (new inode), an edit (new mtime) or a truncation (new
+# size) makes the next run hash it again. The stamp lies beside the file (.NAME.verified) when the store
+# directory is writable, else under $TPIMPI_CACHE/verified: every rank stamps only its own file, so on a
+# shared file system ranks never write the same stamp, and on a read-only store each host keeps its own.
+
+VERIFY_MODES = ("auto", "always", "never")
+
+
+def file_state(path: Path) -> dict:
+    """What a stamp records of a file: size, modification time and inode."""
+    st = path.stat()
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def stamp_paths(path: Path) -> tuple[Path, Path]:
+    """(beside the file, in the cache): where the verification stamp of a rank file may lie."""
+    from .models import cache_root  # models imports this module
+
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    return path.parent / f".{path.name}.verified", cache_root() / "verified" / f"{key}-{path.name}.json"
+
+
+def stamp_valid(path: Path, sha256: str) -> bool:
+    """Whether a stamp says that this file, in its present state, matched `sha256`."""
+    try:
+        state = file_state(path)
+    except OSError:
+        return False
+    for p in stamp_paths(path):
+        try:
+            with open(p, "rb") as f:
+                st = json.loads(f.read(4096).decode())
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(st, dict) and st == {**state, "sha256": sha256}:
+            return True
+    return False
+
+
+def write_stamp(path: Path, sha256: str, state: dict) -> Path | None:
+    """Record that the file in `state` matched `sha256`: beside it if possible, else in the cache.
+    Returns where, or None when neither place is writable (the next run hashes again)."""
+    data = json.dumps({**state, "sha256": sha256}).encode()
+    for p in stamp_paths(path):
+        tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}")
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, p)
+            return p
+        except OSError:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+    return None
+
+
+class _HashProgress:
+    """One line on stderr while a rank file is hashed: the percentage on a terminal, else a start note."""
+
+    def __init__(self, rank: int, path: Path, size: int):
+        import sys
+
+        self.err, self.tty = sys.stderr, sys.stderr.isatty()
+        self.head = (f"tpimpi: rank {rank}: checking {path.name} ({size / 2**20:.1f} MiB) against the manifest's "
+                     f"sha256 (once per change of the file; --no-verify skips)")
+        self.size, self.shown = max(1, size), -1
+        print(self.head + ("" if self.tty else " ..."), end="" if self.tty else "\n", file=self.err, flush=True)
+
+    def __call__(self, done: int) -> None:
+        pct = 100 * done // self.size
+        if self.tty and pct != self.shown:
+            self.shown = pct
+            print(f"\r{self.head}: {pct}%", end="", file=self.err, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=self.err, flush=True)
 
 
 class RankStore:
     """One rank's view of a store: validated on open, blocks read into caller-owned buffers."""
 
-    def __init__(self, directory: str | os.PathLike, rank: int, world: int, verify: bool = False):
+    def __init__(self, directory: str | os.PathLike, rank: int, world: int, verify: str | bool = "never"):
+        """verify: "auto" hashes the file unless a stamp says this state of it was verified, "always"
+        hashes it, "never" only checks sizes and headers (True and False mean always and never)."""
         self.directory = Path(directory)
         m = load_manifest(self.directory)
         if m["world"] != world:
@@ -374,8 +469,28 @@ class RankStore:
             raise StoreError(f"{p}: data starts at {start}, not a multiple of {ALIGN}")
         self.data_start = start
         self.offsets = {k: start + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
-        if verify and sha256_file(self.path) != info["sha256"]:
-            raise StoreError(f"{p}: checksum does not match the manifest (the file is damaged)")
+        verify = {True: "always", False: "never"}.get(verify, verify)
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, not {verify!r}")
+        if verify == "always" or (verify == "auto" and not stamp_valid(self.path, info["sha256"])):
+            self._verify(info["sha256"])
+
+    def _verify(self, sha256: str) -> None:
+        """Hash the file; refuse it if it differs from the manifest, else stamp this state of it."""
+        p = str(self.path)
+        try:
+            state = file_state(self.path)  # before hashing: a change while hashing fails the next check
+            progress = _HashProgress(self.rank, self.path, state["bytes"])
+            try:
+                digest = sha256_file(self.path, progress=progress)
+            finally:
+                progress.close()
+        except OSError as e:
+            raise StoreError(f"{p}: cannot read weight file ({e.strerror})") from None
+        if digest != sha256:
+            raise StoreError(f"{p}: checksum does not match the manifest: the file is damaged (convert the "
+                             f"model again, or copy this file again from an intact store)")
+        write_stamp(self.path, digest, state)
 
     @property
     def n_blocks(self) -> int:
