@@ -84,6 +84,14 @@ def compare_stores(name: str, converted: dict, reference: dict) -> Check:
                  f"files differ: {', '.join(differ)}" if differ else f"{len(ours)} weight files identical")
 
 
+def read_json(path: Path):
+    """The file's JSON, or None when a failed step left it empty or cut short."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def load_side(folder: Path) -> tuple[dict, dict, dict]:
     """(results, logits, kernels by rank count) from every nN/ subfolder of one side."""
     results, logits, kernels = {}, {}, {}
@@ -120,11 +128,12 @@ def main() -> int:
             print(f"kernels {side} {n}: {describe_kernels(k)}")
     checks = compare_runs(x86, arm, x86_logits, arm_logits, args.tol)
     for f in sorted(args.arm.glob("cli-*.json")):
-        checks.append(compare_cli(f.stem[len("cli-"):], json.loads(f.read_text())["token_ids"], x86))
+        name, got = f.stem[len("cli-") :], read_json(f)
+        checks.append(compare_cli(name, got["token_ids"], x86) if got else Check(f"cli {name}", False, "no output"))
     for f in sorted(args.arm.glob("converted-*.manifest.json")):
-        name = f.name[len("converted-") : -len(".manifest.json")]
-        checks.append(compare_stores(name, json.loads(f.read_text()),
-                                     json.loads((args.stores / name / "manifest.json").read_text())))
+        name, got = f.name[len("converted-") : -len(".manifest.json")], read_json(f)
+        ref = read_json(args.stores / name / "manifest.json")
+        checks.append(compare_stores(name, got, ref) if got and ref else Check(f"convert {name}", False, "no manifest"))
     machines = sorted({k["machine"] for k in arm_k.values()})
     checks.append(Check("emulated machine", machines == ["aarch64"], f"reported {', '.join(machines) or 'nothing'}"))
     for c in checks:
