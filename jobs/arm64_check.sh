@@ -223,5 +223,7 @@ SESSION=
 
 stage "comparing aarch64 with x86_64"
 $PYTHON "$REPO/jobs/arm64/compare.py" "$WORK/x86_64" "$WORK/aarch64" --stores "$STORES" || status=1
-say "done in $((SECONDS - T0)) s: $([ "$status" = 0 ] && echo 'aarch64 agrees with x86_64' || echo FAILED)"
+# CPU seconds of everything the check ran (QEMU included): unlike the wall time, independent of other load
+cpu=$(times | tail -1 | awk '{ split($1, u, /[ms]/); split($2, s, /[ms]/); printf "%d", u[1] * 60 + u[2] + s[1] * 60 + s[2] }')
+say "done in $((SECONDS - T0)) s ($cpu CPU s): $([ "$status" = 0 ] && echo 'aarch64 agrees with x86_64' || echo FAILED)"
 exit "$status"

@@ -23,9 +23,8 @@ import numpy as np
 
 TOL = 1e-4  # tests/test_model.py's tolerance against transformers
 # With --compute bfloat16 every product's input and output is rounded to bfloat16 (8 significant bits), and
-# the two machines' bf16 kernels add in different orders (x86_64: oneDNN on AVX512-BF16/AMX; aarch64's torch:
-# OpenBLAS's sbgemm and its own NEON kernels, a Neoverse N1 having no bf16 instructions), so they round
-# differently. On x86_64 alone these logits move by 0.7% from float32 products and by 1% between 1 and
+# the two machines' bf16 kernels differ (x86_64: oneDNN on AMX; aarch64: torch's own, a Neoverse N1 having
+# no bf16 instructions for oneDNN), so they round differently. On x86_64 alone these logits move by 0.7% from float32 products and by 1% between 1 and
 # 2 ranks; aarch64's were 1.2% from x86_64's. The tokens must still be the same.
 BF16_TOL = 5e-2
 
