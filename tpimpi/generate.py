@@ -25,8 +25,8 @@ from .planner.planfile import apply_to_args, check_store
 from .sampling import SamplingConfig
 from .scheduler import IO_MODES
 from .shard import parse_ratios
+from .quant.formats import REQUESTS
 from .stage import local_dir
-from .store import DTYPES
 from .wire import WIRES
 
 STDIN_FIRST_S, STDIN_IDLE_S = 60.0, 0.5
@@ -105,7 +105,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link-bandwidth-mbps", type=float, default=0.0, help="emulate a network link: bandwidth")
     p.add_argument("--ratios", help="relative share of each rank, e.g. 2,1,1 (when converting)")
     p.add_argument("--plan-file", help="run as this plan says (tpimpi.plan): shares, memory modes, allreduce, dtype")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="storage dtype (when converting)")
+    p.add_argument("--dtype", choices=list(REQUESTS), default="float32", help="storage format when converting: "
+                   "float32, bfloat16, float16, q8, q4 (q4_1), q4_0, or auto (keep a GGUF's own Q8_0/Q4_0/Q4_1 blocks)")
     p.add_argument("--threads", type=int, help="threads per rank for the matrix products (default: cores / local ranks)")
     check = p.add_mutually_exclusive_group()
     check.add_argument("--verify", dest="verify", action="store_const", const="always", default="auto",

@@ -3,7 +3,9 @@
 Embedding rows are read from rank 0's file for just the tokens being fed (a few KB per token), so the
 table is never held whole. The output head (the embedding table itself when tied) is a run of chunk
 blocks after the last layer in rank 0's block cycle: resident or streamed like any other block, and
-multiplied chunk by chunk in both cases, so every memory mode gives bit-identical logits.
+multiplied chunk by chunk in both cases, so every memory mode gives bit-identical logits. A quantized
+embedding is dequantized row by row as it is read; a quantized head chunk goes through tpimpi.quant's
+sliced kernel.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import math
 import numpy as np
 import torch
 
-from .layers import rms_norm
-from .scheduler import TORCH_DTYPES
 from .errors import StoreError
-from .store import DTYPES, RankStore
+from .layers import rms_norm
+from .quant import formats as qf
+from .quant import kernels
+from .scheduler import TORCH_DTYPES
+from .store import RankStore
 
 
 class Head:
@@ -27,10 +31,10 @@ class Head:
         # rows past the tokenizer's vocabulary (padding, or a synthetic model) are never sampled
         self.n_tokens = min(n_tokens or cfg.vocab, cfg.vocab)
         self.cfg, self.store, self.blocks, self.chunks = cfg, store, blocks, chunks
-        self.td = TORCH_DTYPES[store.dtype]
-        self.row_bytes = cfg.hidden * DTYPES[store.dtype][1]
+        self.embed_fmt = store.formats.embed
+        self.row_bytes = qf.row_bytes(self.embed_fmt, cfg.hidden)
         norm = store.read_tensor("final_norm")
-        self.norm = torch.from_numpy(norm).view(self.td).float()  # [h]
+        self.norm = torch.from_numpy(norm).view(TORCH_DTYPES[store.formats.final_norm]).float()  # [h]
         self.logits_buf = torch.empty(cfg.vocab)  # [V]
         self._rows = np.empty(0, dtype=np.uint8)  # [T * row bytes], grows to the longest chunk fed
         self.batch_buf = torch.empty(0, cfg.vocab)  # [n, V] logits of several rows, grows to the largest batch
@@ -42,7 +46,7 @@ class Head:
             self._rows = np.empty(n, dtype=np.uint8)
         rows = self._rows[:n]
         self.store.embed_rows_into(ids, rows)
-        out.copy_(torch.from_numpy(rows).view(self.td).view(len(ids), self.cfg.hidden))
+        kernels.rows_to_float32(self.embed_fmt, torch.from_numpy(rows).view(len(ids), self.row_bytes), out)
         if not math.isfinite(out.sum()):
             raise StoreError(f"{self.store.path}: the embedding rows of the input are not finite (NaN or infinity): "
                              f"rank 0's weight file is damaged; run again with --verify to check it against the manifest")
@@ -54,7 +58,9 @@ class Head:
         for b in self.chunks:
             w = self.blocks.get(b)["w"]  # [rows, h]
             r1 = r0 + w.shape[0]
-            if w.dtype == torch.float32:
+            if isinstance(w, (kernels.Packed, kernels.Int4Packed)):  # quantized, or bf16/f16 in float32
+                kernels.matmul(xn.unsqueeze(0), w, out=self.logits_buf[r0:r1].unsqueeze(0))
+            elif w.dtype == torch.float32:
                 np.matmul(w.numpy(), xn.numpy(), out=self.logits_buf[r0:r1].numpy())  # BLAS, as in layers.linear
             else:
                 self.logits_buf[r0:r1] = torch.mv(w, xn.to(w.dtype))

@@ -13,14 +13,19 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig, yarn_mscale
+from .quant import kernels
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ w[out, in].T (+ b): in float32, or in the weights' dtype (bfloat16) with a float32 result.
 
     Float32 products go to numpy's BLAS (OpenBLAS in the numpy wheels): on one token its matrix-vector
     kernel streams the weights about twice as fast as torch's CPU kernel (BENCHMARKS.md), and decode
-    is nothing but streaming the weights."""
+    is nothing but streaming the weights. A `Packed` weight (quantized, or bf16/f16 computed in float32)
+    goes through the sliced kernel of tpimpi.quant, which never holds more than a slice in float32."""
+    if isinstance(w, (kernels.Packed, kernels.Int4Packed)):
+        y = kernels.matmul(x, w)
+        return y if b is None else y.add_(b)
     if w.dtype == torch.float32 and x.dtype == torch.float32:
         y = torch.from_numpy(np.matmul(x.numpy(), w.numpy().T))
         return y if b is None else y.add_(b)

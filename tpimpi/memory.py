@@ -4,7 +4,8 @@ choice of which blocks stay resident and how many stream, given a window or a me
 Our analogue of TPI-LLM's Prop. 5. Per rank:
   base runtime (Python, numpy, torch, MPI)          BASE_RSS, measured on this project's machines
   resident blocks + window x largest streamed block weights actually held
-  upcast scratch (bf16/f16 storage, f32 compute)    one block in float32
+  dequantization scratch (quantized blocks, or      a slice of rows in float32 (tpimpi.quant.kernels),
+    bf16/f16 blocks computed in float32)            never a whole block
   KV cache for --max-seq-len                        2 * layers * kv_heads * max_seq * head_dim * 4, per slot
                                                     (one slot; a server's --max-batch B slots)
   step buffers + star-allreduce receive buffers     (2 + (N-1) on rank 0) * rows * hidden * 4, rows =
@@ -15,10 +16,10 @@ Our analogue of TPI-LLM's Prop. 5. Per rank:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from .config import ModelConfig
+from .quant.formats import is_quant
 from .errors import UsageError
 from .shard import RankSlice
 from .store import BlockSpec
@@ -88,10 +89,13 @@ def fixed_parts(cfg: ModelConfig, s: RankSlice, rank: int, world: int, max_seq: 
     return parts
 
 
-def _upcast_bytes(specs: list[BlockSpec], dtype: str, compute: str) -> int:
-    if compute != "float32" or dtype == "float32":
-        return 0
-    return max(sum(math.prod(p.shape) for p in sp.layout.parts) for sp in specs) * 4
+def _scratch_bytes(specs: list[BlockSpec], compute: str) -> int:
+    """The sliced kernel's scratch, if any matrix is multiplied from a narrower stored format."""
+    from .quant.kernels import scratch_bytes
+
+    packed = [p.shape[1] for sp in specs for p in sp.layout.parts
+              if len(p.shape) == 2 and (is_quant(p.fmt) or (p.fmt != "float32" and compute == "float32"))]
+    return scratch_bytes(max(packed)) if packed else 0
 
 
 def plan_memory(specs: list[BlockSpec], fixed: dict[str, int], *, dtype: str, compute: str,
@@ -102,7 +106,7 @@ def plan_memory(specs: list[BlockSpec], fixed: dict[str, int], *, dtype: str, co
 
     n = len(specs)
     sizes = [sp.layout.nbytes for sp in specs]
-    parts = dict(fixed, upcast=_upcast_bytes(specs, dtype, compute))
+    parts = dict(fixed, scratch=_scratch_bytes(specs, compute))
 
     def make(resident: set[int], w: int) -> MemoryPlan:
         streamed = [sizes[b] for b in range(n) if b not in resident]

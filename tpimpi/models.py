@@ -50,7 +50,7 @@ def _matches(path: Path, world: int, ratios, dtype: str) -> bool:
     """Whether a cached store is usable as it is (the cheap checks of every rank file pass)."""
     try:
         m = store.load_manifest(path)
-        if m["world"] != world or m["dtype"] != dtype or tuple(m["ratios"]) != tuple(ratios):
+        if m["world"] != world or m.get("requested", m["dtype"]) != dtype or tuple(m["ratios"]) != tuple(ratios):
             return False
         for r in range(world):
             store.RankStore(path, r, world).close()

@@ -8,6 +8,10 @@ cycle, and a background thread fills it with one positional read (which releases
 compute and allreduces go on. Compute waits only if that read has not finished. With io "mmap" the
 thread maps the block from the page cache instead (faulting its pages in), and compute reads them
 there: the same memory, without the copy.
+
+Blocks are handed out in their stored format. A matrix stored narrower than the float32 it is computed in
+(quantized, or bfloat16/float16 under --compute float32) comes as a `Packed` weight, which the kernels
+multiply a slice of rows at a time; no upcast copy of a block is made.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ import numpy as np
 import torch
 
 from .errors import StoreError
-from .store import ALIGN, DTYPES, BlockLayout, BlockSpec, RankStore
+from .quant import kernels
+from .quant.formats import QUANTS, row_bytes
+from .quant.kernels import TORCH_FLOATS as TORCH_DTYPES
+from .quant.kernels import Packed
+from .store import ALIGN, BlockLayout, BlockSpec, RankStore
 from .trace import IO_WAIT
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IO_MODES = ("cache", "mmap", "direct", "dontneed")
 
 
@@ -36,9 +42,9 @@ def aligned_buffer(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
     return mm, np.frombuffer(mm, dtype=np.uint8, count=nbytes)
 
 
-def block_views(buf: np.ndarray, layout: BlockLayout, dtype: str) -> dict[str, torch.Tensor]:
-    """Tensors viewing (not copying) each sub-tensor of a block held in buf."""
-    td, size = TORCH_DTYPES[dtype], DTYPES[dtype][1]
+def block_views(buf: np.ndarray, layout: BlockLayout, compute: str = "float32") -> dict:
+    """The sub-tensors of a block held in buf, as views (never copies): float tensors, or `Packed` weights
+    for matrices that are quantized or, with float32 compute, stored as bfloat16/float16."""
     if buf.flags.writeable:
         base = torch.from_numpy(buf)
     else:  # a read-only file mapping (io "mmap"): nothing ever writes to weights
@@ -47,8 +53,13 @@ def block_views(buf: np.ndarray, layout: BlockLayout, dtype: str) -> dict[str, t
             base = torch.from_numpy(buf)
     out = {}
     for p in layout.parts:
-        n = int(np.prod(p.shape)) * size
-        out[p.name] = base[p.offset : p.offset + n].view(td).view(p.shape)
+        raw = base[p.offset : p.offset + p.nbytes]
+        if p.fmt in QUANTS:
+            out[p.name] = Packed(p.fmt, raw.view(p.shape[0], row_bytes(p.fmt, p.shape[1])), p.shape)
+            continue
+        t = raw.view(TORCH_DTYPES[p.fmt]).view(p.shape)
+        narrow = p.fmt != "float32" and compute == "float32" and len(p.shape) == 2
+        out[p.name] = Packed(p.fmt, t, p.shape) if narrow else t
     return out
 
 
@@ -108,10 +119,11 @@ class _Reader:
         n = spec.layout.nbytes
         if os.fstat(self.fd).st_size < spec.offset + n:  # past the end a mapping would fault with SIGBUS
             raise OSError(f"the file ends before byte {spec.offset + n}, shorter than the manifest says")
-        mm = mmap.mmap(self.fd, n, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ,
-                       offset=spec.offset)
+        lead = spec.offset % mmap.ALLOCATIONGRANULARITY  # an untied head's chunks need not start on a page
+        mm = mmap.mmap(self.fd, lead + n, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ,
+                       offset=spec.offset - lead)
         self.bytes_read += n
-        return np.frombuffer(mm, dtype=np.uint8, count=n)
+        return np.frombuffer(mm, dtype=np.uint8, count=n, offset=lead)
 
     def _read(self, spec: BlockSpec, mm: mmap.mmap) -> None:
         n = spec.layout.nbytes
@@ -144,7 +156,8 @@ class BlockScheduler:
 
     def __init__(self, store: RankStore, specs: list[BlockSpec], resident: set[int], window: int,
                  io: str = "cache", compute: str = "float32"):
-        self.store, self.specs, self.dtype = store, specs, store.dtype
+        self.store, self.specs, self.compute = store, specs, compute
+        self.dtype = store.dtype
         self.trace = None  # a trace.Tracer when --trace is on
         self.io_wait_s = 0.0
         self.bytes_read = 0
@@ -153,16 +166,20 @@ class BlockScheduler:
         for b in sorted(resident):
             mm, arr = aligned_buffer(specs[b].layout.nbytes)
             store.read_into(specs[b].offset, memoryview(mm))
-            self._keep.append(mm)
-            self._resident[b] = block_views(arr, specs[b].layout, self.dtype)
+            views = block_views(arr, specs[b].layout, compute)
+            if compute == "bfloat16" and all(kernels.can_int4pack(v) for k, v in views.items() if k.startswith("w")):
+                # resident q4 blocks under --compute bfloat16: repacked once for torch's int4 kernel; the
+                # block's buffer goes, only the small norm and bias are copied out of it
+                packed = {k: kernels.int4pack(v) if k.startswith("w") else v.clone() for k, v in views.items()}
+                del views, arr
+                mm.close()
+                views = packed
+            else:
+                self._keep.append(mm)
+            self._resident[b] = views
             self.bytes_read += specs[b].layout.nbytes
         self.seq = [b for b in range(len(specs)) if b not in resident]  # the streamed cycle
         self.window = min(window, len(self.seq))
-        # upcast scratch when the storage dtype differs from the compute dtype: one block at a time
-        self._upcast = compute == "float32" and self.dtype != "float32"
-        if self._upcast:
-            most = max(sum(int(np.prod(p.shape)) for p in s.layout.parts) for s in specs)
-            self._scratch = torch.empty(most, dtype=torch.float32)  # [elements of the largest block]
         self._reader = None
         if self.seq:
             size = max(specs[b].layout.nbytes for b in self.seq)
@@ -195,16 +212,8 @@ class BlockScheduler:
             if self._reader.error is not None:
                 raise self._reader.error
             buf = self._maps[slot] if self._reader.io == "mmap" else self._bufs[slot][1]
-            views = block_views(buf, self.specs[b].layout, self.dtype)
-        return self._as_compute(views) if self._upcast else views
-
-    def _as_compute(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out, off = {}, 0
-        for name, t in views.items():
-            n = t.numel()
-            out[name] = self._scratch[off : off + n].view(t.shape).copy_(t)
-            off += n
-        return out
+            views = block_views(buf, self.specs[b].layout, self.compute)
+        return views
 
     def release(self, b: int) -> None:
         """Block b is done for this token: its buffer goes to the block `window` places later."""

@@ -1,7 +1,9 @@
 """All split arithmetic: which heads, KV heads and FFN columns each rank owns. Pure functions only.
 
 Query heads and FFN columns are dealt out in contiguous ranges in proportion to per-rank ratios
-(largest-remainder rounding, ties to the lower rank). A rank owns the KV heads its query heads use;
+(largest-remainder rounding, ties to the lower rank); in a quantized store FFN columns go out in whole
+quantization groups of 32, and o_proj's columns split at head boundaries, which are whole groups when
+head_dim is a multiple of 32 (the converter checks). A rank owns the KV heads its query heads use;
 when two ranks' query heads share a KV head, both hold a copy of it, so any rank count works,
 including more ranks than KV heads (or than heads: a rank may own no heads and only FFN columns).
 """
@@ -61,11 +63,14 @@ class RankSlice:
         return [h // group - self.kv_heads[0] for h in range(*self.q_heads)]
 
 
-def plan(n_heads: int, n_kv_heads: int, ffn: int, ratios: Sequence[float]) -> list[RankSlice]:
-    """The split of one layer over len(ratios) ranks."""
+def plan(n_heads: int, n_kv_heads: int, ffn: int, ratios: Sequence[float], granule: int = 1) -> list[RankSlice]:
+    """The split of one layer over len(ratios) ranks. FFN columns go out in units of `granule` (a
+    quantized store's group size, so that down_proj's column slices hold whole groups; ffn must divide)."""
     group = n_heads // n_kv_heads
+    assert ffn % granule == 0, (ffn, granule)
+    ffn_ranges = [(a * granule, b * granule) for a, b in _ranges(split_counts(ffn // granule, ratios))]
     slices = []
-    for (q0, q1), f in zip(_ranges(split_counts(n_heads, ratios)), _ranges(split_counts(ffn, ratios))):
+    for (q0, q1), f in zip(_ranges(split_counts(n_heads, ratios)), ffn_ranges):
         kv = (q0 // group, (q1 - 1) // group + 1) if q1 > q0 else (0, 0)
         slices.append(RankSlice((q0, q1), kv, f))
     return slices

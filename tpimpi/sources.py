@@ -1,7 +1,9 @@
 """Model sources the converter reads: a GGUF file or a Hugging Face directory (config.json + safetensors).
 
-Both yield float32 numpy arrays in Hugging Face's layout ([out_features, in_features]), one layer at a
-time, so the converter never holds the whole model twice.
+Both yield tensors in Hugging Face's layout ([out_features, in_features]), one layer at a time, so the
+converter never holds the whole model twice: float32 numpy arrays, or for GGUF's Q8_0, Q4_0 and Q4_1
+tensors the file's own blocks as a QTensor (tpimpi/quant/formats.py), never dequantized here.
+`tensor_type(key, layer)` tells the converter each tensor's stored type, for --dtype auto.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 
 from .config import ModelConfig, RopeScaling, rope_scaling_from_hf, scaled_context, yarn_mscale
 from .errors import ModelError
+from .quant import formats as qf
 
 # Per-layer tensor keys, in Hugging Face's names under model.layers.N.
 LAYER_KEYS = {
@@ -173,24 +176,40 @@ class GGUFSource:
         raise ModelError(f"GGUF file {str(self.path)!r}: rope scaling {kind!r} is not supported "
                          f"(supported: none, linear, yarn, and llama3's rope_freqs)")
 
-    def _tensor(self, name: str) -> np.ndarray:
+    def _tensor(self, name: str):
+        """A tensor as float32 [out, in] (or [n]), or a QTensor of the file's own blocks for Q8_0/Q4_0/Q4_1."""
         from gguf.quants import dequantize
 
         t = self.tensors.get(name)
         if t is None:
             raise ModelError(f"GGUF file {str(self.path)!r} lacks tensor {name!r}")
         self._used.add(name)
-        a = dequantize(t.data, t.tensor_type)
         # GGUF lists dims fastest-first; numpy's view is [rows, cols] = Hugging Face's [out, in].
-        return np.ascontiguousarray(a.reshape(tuple(int(d) for d in reversed(t.shape))), dtype=np.float32)
+        shape = tuple(int(d) for d in reversed(t.shape))
+        kind = t.tensor_type.name
+        if qf.KEPT.get(kind) in qf.QUANTS and len(shape) == 2:
+            return qf.QTensor(qf.KEPT[kind], np.array(t.data).reshape(shape[0], -1), shape)
+        try:
+            a = dequantize(t.data, t.tensor_type)
+        except (NotImplementedError, ValueError, KeyError):
+            raise ModelError(qf.unsupported_message(kind, name, str(self.path))) from None
+        return np.ascontiguousarray(a.reshape(shape), dtype=np.float32)
 
-    def layer(self, i: int) -> dict[str, np.ndarray]:
+    def tensor_type(self, key: str, layer: int | None = None) -> tuple[str, str]:
+        """(GGUF tensor name, its type name) of a layer key ("q", "down", ...) or of "embed"/"head"."""
+        name = {"embed": "token_embd.weight", "head": "output.weight"}.get(key) if layer is None \
+            else f"blk.{layer}.{GGUF_LAYER_KEYS[key]}"
+        return name, self.tensors[name].tensor_type.name
+
+    def layer(self, i: int) -> dict:
         cfg = self.config
         keys = [k for k in GGUF_LAYER_KEYS if cfg.attn_bias or k not in BIAS_KEYS]
         out = {k: self._tensor(f"blk.{i}.{GGUF_LAYER_KEYS[k]}") for k in keys}
-        if cfg.arch == "llama":  # llama.cpp permutes llama's Q/K rows; qwen2's are stored as in HF
-            out["q"] = unpermute_qk(out["q"], cfg.n_heads)
-            out["k"] = unpermute_qk(out["k"], cfg.n_kv_heads)
+        if cfg.arch == "llama":  # llama.cpp permutes llama's Q/K rows (whole rows: quantized ones too)
+            for key, n in (("q", cfg.n_heads), ("k", cfg.n_kv_heads)):
+                t = out[key]
+                out[key] = t.permute_rows(lambda d: unpermute_qk(d, n)) if isinstance(t, qf.QTensor) \
+                    else unpermute_qk(t, n)
         return out
 
     def embed(self) -> np.ndarray:
@@ -338,6 +357,16 @@ class HFSource:
         self._used.add(name)
         with safe_open(f, framework="pt") as h:
             return h.get_tensor(name).float().numpy()
+
+    def tensor_type(self, key: str, layer: int | None = None) -> tuple[str, str]:
+        """(tensor name, its safetensors dtype: F32, BF16 or F16) of a layer key or of "embed"/"head"."""
+        from safetensors import safe_open
+
+        name = {"embed": "model.embed_tokens.weight", "head": "lm_head.weight"}.get(key) if layer is None \
+            else f"model.layers.{layer}.{LAYER_KEYS[key]}"
+        with safe_open(self._index[name], framework="np") as h:
+            kind = h.get_slice(name).get_dtype()
+        return name, kind
 
     def layer(self, i: int) -> dict[str, np.ndarray]:
         keys = [k for k in LAYER_KEYS if self.config.attn_bias or k not in BIAS_KEYS]

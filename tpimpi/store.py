@@ -7,6 +7,12 @@ Layout of a rank file (a valid safetensors file; offsets below are from the star
   embed, final_norm[, head]                         rank 0 only
 Inside a block the sub-tensors (norm weight, fused projections) sit at 64-byte aligned offsets given by
 `attn_layout`/`mlp_layout`, which converter and runtime both compute from the config and split plan.
+
+Every block has one format (tpimpi/quant/formats.py): float32, bfloat16, float16, or GGUF's q8_0, q4_0
+or q4_1 blocks, kept byte for byte. In a quantized block the matrices are quantized and the norm and bias
+are float32; in a float block everything is in its dtype. The embedding (and an untied head) has a format
+of its own. The manifest's "dtype" is the store's format spec (`Formats.spec`): one format name when
+everything shares it, else e.g. "blocks=q8_0*2,q4_1*58;embed=q8_0".
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig, RopeScaling
-from .errors import ModelError, StoreError
+from .errors import ModelError, StoreError, UsageError
+from .quant import formats as qf
 from .shard import MAX_RANKS, MAX_RATIO, RankSlice, plan
 
 FORMAT = "tpimpi-store"
@@ -37,7 +44,7 @@ MAX_MANIFEST = 1 << 20  # a manifest is a few KB; refuse to read a larger file w
 MAX_LAYERS = 1 << 12  # bounds of a manifest's config (real models: a few hundred layers, widths below 1M)
 MAX_DIM = 1 << 24
 
-# storage dtype -> (safetensors name, bytes per element)
+# float storage dtype -> (safetensors name, bytes per element); quantized blocks are "U8" bytes
 DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
 
 
@@ -46,12 +53,105 @@ def _round_up(n: int, a: int) -> int:
 
 
 @dataclass(frozen=True)
+class Formats:
+    """The format of every block (attention and MLP of each layer, in order) and of the embedding and head."""
+
+    blocks: tuple[str, ...]
+    embed: str
+    head: str
+
+    @staticmethod
+    def norm_format(fmt: str) -> str:
+        """Norms and biases go with a float block's dtype, and are float32 beside quantized matrices."""
+        return fmt if fmt in DTYPES else "float32"
+
+    @property
+    def final_norm(self) -> str:
+        return self.norm_format(self.embed)
+
+    @property
+    def granule(self) -> int:
+        """FFN columns are split in whole quantization groups when any block is quantized."""
+        return qf.GROUP if any(qf.is_quant(f) for f in self.blocks) else 1
+
+    def spec(self) -> str:
+        if len({*self.blocks, self.embed, self.head}) == 1:
+            return self.embed
+        runs: list[list] = []
+        for f in self.blocks:
+            if runs and runs[-1][0] == f:
+                runs[-1][1] += 1
+            else:
+                runs.append([f, 1])
+        out = "blocks=" + ",".join(f"{f}*{n}" for f, n in runs) + f";embed={self.embed}"
+        return out if self.head == self.embed else out + f";head={self.head}"
+
+    @classmethod
+    def uniform(cls, fmt: str, cfg: ModelConfig) -> "Formats":
+        return cls((fmt,) * (2 * cfg.n_layers), fmt, fmt)
+
+    @classmethod
+    def parse(cls, spec: str, cfg: ModelConfig) -> "Formats":
+        """The formats a spec names, for a model of cfg's depth (StoreError if it does not fit)."""
+        def fmt(f: str) -> str:
+            f = qf.canonical(f)
+            if f not in qf.FORMATS:
+                raise StoreError(f"format {f[:40]!r} in dtype {spec[:80]!r} is not one of {', '.join(qf.FORMATS)}")
+            return f
+
+        if not isinstance(spec, str):
+            raise StoreError(f"dtype {repr(spec)[:40]} is not a format spec")
+        if "=" not in spec:
+            return cls.uniform(fmt(spec), cfg)
+        try:
+            kv = dict(item.split("=", 1) for item in spec.split(";"))
+            blocks = []
+            for run in kv["blocks"].split(","):
+                f, _, n = run.partition("*")
+                if not n.isdigit() or int(n) > 2 * MAX_LAYERS:
+                    raise ValueError(run)
+                blocks += [fmt(f)] * int(n)
+                if len(blocks) > 2 * MAX_LAYERS:
+                    raise ValueError(run)
+            embed = fmt(kv["embed"])
+            out = cls(tuple(blocks), embed, fmt(kv.get("head", embed)))
+        except (ValueError, KeyError):
+            raise StoreError(f"dtype {spec[:80]!r} is not a format spec (e.g. q4_1, or "
+                             f"blocks=q8_0*2,q4_1*58;embed=q8_0)") from None
+        if len(out.blocks) != 2 * cfg.n_layers:
+            raise StoreError(f"dtype {spec[:80]!r} gives {len(out.blocks)} block formats for {cfg.n_layers} layers")
+        if cfg.tied_embeddings and out.head != out.embed:
+            raise StoreError(f"dtype {spec[:80]!r}: a tied head is the embedding, in the same format")
+        return out
+
+
+def split_plan(cfg: ModelConfig, ratios, fmts: Formats) -> list[RankSlice]:
+    """The split of a store's layers over its ranks: quantized stores cut FFN columns in whole groups."""
+    return plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, ratios, granule=fmts.granule)
+
+
+def store_formats(cfg: ModelConfig, dtype: str) -> Formats:
+    """The formats of a store from its dtype spec; a conversion request that is not a spec ("auto", needing
+    the source's tensor types) is a UsageError."""
+    if dtype == "auto":
+        raise UsageError("--plan with --dtype auto needs the store, whose formats come from the source's tensor "
+                         "types: convert first (python -m tpimpi.convert MODEL --dtype auto --ranks N --out DIR) "
+                         "and plan with --model DIR, or name a format (q4, q8, bfloat16, ...)")
+    return Formats.parse(dtype, cfg)
+
+
+@dataclass(frozen=True)
 class Part:
-    """One sub-tensor of a block: its shape and byte offset inside the block."""
+    """One sub-tensor of a block: its shape, format and byte offset inside the block."""
 
     name: str
     shape: tuple[int, ...]
     offset: int
+    fmt: str = "float32"
+
+    @property
+    def nbytes(self) -> int:
+        return qf.nbytes(self.fmt, self.shape)
 
 
 @dataclass(frozen=True)
@@ -60,34 +160,38 @@ class BlockLayout:
 
     parts: tuple[Part, ...]
     nbytes: int
-    itemsize: int
 
     def part(self, name: str) -> Part:
         return next(p for p in self.parts if p.name == name)
 
 
-def _layout(shapes: list[tuple[str, tuple[int, ...]]], itemsize: int) -> BlockLayout:
+def _layout(shapes: list[tuple[str, tuple[int, ...], str]]) -> BlockLayout:
     parts, off = [], 0
-    for name, shape in shapes:
-        parts.append(Part(name, shape, off))
-        off = _round_up(off + int(np.prod(shape)) * itemsize, SUB_ALIGN)
-    return BlockLayout(tuple(parts), max(ALIGN, _round_up(off, ALIGN)), itemsize)
+    for name, shape, fmt in shapes:
+        parts.append(Part(name, shape, off, fmt))
+        off = _round_up(off + qf.nbytes(fmt, shape), SUB_ALIGN)
+    return BlockLayout(tuple(parts), max(ALIGN, _round_up(off, ALIGN)))
 
 
-def attn_layout(cfg: ModelConfig, s: RankSlice, dtype: str) -> BlockLayout:
+def attn_layout(cfg: ModelConfig, s: RankSlice, fmt: str) -> BlockLayout:
     """A rank's attention block: norm [h], fused qkv [(q+2kv)*hd, h], bias [(q+2kv)*hd], o [h, q*hd]."""
-    qkv = (s.n_q + 2 * s.n_kv) * cfg.head_dim
-    shapes = [("norm", (cfg.hidden,)), ("wqkv", (qkv, cfg.hidden))]
+    qkv, nf = (s.n_q + 2 * s.n_kv) * cfg.head_dim, Formats.norm_format(fmt)
+    shapes = [("norm", (cfg.hidden,), nf), ("wqkv", (qkv, cfg.hidden), fmt)]
     if cfg.attn_bias:
-        shapes.append(("bqkv", (qkv,)))
-    shapes.append(("wo", (cfg.hidden, s.n_q * cfg.head_dim)))
-    return _layout(shapes, DTYPES[dtype][1])
+        shapes.append(("bqkv", (qkv,), nf))
+    shapes.append(("wo", (cfg.hidden, s.n_q * cfg.head_dim), fmt))
+    return _layout(shapes)
 
 
-def mlp_layout(cfg: ModelConfig, s: RankSlice, dtype: str) -> BlockLayout:
+def mlp_layout(cfg: ModelConfig, s: RankSlice, fmt: str) -> BlockLayout:
     """A rank's MLP block: norm [h], fused gate+up [2f, h], down [h, f]."""
-    shapes = [("norm", (cfg.hidden,)), ("wgu", (2 * s.n_ffn, cfg.hidden)), ("wdown", (cfg.hidden, s.n_ffn))]
-    return _layout(shapes, DTYPES[dtype][1])
+    nf = Formats.norm_format(fmt)
+    return _layout([("norm", (cfg.hidden,), nf), ("wgu", (2 * s.n_ffn, cfg.hidden), fmt),
+                    ("wdown", (cfg.hidden, s.n_ffn), fmt)])
+
+
+def block_layout(cfg: ModelConfig, s: RankSlice, fmts: Formats, b: int) -> BlockLayout:
+    return (mlp_layout if b % 2 else attn_layout)(cfg, s, fmts.blocks[b])
 
 
 @dataclass(frozen=True)
@@ -99,10 +203,10 @@ class BlockSpec:
     layout: BlockLayout
 
 
-def head_chunks(cfg: ModelConfig, dtype: str, target_bytes: int) -> list[tuple[int, int]]:
+def head_chunks(cfg: ModelConfig, fmt: str, target_bytes: int) -> list[tuple[int, int]]:
     """[row0, row1) chunks of the [vocab, hidden] output head, each about target_bytes, starting on
     page boundaries (the row count is a multiple of the rows that make a whole number of pages)."""
-    row = cfg.hidden * DTYPES[dtype][1]
+    row = qf.row_bytes(fmt, cfg.hidden)
     step = ALIGN // math.gcd(ALIGN, row)  # rows per page-aligned step
     rows = max(step, target_bytes // row // step * step)
     return [(r, min(r + rows, cfg.vocab)) for r in range(0, cfg.vocab, rows)]
@@ -111,20 +215,20 @@ def head_chunks(cfg: ModelConfig, dtype: str, target_bytes: int) -> list[tuple[i
 def rank_specs(cfg: ModelConfig, s: RankSlice, rank: int, dtype: str, head_chunk_bytes: int = 0,
                data_start: int = 0) -> list[BlockSpec]:
     """The blocks of a rank in compute order: attention and MLP of each layer, then on rank 0 (if
-    head_chunk_bytes) the output head in chunks. Offsets are from data_start."""
-    size = DTYPES[dtype][1]
+    head_chunk_bytes) the output head in chunks. Offsets are from data_start. dtype: the format spec."""
+    fmts = store_formats(cfg, dtype)
     offsets, off = {}, data_start
-    for name, _, nbytes in file_entries(cfg, s, rank, dtype):
+    for name, _, _, nbytes in file_entries(cfg, s, rank, dtype):
         offsets[name] = off
         off += nbytes
-    layouts = (attn_layout(cfg, s, dtype), mlp_layout(cfg, s, dtype))
-    out = [BlockSpec(block_name(b), offsets[block_name(b)], layouts[b % 2]) for b in range(2 * cfg.n_layers)]
+    out = [BlockSpec(block_name(b), offsets[block_name(b)], block_layout(cfg, s, fmts, b))
+           for b in range(2 * cfg.n_layers)]
     if head_chunk_bytes and rank == 0:
         base = offsets["embed" if cfg.tied_embeddings else "head"]
-        for r0, r1 in head_chunks(cfg, dtype, head_chunk_bytes):
-            shape = (r1 - r0, cfg.hidden)
-            lay = BlockLayout((Part("w", shape, 0),), shape[0] * shape[1] * size, size)
-            out.append(BlockSpec(f"head.{r0}", base + r0 * cfg.hidden * size, lay))
+        row = qf.row_bytes(fmts.head, cfg.hidden)
+        for r0, r1 in head_chunks(cfg, fmts.head, head_chunk_bytes):
+            part = Part("w", (r1 - r0, cfg.hidden), 0, fmts.head)
+            out.append(BlockSpec(f"head.{r0}", base + r0 * row, BlockLayout((part,), part.nbytes)))
     return out
 
 
@@ -133,19 +237,25 @@ def block_name(b: int) -> str:
     return f"layers.{b // 2}.{'mlp' if b % 2 else 'attn'}"
 
 
-def file_entries(cfg: ModelConfig, s: RankSlice, rank: int, dtype: str) -> list[tuple[str, tuple[int, ...], int]]:
-    """(name, shape, nbytes) of every tensor of a rank file, in file order."""
-    st, size = DTYPES[dtype]
-    la, lm = attn_layout(cfg, s, dtype), mlp_layout(cfg, s, dtype)
+def _st_entry(name: str, fmt: str, shape: tuple[int, ...]) -> tuple[str, str, tuple[int, ...], int]:
+    """(name, safetensors dtype, shape, nbytes): float tensors as themselves, quantized ones as bytes."""
+    n = qf.nbytes(fmt, shape)
+    return (name, DTYPES[fmt][0], shape, n) if fmt in DTYPES else (name, "U8", (n,), n)
+
+
+def file_entries(cfg: ModelConfig, s: RankSlice, rank: int, dtype: str) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """(name, safetensors dtype, shape, nbytes) of every tensor of a rank file, in file order."""
+    fmts = store_formats(cfg, dtype)
     out = []
     for b in range(2 * cfg.n_layers):
-        lay = lm if b % 2 else la
-        out.append((block_name(b), (lay.nbytes // size,), lay.nbytes))
+        lay, f = block_layout(cfg, s, fmts, b), fmts.blocks[b]
+        st, size = DTYPES[f] if f in DTYPES else ("U8", 1)
+        out.append((block_name(b), st, (lay.nbytes // size,), lay.nbytes))
     if rank == 0:
-        out.append(("embed", (cfg.vocab, cfg.hidden), cfg.vocab * cfg.hidden * size))
-        out.append(("final_norm", (cfg.hidden,), cfg.hidden * size))
+        out.append(_st_entry("embed", fmts.embed, (cfg.vocab, cfg.hidden)))
+        out.append(_st_entry("final_norm", fmts.final_norm, (cfg.hidden,)))
         if not cfg.tied_embeddings:
-            out.append(("head", (cfg.vocab, cfg.hidden), cfg.vocab * cfg.hidden * size))
+            out.append(_st_entry("head", fmts.head, (cfg.vocab, cfg.hidden)))
     return out
 
 
@@ -160,11 +270,10 @@ def rank_file_name(rank: int) -> str:
     return f"rank{rank:03d}.safetensors"
 
 
-def encode_header(entries, dtype: str, metadata: dict[str, str]) -> bytes:
+def encode_header(entries, metadata: dict[str, str]) -> bytes:
     """The 8-byte length and JSON header of a rank file, padded so that data starts at ALIGN."""
-    st = DTYPES[dtype][0]
     header, off = {"__metadata__": metadata}, 0
-    for name, shape, nbytes in entries:
+    for name, st, shape, nbytes in entries:
         header[name] = {"dtype": st, "shape": list(shape), "data_offsets": [off, off + nbytes]}
         off += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -187,41 +296,43 @@ def decode_header(f, file_size: int, path: str) -> tuple[int, dict]:
     return 8 + n, header
 
 
-def to_storage(a: np.ndarray, dtype: str) -> bytes:
-    """float32 array -> raw little-endian bytes in the storage dtype."""
-    import torch
-
-    if a.size == 0:
-        return b""
-    t = torch.from_numpy(np.require(a, np.float32, ["C", "W"]))
-    if dtype != "float32":
-        t = t.to(getattr(torch, dtype))
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
+def to_storage(a, fmt: str) -> bytes:
+    """A float32 array or QTensor -> the raw little-endian bytes of fmt."""
+    return qf.to_bytes(a, fmt)
 
 
-def pack_block(layout: BlockLayout, tensors: dict[str, np.ndarray], dtype: str) -> bytearray:
-    """Lay out sub-tensors into one zero-padded block as `layout` says."""
+def pack_block(layout: BlockLayout, tensors: dict) -> bytearray:
+    """Lay out sub-tensors (float32 arrays or QTensors) into one zero-padded block as `layout` says."""
     buf = bytearray(layout.nbytes)
     for p in layout.parts:
         a = tensors[p.name]
         if tuple(a.shape) != p.shape:
             raise AssertionError(f"{p.name}: shape {a.shape} != layout {p.shape}")
-        raw = to_storage(a, dtype)
+        raw = to_storage(a, p.fmt)
         buf[p.offset : p.offset + len(raw)] = raw
     return buf
 
 
-def slice_layer(cfg: ModelConfig, s: RankSlice, t: dict[str, np.ndarray]) -> tuple[dict, dict]:
-    """One rank's attention and MLP sub-tensors from a layer's full float32 tensors (HF layout)."""
+def slice_layer(cfg: ModelConfig, s: RankSlice, t: dict, fmts: tuple[str, str] = ("float32", "float32")
+                ) -> tuple[dict, dict]:
+    """One rank's attention and MLP sub-tensors from a layer's full tensors (HF layout; float32 arrays or
+    QTensors), each matrix in its block's format (fmts: attention's, MLP's). A quantized matrix's columns
+    are cut at group boundaries: shard.py splits quantized stores that way."""
     hd = cfg.head_dim
     q = slice(s.q_heads[0] * hd, s.q_heads[1] * hd)
     kv = slice(s.kv_heads[0] * hd, s.kv_heads[1] * hd)
     f = slice(*s.ffn)
-    attn = {"norm": t["attn_norm"], "wqkv": np.concatenate([t["q"][q], t["k"][kv], t["v"][kv]]),
-            "wo": t["o"][:, q]}
+    fa, fm = fmts
+
+    def rows(*parts, fmt):
+        return qf.concat_rows([qf.take_rows(qf.as_format(a, fmt), sl) for a, sl in parts])
+
+    attn = {"norm": t["attn_norm"], "wqkv": rows((t["q"], q), (t["k"], kv), (t["v"], kv), fmt=fa),
+            "wo": qf.take_cols(qf.as_format(t["o"], fa), q.start, q.stop)}
     if cfg.attn_bias:
         attn["bqkv"] = np.concatenate([t["bq"][q], t["bk"][kv], t["bv"][kv]])
-    mlp = {"norm": t["ffn_norm"], "wgu": np.concatenate([t["gate"][f], t["up"][f]]), "wdown": t["down"][:, f]}
+    mlp = {"norm": t["ffn_norm"], "wgu": rows((t["gate"], f), (t["up"], f), fmt=fm),
+           "wdown": qf.take_cols(qf.as_format(t["down"], fm), f.start, f.stop)}
     return attn, mlp
 
 
@@ -271,7 +382,7 @@ def _check_manifest(m, path: Path) -> dict:
     if m["format"] != FORMAT or m["version"] != VERSION or type(m["version"]) is not int:
         raise StoreError(f"{path}: format {repr(m['format'])[:40]} v{repr(m['version'])[:20]} "
                          f"is not {FORMAT} v{VERSION}")
-    if not isinstance(m["dtype"], str) or m["dtype"] not in DTYPES:
+    if not isinstance(m["dtype"], str) or len(m["dtype"]) > 4096:
         raise StoreError(f"{path}: unknown dtype {repr(m['dtype'])[:40]}")
     world, ratios, files = m["world"], m["ratios"], m["files"]
     if type(world) is not int or not 1 <= world <= MAX_RANKS:
@@ -296,6 +407,10 @@ def _check_manifest(m, path: Path) -> dict:
     try:
         m["config"] = ModelConfig.from_dict(m["config"])
     except ModelError as e:
+        raise StoreError(f"{path}: {e}") from None
+    try:
+        m["formats"] = Formats.parse(m["dtype"], m["config"])
+    except StoreError as e:
         raise StoreError(f"{path}: {e}") from None
     return m
 
@@ -427,20 +542,20 @@ class RankStore:
         m = load_manifest(self.directory)
         if m["world"] != world:
             src, out = m.get("source", {}), f"{str(self.directory).rstrip('/')}-n{world}"
+            dtype = m.get("requested", m["dtype"])
             if "synthetic" in src:
                 cmd = (f"python -m tpimpi.synth --shape {src['synthetic']} --layers {src.get('layers')} "
-                       f"--dtype {m['dtype']} --ranks {world} --out {out}")
+                       f"--dtype {dtype} --ranks {world} --out {out}")
             else:
-                cmd = f"python -m tpimpi.convert {src.get('path', 'MODEL')} --dtype {m['dtype']} --ranks {world} --out {out}"
+                cmd = f"python -m tpimpi.convert {src.get('path', 'MODEL')} --dtype {dtype} --ranks {world} --out {out}"
             raise StoreError(f"store {str(self.directory)!r} was split for {m['world']} ranks, launched with {world}; "
                              f"split it for {world} with: {cmd}")
         self.manifest = m
         self.cfg: ModelConfig = m["config"]
-        self.dtype: str = m["dtype"]
+        self.dtype: str = m["dtype"]  # the format spec
+        self.formats: Formats = m["formats"]
         self.rank = rank
-        self.slice = plan(self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.ffn, m["ratios"])[rank]
-        self.attn = attn_layout(self.cfg, self.slice, self.dtype)
-        self.mlp = mlp_layout(self.cfg, self.slice, self.dtype)
+        self.slice = split_plan(self.cfg, m["ratios"], self.formats)[rank]
         info = m["files"][rank]
         self.path = self.directory / info["name"]
         self._check_file(info, verify)
@@ -460,8 +575,7 @@ class RankStore:
         except OSError as e:
             raise StoreError(f"{p}: cannot read weight file ({e.strerror})") from None
         meta = file_metadata(self.cfg, self.slice, self.rank, len(self.manifest["ratios"]))
-        expect = json.loads(encode_header(file_entries(self.cfg, self.slice, self.rank, self.dtype), self.dtype,
-                                          meta)[8:].decode())
+        expect = json.loads(encode_header(file_entries(self.cfg, self.slice, self.rank, self.dtype), meta)[8:].decode())
         if header != expect:
             what = "model config or split plan" if header.get("__metadata__") != meta else "tensor table"
             raise StoreError(f"{p}: the file's {what} does not match the manifest (edited, or from another store?)")
@@ -501,15 +615,15 @@ class RankStore:
         return rank_specs(self.cfg, self.slice, self.rank, self.dtype, head_chunk_bytes, self.data_start)
 
     def embed_rows_into(self, ids, out: np.ndarray) -> None:
-        """out [T, h] (storage dtype, as bytes) <- embedding rows of ids, read from disk one row each."""
-        row = self.cfg.hidden * DTYPES[self.dtype][1]
+        """out [T, row bytes] (the embedding's format, as bytes) <- embedding rows of ids, one read each."""
+        row = qf.row_bytes(self.formats.embed, self.cfg.hidden)
         base = self.offsets["embed"]
         flat = out.reshape(len(ids), row)  # [T, row bytes]
         for t, i in enumerate(ids):
             self.read_into(base + int(i) * row, memoryview(flat[t]))
 
     def layout(self, b: int) -> BlockLayout:
-        return self.mlp if b % 2 else self.attn
+        return block_layout(self.cfg, self.slice, self.formats, b)
 
     def block_offset(self, b: int) -> int:
         return self.offsets[block_name(b)]
@@ -526,7 +640,7 @@ class RankStore:
     def read_tensor(self, name: str) -> np.ndarray:
         """A rank-0 tensor (embed, final_norm, head) as raw storage bytes shaped by the caller."""
         entries = {e[0]: e for e in file_entries(self.cfg, self.slice, self.rank, self.dtype)}
-        _, shape, nbytes = entries[name]
+        nbytes = entries[name][3]
         buf = np.empty(nbytes, dtype=np.uint8)
         self.read_into(self.offsets[name], memoryview(buf))
         return buf

@@ -1,0 +1,355 @@
+"""Quantized blocks: GGUF's Q8_0/Q4_0/Q4_1 kept byte for byte, the sliced kernel equal to the gguf
+package's dequantization, quantized and mixed stores against transformers at several rank counts and
+memory modes, and the refusals (unsupported types, dimensions that do not divide, damaged blocks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tinymodels as tm
+from harness import rel_err, run_store
+from quantmodels import requantize_gguf
+from threadcomm import ThreadGroup
+from tpimpi import convert as convert_mod
+from tpimpi import store
+from tpimpi.convert import convert
+from tpimpi.engine import MemoryOptions
+from tpimpi.errors import StoreError
+from tpimpi.quant import formats as qf
+from tpimpi.quant import kernels
+from tpimpi.shard import plan
+from tpimpi.sources import unpermute_qk
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+QUANTS = ("q8_0", "q4_0", "q4_1")
+
+
+def _gguf_types():
+    import gguf
+
+    return gguf.GGMLQuantizationType
+
+
+def _record_tensor(t: qf.QTensor) -> torch.Tensor:
+    """A QTensor as the store keeps it: row records in a uint8 tensor [rows, row bytes]."""
+    raw = np.frombuffer(qf.to_bytes(t, t.fmt), dtype=np.uint8)
+    return torch.from_numpy(raw.reshape(t.shape[0], -1).copy())
+
+
+# ---- formats and kernel: pure functions ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", QUANTS)
+def test_kernel_dequantizes_exactly_as_gguf_does(fmt):
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal((37, 160)) * rng.uniform(0.01, 3, (37, 1))).astype(np.float32)
+    t = qf.quantize(a, fmt)
+    rec = _record_tensor(t)
+    assert np.array_equal(qf.rows_to_blocks(fmt, rec.numpy()), t.data)  # the same bytes, regrouped
+    ref = qf.dequantize(t)
+    out = torch.empty(37, 160)
+    kernels.dequantize_into(fmt, rec, out, torch.empty(37 * 80, dtype=torch.uint8))
+    assert np.array_equal(out.numpy(), ref)
+    for T in (1, 5):
+        x = torch.from_numpy(rng.standard_normal((T, 160)).astype(np.float32))
+        y = kernels.matmul(x, kernels.Packed(fmt, rec, (37, 160)))
+        assert rel_err(y.numpy(), x.numpy() @ ref.T) < 1e-6
+
+
+def test_kernel_works_a_slice_at_a_time_and_on_empty_matrices(monkeypatch):
+    monkeypatch.setattr(kernels, "SLICE_ELEMS", 64 * 3)  # 3 rows of 64 per slice: many slices
+    monkeypatch.setattr(kernels, "_SCRATCH", kernels._Scratch())
+    a = np.random.default_rng(1).standard_normal((10, 64)).astype(np.float32)
+    t = qf.quantize(a, "q4_1")
+    x = torch.randn(2, 64)
+    y = kernels.matmul(x, kernels.Packed("q4_1", _record_tensor(t), (10, 64)))
+    assert kernels._SCRATCH.f32.numel() == 64 * 3
+    assert rel_err(y.numpy(), x.numpy() @ qf.dequantize(t).T) < 1e-6
+    empty = kernels.Packed("q4_1", torch.empty(0, 40, dtype=torch.uint8), (0, 64))
+    assert kernels.matmul(x, empty).shape == (2, 0)
+    no_cols = kernels.Packed("q8_0", torch.empty(5, 0, dtype=torch.uint8), (5, 0))
+    assert not kernels.matmul(torch.randn(2, 0), no_cols).any()
+
+
+def test_bfloat16_weights_in_float32_use_a_bounded_slice():
+    w = torch.randn(300, 64).bfloat16()
+    x = torch.randn(3, 64)
+    y = kernels.matmul(x, kernels.Packed("bfloat16", w, (300, 64)))
+    assert torch.allclose(y, x @ w.float().T, rtol=1e-5, atol=1e-5)
+
+
+def test_format_specs_round_trip():
+    cfg = store.ModelConfig("llama", 3, 64, 2, 2, 32, 64, 100, 1e4, 1e-5, 64, False)
+    mixed = store.Formats(("q8_0", "q8_0", "q4_1", "float32", "q4_0", "q4_0"), "q8_0", "bfloat16")
+    assert store.Formats.parse(mixed.spec(), cfg) == mixed
+    assert store.Formats.parse("q4", cfg) == store.Formats.uniform("q4_1", cfg)
+    for bad in ("q3_0", "blocks=q4_1*5;embed=q8_0", "blocks=q4_1*x;embed=q8_0"):
+        with pytest.raises(StoreError):
+            store.Formats.parse(bad, cfg)
+
+
+@pytest.mark.parametrize("ratios", [(1,) * 7, (3, 1, 1), (1,) * 8, (5, 2, 2, 1, 1)])
+def test_quantized_split_keeps_whole_groups(ratios):
+    for ffn in (192, 1536, 28672):
+        slices = plan(9, 3, ffn, ratios, granule=qf.GROUP)
+        assert slices[0].ffn[0] == 0 and slices[-1].ffn[1] == ffn
+        assert all(s.ffn[0] % qf.GROUP == 0 and s.ffn[1] % qf.GROUP == 0 for s in slices)
+        assert all(a.ffn[1] == b.ffn[0] for a, b in zip(slices, slices[1:]))
+
+
+def test_float32_compute_of_bfloat16_blocks_holds_a_slice_not_a_block():
+    """The Llama-2-70B shape at 8 ranks, window 2: an MLP block upcast whole was a 352 MB transient."""
+    from tpimpi.engine import memory_plan
+    from tpimpi.synth import shape_config
+
+    cfg = shape_config("llama2-70b", 80)
+    s = plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, (1,) * 8)[0]
+    _, mp = memory_plan(cfg, s, 0, 8, "bfloat16", 512, MemoryOptions(window=2))
+    assert mp.parts["scratch"] < 2 << 20 and mp.parts["weights"] > 100 * mp.parts["scratch"]
+
+
+# ---- GGUF kept as it is --------------------------------------------------------------------------
+
+LAYER_TYPES = ("Q8_0", "Q4_0", "Q4_1", "F32")  # layer i's matrices
+
+
+@pytest.fixture(scope="module")
+def quant_hf(tmp_path_factory):
+    return tm.make_tiny_hf(tmp_path_factory.mktemp("qhf") / "llama", seed=3, n_layers=4, hidden=128, n_heads=4,
+                           n_kv_heads=2, ffn=192, tie=False)
+
+
+@pytest.fixture(scope="module")
+def f32_gguf(quant_hf, tmp_path_factory):
+    return tm.make_tiny_gguf(tmp_path_factory.mktemp("qf32") / "f32.gguf", hf_dir=quant_hf)
+
+
+@pytest.fixture(scope="module")
+def mixed_gguf(f32_gguf):
+    """Layers in Q8_0, Q4_0, Q4_1 and F32; the embedding Q8_0, the head Q4_1."""
+    T = _gguf_types()
+
+    def type_of(name):
+        if name == "token_embd.weight":
+            return T.Q8_0
+        if name == "output.weight":
+            return T.Q4_1
+        return T[LAYER_TYPES[int(name.split(".")[1])]]
+
+    return requantize_gguf(f32_gguf, f32_gguf.parent / "mixed.gguf", type_of)
+
+
+@pytest.fixture(scope="module")
+def mixed_n2(mixed_gguf, tmp_path_factory):
+    return convert(mixed_gguf, tmp_path_factory.mktemp("mixed") / "n2", 2, dtype="auto", quiet=True)
+
+
+def _blocks_of(rs, b: int, name: str, fmt: str) -> np.ndarray:
+    """A quantized sub-tensor of block b as GGUF blocks, read from the rank file."""
+    lay = rs.layout(b)
+    p = lay.part(name)
+    buf = np.empty(lay.nbytes, dtype=np.uint8)
+    rs.read_into(rs.block_offset(b), memoryview(buf))
+    return qf.rows_to_blocks(fmt, buf[p.offset : p.offset + p.nbytes].reshape(p.shape[0], -1))
+
+
+@pytest.fixture(scope="module")
+def mixed_ref(mixed_gguf, prompt_ids):
+    m = tm.hf_model(mixed_gguf)  # transformers dequantizes every tensor with the gguf package
+    return tm.hf_last_logits(m, prompt_ids), tm.hf_greedy(m, prompt_ids, 6)
+
+
+def test_gguf_quantized_tensors_are_kept_bit_exact(mixed_gguf, mixed_n2):
+    import gguf
+
+    m = store.load_manifest(mixed_n2)
+    assert m["dtype"] == "blocks=q8_0*2,q4_0*2,q4_1*2,float32*2;embed=q8_0;head=q4_1"
+    assert "Q4_0 -> q4_0 kept as is: 7 tensors" in m["conversion"]
+    raw = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(mixed_gguf)).tensors}
+    cfg = m["config"]
+    for rank in range(2):
+        rs = store.RankStore(mixed_n2, rank, 2)
+        s = rs.slice
+        for layer, fmt in enumerate(("q8_0", "q4_0", "q4_1")):
+            g = lambda n: raw[f"blk.{layer}.{n}.weight"]  # noqa: E731
+            part = lambda b, name: _blocks_of(rs, b, name, fmt)  # noqa: E731
+            hd, bb = cfg.head_dim, qf.QUANTS[fmt]
+            q = unpermute_qk(g("attn_q"), cfg.n_heads)[s.q_heads[0] * hd : s.q_heads[1] * hd]
+            k = unpermute_qk(g("attn_k"), cfg.n_kv_heads)[s.kv_heads[0] * hd : s.kv_heads[1] * hd]
+            v = g("attn_v")[s.kv_heads[0] * hd : s.kv_heads[1] * hd]
+            assert np.array_equal(part(2 * layer, "wqkv"), np.concatenate([q, k, v]))
+            cols = lambda a, c0, c1: a[:, c0 // 32 * bb : c1 // 32 * bb]  # noqa: E731
+            assert np.array_equal(part(2 * layer, "wo"), cols(g("attn_output"), s.q_heads[0] * hd, s.q_heads[1] * hd))
+            f = slice(*s.ffn)
+            assert np.array_equal(part(2 * layer + 1, "wgu"), np.concatenate([g("ffn_gate")[f], g("ffn_up")[f]]))
+            assert np.array_equal(part(2 * layer + 1, "wdown"), cols(g("ffn_down"), *s.ffn))
+        if rank == 0:
+            for name, key, fmt in (("embed", "token_embd.weight", "q8_0"), ("head", "output.weight", "q4_1")):
+                rec = rs.read_tensor(name).reshape(cfg.vocab, -1)
+                assert np.array_equal(qf.rows_to_blocks(fmt, rec), raw[key])
+        rs.close()
+
+
+CASES = {  # world: (ratios, memory mode)
+    1: ("1", MemoryOptions(resident=True)),
+    2: (None, MemoryOptions(window=2, io="direct")),
+    3: ("1,2,1", MemoryOptions(window=1, io="mmap")),
+    8: ("3,1,1,1,2,1,1,1", MemoryOptions(budget=290 << 20)),
+}
+
+
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_mixed_store_matches_transformers(mixed_gguf, mixed_n2, mixed_ref, prompt_ids, tmp_path, world):
+    ratios, mem = CASES[world]
+    path = mixed_n2 if world == 2 else convert(mixed_gguf, tmp_path / "s", world, ratios, dtype="auto", quiet=True)
+    logits, tokens = ThreadGroup(world).run(lambda c: run_store(path, c, prompt_ids, 6, mem=mem))[0]
+    ref_logits, ref_tokens = mixed_ref
+    assert rel_err(logits, ref_logits) < 1e-4
+    assert tokens == ref_tokens
+
+
+def test_hf_dir_quantized_to_q4_holds_the_q4_1_ggufs_blocks(quant_hf, f32_gguf, tmp_path):
+    """--dtype q4 rounds to nearest as gguf's quantizer does: the store holds exactly the blocks of the
+    Q4_1 GGUF made from the same float weights (whose logits the mixed-store test checks)."""
+    import gguf
+
+    T = _gguf_types()
+    q4 = requantize_gguf(f32_gguf, tmp_path / "q4_1.gguf", lambda name: T.Q4_1)
+    raw = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(q4)).tensors}
+    path = convert(quant_hf, tmp_path / "s", 1, dtype="q4", quiet=True)
+    assert store.load_manifest(path)["dtype"] == "q4_1"
+    rs = store.RankStore(path, 0, 1)
+    for layer in range(4):
+        assert np.array_equal(_blocks_of(rs, 2 * layer + 1, "wdown", "q4_1"), raw[f"blk.{layer}.ffn_down.weight"])
+        q = unpermute_qk(raw[f"blk.{layer}.attn_q.weight"], 4)
+        assert np.array_equal(_blocks_of(rs, 2 * layer, "wqkv", "q4_1")[: len(q)], q)
+    assert np.array_equal(qf.rows_to_blocks("q4_1", rs.read_tensor("head").reshape(rs.cfg.vocab, -1)),
+                          raw["output.weight"])
+    rs.close()
+
+
+def test_other_gguf_types_are_requantized_and_reported(f32_gguf, tmp_path):
+    import gguf
+
+    T = _gguf_types()
+    src = requantize_gguf(f32_gguf, tmp_path / "q5.gguf", lambda name: T.Q5_0 if "ffn_up" in name else T.Q4_0)
+    path = convert(src, tmp_path / "s", 1, dtype="auto", quiet=True)
+    m = store.load_manifest(path)
+    assert "Q5_0 -> q8_0 re-quantized: 4 tensors" in m["conversion"]
+    assert m["formats"].blocks == ("q4_0", "q8_0") * 4  # the MLP blocks take the widest of gate/up/down
+    t = next(t for t in gguf.GGUFReader(str(src)).tensors if t.name == "blk.0.ffn_up.weight")
+    q5 = gguf.quants.dequantize(t.data, t.tensor_type).reshape(192, 128)
+    rs = store.RankStore(path, 0, 1)
+    kept = qf.dequantize(qf.QTensor("q8_0", _blocks_of(rs, 1, "wgu", "q8_0"), (384, 128)))[192:]
+    rs.close()
+    step = np.repeat(np.abs(q5).reshape(192, 4, 32).max(-1) / 127, 32, axis=1)  # q8_0's step per group
+    err = np.abs(kept - q5)
+    assert (err <= 0.6 * step + 1e-7).all() and err.max() > 0  # half a step, and d rounded to float16
+
+
+# ---- refusals ------------------------------------------------------------------------------------
+
+
+def test_unsupported_gguf_type_names_the_tensor_the_type_and_what_to_do(f32_gguf, tmp_path, capsys):
+    T = _gguf_types()
+    src = requantize_gguf(f32_gguf, tmp_path / "i32.gguf", lambda name: T.I32 if name == "blk.1.ffn_down.weight" else None)
+    assert convert_mod.main([str(src), "--ranks", "1", "--dtype", "auto", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "'blk.1.ffn_down.weight'" in err and "I32" in err and "Q8_0, Q4_0 or Q4_1" in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_q4_on_dimensions_that_do_not_divide_says_so(tiny_gguf, tmp_path, capsys):
+    assert convert_mod.main([str(tiny_gguf), "--ranks", "1", "--dtype", "q4", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "hidden size" in err and "72" in err and "group size 32" in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_damaged_or_truncated_quantized_block_is_refused(mixed_n2, tmp_path):
+    import shutil
+
+    path = Path(shutil.copytree(mixed_n2, tmp_path / "s"))
+    f = path / store.rank_file_name(1)
+    rs = store.RankStore(path, 1, 2)
+    off = rs.block_offset(4) + rs.layout(4).part("wqkv").offset + 7  # inside a q4_1 row's nibbles
+    rs.close()
+    data = bytearray(f.read_bytes())
+    data[off] ^= 0x10
+    f.write_bytes(data)
+    store.RankStore(path, 1, 2).close()  # sizes and header still agree: only the checksum tells
+    with pytest.raises(StoreError, match="checksum"):
+        store.RankStore(path, 1, 2, verify=True)
+    f.write_bytes(data[: off + 1])
+    with pytest.raises(StoreError, match="truncated"):
+        store.RankStore(path, 1, 2)
+
+
+# ---- synthetic quantized models ------------------------------------------------------------------
+
+
+@pytest.mark.slow  # reads the default model's GGUF for its tokenizer (seconds)
+def test_synth_gguf_converts_to_its_own_blocks_and_runs(tmp_path, prompt_ids, fmt="q4_0"):
+    import gguf
+
+    from tpimpi.synth import shape_config, write_gguf
+
+    cfg = shape_config("smollm2-135m", 1)
+    src = write_gguf(cfg, tmp_path / "s.gguf", fmt, quiet=True)
+    raw = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(src)).tensors}
+    path = convert(src, tmp_path / "st", 1, dtype="auto", quiet=True)
+    rs = store.RankStore(path, 0, 1)
+    assert np.array_equal(qf.rows_to_blocks(fmt, rs.read_tensor("embed").reshape(cfg.vocab, -1)),
+                          raw["token_embd.weight"])
+    rs.close()
+    logits, tokens = ThreadGroup(1).run(lambda c: run_store(path, c, prompt_ids[:4], 2))[0]
+    assert np.isfinite(logits).all() and len(tokens) == 2
+
+
+def test_synth_writes_quantized_store_without_a_float_model(tmp_path, prompt_ids):
+    from tpimpi.synth import main
+
+    assert main(["--shape", "smollm2-135m", "--layers", "2", "--ranks", "3", "--dtype", "q4",
+                 "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    m = store.load_manifest(tmp_path / "s")
+    assert m["dtype"] == "q4_1" and m["requested"] == "q4"
+    mem = MemoryOptions(window=2)
+    logits, tokens = ThreadGroup(3).run(lambda c: run_store(tmp_path / "s", c, prompt_ids[:4], 2, mem=mem))[0]
+    assert np.isfinite(logits[:256]).all() and len(tokens) == 2  # rows past the byte tokenizer are -inf
+
+
+# ---- the default model ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_default_model_kept_in_q4_1_matches_transformers(tmp_path, prompt_ids):
+    src = tm.default_gguf_path()
+    path = convert(src, tmp_path / "s", 2, dtype="auto", quiet=True)
+    m = store.load_manifest(path)
+    assert m["dtype"] == "blocks=q4_1*60;embed=q8_0"
+    model = tm.hf_model(src)
+    ref_logits, ref_tokens = tm.hf_last_logits(model, prompt_ids), tm.hf_greedy(model, prompt_ids, 8)
+    logits, tokens = ThreadGroup(2).run(lambda c: run_store(path, c, prompt_ids, 8))[0]
+    assert rel_err(logits, ref_logits) < 1e-4
+    assert tokens == ref_tokens
+
+
+def test_bfloat16_compute_runs_resident_q4_blocks_on_torchs_int4_kernel(mixed_n2, mixed_ref, prompt_ids):
+    """--compute bfloat16: resident q4_0/q4_1 blocks repacked for torch's int4 kernel (their buffers
+    freed), the rest as before; about bfloat16's precision, as a bfloat16 store gives."""
+    def run(c):
+        mem = MemoryOptions(resident=True, compute="bfloat16")
+        from tpimpi.engine import Engine
+
+        eng = Engine(c, mixed_n2, max_seq=64, mem=mem).load()
+        kinds = {type(eng.blocks.get(b)["wgu"]).__name__ for b in (3, 5)}  # the q4_0 and q4_1 layers' MLPs
+        eng.close()
+        return kinds, run_store(mixed_n2, c, prompt_ids, 1, mem=mem)[0]
+
+    (kinds, logits), _ = ThreadGroup(2).run(run)
+    assert kinds == {"Int4Packed"}
+    assert rel_err(logits, mixed_ref[0]) < 0.05 and np.argmax(logits) == np.argmax(mixed_ref[0])
