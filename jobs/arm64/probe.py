@@ -23,7 +23,8 @@ sys.path.insert(0, str(REPO / "tests"))  # harness.prompt_logits: the prefill th
 
 from harness import prompt_logits  # noqa: E402
 from tpimpi import comm as comm_mod  # noqa: E402
-from tpimpi.engine import Engine, MemoryOptions, set_threads  # noqa: E402
+from tpimpi.engine import Engine, MemoryOptions  # noqa: E402
+from tpimpi.resources import set_threads  # noqa: E402
 from tpimpi.sampling import SamplingConfig  # noqa: E402
 
 

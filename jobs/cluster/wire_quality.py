@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from tpimpi import comm as comm_mod
-from tpimpi.engine import Engine, MemoryOptions, collective, prepare_store, set_threads
+from tpimpi.engine import Engine, MemoryOptions, collective, prepare_store
+from tpimpi.resources import set_threads
 from tpimpi.shard import parse_ratios
 from tpimpi.wire import WIRES
 
