@@ -29,7 +29,13 @@ SKIP = {
     "bash jobs/bench_generate.sh": "benchmark jobs: minutes each, figures for BENCHMARKS.md",
     "bash jobs/bench_window.sh": "benchmark jobs: minutes each, figures for BENCHMARKS.md",
     "python -m tpimpi.convert model.gguf": "a placeholder path (model.gguf) and optional [--flags] syntax",
-    "python -m tpimpi.synth --shape llama2-70b": "writes 4 layers of a 70B-shaped model, about 7 GB, under /data",
+    "python -m tpimpi.synth --shape llama2-70b": "writes a 70B-shaped model (7 GB for 4 layers, 38 GB in q4_0) under /data",
+    "python -m tpimpi.synth --shape smollm2-1.7b": "writes a 1 GB GGUF of random weights; tests/test_quant.py writes a small synthetic GGUF",
+    "python -m tpimpi.serve --port 8000": "a server runs until it is stopped; tests/test_serve.py starts it and sends the same requests",
+    "curl -s http://127.0.0.1:8000": "needs the server above; tests/test_serve.py sends this request",
+    "sudo apt install": "installs a system package (a board's set-up)",
+    "python3 -m venv ~/tpimpi-env": "makes a venv in the home directory for the install that follows",
+    "TORCH_VERSION=2.10.0 bash jobs/install.sh": "installs from PyPI (minutes); jobs/arm64_check.sh installs and checks this set",
 }
 
 
