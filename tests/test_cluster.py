@@ -45,7 +45,7 @@ def test_stage_then_generate_across_hosts_as_on_one_host(cluster):
     assert p.returncode == 0, p.stderr
     store = c.mountpoint / "store"  # every host's own disk, at the same path
     missing = _mpirun(c, ["tpimpi.generate", "--model", str(src).replace(str(c.disk(0)), str(c.mountpoint)), *ARGS])
-    assert missing.returncode == 2
+    assert missing.returncode == 2, missing.stderr
     assert "ranks 1, 2 (hosts " in missing.stderr
     assert f"-np 3 python -m tpimpi.stage {c.mountpoint}/syn" in missing.stderr
 

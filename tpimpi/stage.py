@@ -27,6 +27,7 @@ import numpy as np
 from . import comm as comm_mod
 from .errors import StoreError, TpimpiError, UsageError
 from .models import prepare
+from .quant.formats import REQUESTS
 from .shard import parse_ratios
 from .store import (DTYPES, MANIFEST, _check_manifest, _parse_json, file_state, sha256_file, stamp_valid,
                     write_stamp)
@@ -164,12 +165,12 @@ def recv_file(comm, rec: _Receiver) -> None:
             reqs[b] = comm.irecv_(bufs[b][: chunks[k + 2][1]], 0, _TAG)
 
 
-def stage(comm, store: str | None, to: str, ratios=None, dtype: str = "float32") -> dict:
+def stage(comm, store: str | None, to: str, ratios=None, dtype: str | None = None) -> dict:
     """Collective: every rank's file of `store` (rank 0's) at `to` on its host. Rank 0 returns a summary."""
     from .engine import collective  # engine opens stores through this module
 
     t0 = time.perf_counter()
-    src = collective(comm, lambda: str(prepare(store, comm.size, parse_ratios(ratios, comm.size), dtype))
+    src = collective(comm, lambda: str(prepare(store, comm.size, parse_ratios(ratios, comm.size) if ratios else None, dtype))
                      if comm.rank == 0 else "")
     src = comm.bcast_bytes(src.encode()).decode()
     raw = collective(comm, lambda: (Path(src) / MANIFEST).read_bytes() if comm.rank == 0 else b"")
@@ -231,7 +232,7 @@ def main(argv=None) -> int:
                    "first (default: the default model)")
     p.add_argument("--to", required=True, help="directory on every host ({host}, {rank}: that rank's host name, rank)")
     p.add_argument("--ratios", help="when converting: relative share of each rank")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="when converting: storage dtype")
+    p.add_argument("--dtype", choices=list(REQUESTS), help="when converting: storage format (default float32)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     try:
         args = p.parse_args(argv)
