@@ -29,7 +29,7 @@ from .errors import StoreError, TpimpiError, UsageError
 from .models import prepare
 from .quant.formats import REQUESTS
 from .shard import parse_ratios
-from .store import (DTYPES, MANIFEST, _check_manifest, _parse_json, file_state, sha256_file, stamp_valid,
+from .store import (MANIFEST, _check_manifest, _parse_json, file_state, sha256_file, stamp_valid,
                     write_stamp)
 
 CHUNK = 4 << 20  # bytes per message
