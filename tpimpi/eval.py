@@ -24,6 +24,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -113,13 +114,15 @@ class Scores:
         return out
 
 
-def evaluate(eng: Engine, ids: list[int] | None, ctx: int, ref: Engine | None = None) -> dict | None:
+def evaluate(eng: Engine, ids: list[int] | None, ctx: int, ref: Engine | None = None, baseline=None) -> dict | None:
     """Collective over loaded engines: perplexity of eng on ids (given on rank 0) in windows of ctx, and
-    with ref the divergence from ref's distributions. Rank 0 gets the figures, the others None."""
+    with ref the divergence from ref's distributions. baseline (rank 0): a function of a window's ids
+    giving another system's log-probabilities [n, V'] (llama.cpp), scored beside. Rank 0 gets the
+    figures, the others None."""
     comm = eng.comm
     count = np.array([len(ids) if comm.rank == 0 else 0], dtype=np.int64)
     comm.bcast_(count)
-    scores = Scores()
+    scores, base = Scores(), Scores()
     t0 = time.perf_counter()
     for a, b in windows(int(count[0]), ctx):
         part = ids[a:b] if comm.rank == 0 else None
@@ -128,12 +131,35 @@ def evaluate(eng: Engine, ids: list[int] | None, ctx: int, ref: Engine | None = 
         if comm.rank == 0:
             targets = torch.tensor(part[1:], dtype=torch.long)
             scores.add(lp[:-1], targets, None if rlp is None else rlp[:-1])
+            if baseline is not None:
+                base.add(lp[:-1], targets, baseline(part)[:-1])
     if comm.rank != 0:
         return None
     if scores.n == 0:
         raise UsageError("the text gives fewer than 2 tokens: nothing to score")
-    return {**scores.result(ref is not None), "windows": len(windows(int(count[0]), ctx)), "ctx": ctx,
-            "seconds": time.perf_counter() - t0}
+    out = {**scores.result(ref is not None), "windows": len(windows(int(count[0]), ctx)), "ctx": ctx,
+           "seconds": time.perf_counter() - t0}
+    if baseline is not None:  # the baseline as the reference: its perplexity, KL(baseline || tpimpi), agreement
+        b = base.result(True)
+        out["baseline"] = {"perplexity": b["reference_perplexity"], "kl_divergence": b["kl_divergence"],
+                           "top1_agreement": b["top1_agreement"]}
+    return out
+
+
+def llama_cpp_logprobs(path, ctx: int, threads: int, n_tokens: int):
+    """A function of a window's ids giving llama.cpp's log-probabilities [n, n_tokens] of the same GGUF,
+    every position's logits kept (logits_all), the window a fresh sequence as in tpimpi's scoring."""
+    from .bench import load_llama_cpp
+
+    llm = load_llama_cpp(path, ctx, threads, logits_all=True)
+
+    def logprobs(part: list[int]) -> torch.Tensor:
+        llm.reset()
+        llm.eval(part)
+        logits = torch.from_numpy(np.array(llm.scores[: len(part), :n_tokens], dtype=np.float32))  # [n, V']
+        return torch.log_softmax(logits, -1)
+
+    return logprobs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="store, .gguf or Hugging Face directory (default: the default model)")
     p.add_argument("--reference", help="a second model to compare next-token distributions with (KL divergence, "
                    "top-1 agreement); converted to float32 for the launched ranks if it is not a store")
+    p.add_argument("--baseline", choices=["llama.cpp"], help="score llama.cpp (llama-cpp-python, an optional "
+                   "install) on the same GGUF (--model, or the default model) and token ids beside tpimpi")
     p.add_argument("--text", default="builtin", help="UTF-8 text file, or 'builtin': the standard library's "
                    "pydoc help topics (default)")
     p.add_argument("--max-tokens", type=int, default=4096, help="score at most this many tokens of the text")
@@ -158,7 +186,9 @@ def run(comm, argv=None) -> dict | None:
     if args.max_tokens < 2 or args.ctx < 2:
         raise UsageError("--max-tokens and --ctx must be at least 2")
     mem = MemoryOptions.from_args(args)
-    set_threads(args.threads, "blas" if mem.compute == "float32" else "torch")
+    threads = set_threads(args.threads, "blas" if mem.compute == "float32" else "torch")
+    if args.baseline and args.model is not None and not args.model.endswith(".gguf"):
+        raise UsageError("--baseline llama.cpp runs a .gguf: give --model FILE.gguf (or no --model: the default model)")
     ratios = parse_ratios(args.ratios, comm.size)
     path = prepare_store(comm, args.model, ratios, args.dtype)
     ref_path = prepare_store(comm, args.reference, ratios, "float32") if args.reference else None
@@ -170,7 +200,14 @@ def run(comm, argv=None) -> dict | None:
             raise UsageError(f"--reference has {ref.cfg.vocab} vocabulary rows, the model {eng.cfg.vocab}: "
                              f"they do not share token ids")
         ids = collective(comm, lambda: text_ids(eng.tok, text, args.max_tokens) if comm.rank == 0 else None)
-        res = evaluate(eng, ids, args.ctx, ref)
+        base = None
+        if args.baseline:
+            from .models import default_model_path
+
+            gguf = Path(args.model) if args.model else default_model_path()
+            base = collective(comm, lambda: llama_cpp_logprobs(gguf, args.ctx, threads, eng.head.n_tokens)
+                              if comm.rank == 0 else None)
+        res = evaluate(eng, ids, args.ctx, ref, base)
     finally:
         eng.close()
         if ref is not None:
@@ -187,6 +224,10 @@ def report(res: dict) -> str:
     if "kl_divergence" in res:
         line += (f"; reference perplexity {res['reference_perplexity']:.4f}, KL divergence "
                  f"{res['kl_divergence']:.5f} nats/token, top-1 agreement {100 * res['top1_agreement']:.2f}%")
+    b = res.get("baseline")
+    if b:
+        line += (f"\nllama.cpp on the same GGUF and ids: perplexity {b['perplexity']:.4f}, KL(llama.cpp || tpimpi) "
+                 f"{b['kl_divergence']:.5f}, top-1 agreement {100 * b['top1_agreement']:.2f}%")
     return line
 
 
