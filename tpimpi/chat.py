@@ -206,9 +206,9 @@ class _RankZero:
                 sys.stdout.write("> ")
                 sys.stdout.flush()
             line = self.lines.readline()
-            if line is None or line.strip() in ("/exit", "/quit"):
+            command = line.strip() if line is not None else "/exit"  # the end of input ends the chat
+            if command in ("/exit", "/quit"):
                 return None, 0
-            command = line.strip()
             if command == "/reset":
                 self.conv.reset()
                 self._say("new conversation")

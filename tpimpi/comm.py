@@ -18,7 +18,7 @@ from .errors import TpimpiError
 
 CONCRETE_ALGOS = ("star", "mpi", "reduce_bcast", "ring", "tree")
 ALLREDUCE_ALGOS = CONCRETE_ALGOS + ("auto",)
-_TAG_STAR, _TAG_RING, _TAG_TREE = 17, 18, 19
+_TAG_STAR, _TAG_RING, _TAG_TREE, _TAG_PING = 17, 18, 19, 20
 MSG_BYTES = 1024  # fixed-size slot for one rank's error message in `agree`
 
 
@@ -223,6 +223,22 @@ class MPIComm:
             elif r % (2 * mask) == mask:
                 self.comm.Recv(buf, source=r - mask, tag=_TAG_TREE)
             mask >>= 1
+
+    def pingpong(self, peer: int, buf: np.ndarray, reps: int) -> float:
+        """Median seconds of half a round trip of buf between this rank and `peer` (both call it; the
+        lower rank sends first), through the emulated link when there is one."""
+        first = self.rank < peer
+        times = []
+        for _ in range(reps + 1):  # the first round trip warms the connection up
+            t = self.MPI.Wtime()
+            for sending in ((True, False) if first else (False, True)):
+                if sending:
+                    self.link.wait(buf.nbytes)
+                    self.comm.Send(buf, dest=peer, tag=_TAG_PING)
+                else:
+                    self.comm.Recv(buf, source=peer, tag=_TAG_PING)
+            times.append((self.MPI.Wtime() - t) / 2)
+        return float(np.median(times[1:]))
 
     def bcast_(self, buf: np.ndarray) -> None:
         """Broadcast buf from rank 0, in place (through the hub's link when one is emulated)."""

@@ -238,7 +238,8 @@ def convert(source, out: str | os.PathLike, world: int, ratios=None,
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tpimpi.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a .gguf file or a Hugging Face model directory")
-    p.add_argument("--ranks", type=int, required=True, help="number of MPI ranks the store is for")
+    p.add_argument("--ranks", type=int, help="number of MPI ranks the store is for")
+    p.add_argument("--plan-file", help="split as this plan says (tpimpi.plan): its ranks, ratios and dtype")
     p.add_argument("--ratios", help="comma-separated relative speed/memory of each rank (default equal)")
     p.add_argument("--dtype", default="float32", choices=list(qf.REQUESTS),
                    help="storage format: float32 (default), bfloat16, float16, q8 (= q8_0), q4 (= q4_1), q4_0, "
@@ -250,8 +251,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    out = args.out or str(Path(args.model).with_suffix("")) + f".n{args.ranks}"
     try:
+        if args.plan_file:
+            from .planner.planfile import load_plan
+
+            if args.ranks is not None or args.ratios is not None:
+                raise UsageError("--plan-file sets the ranks and ratios; drop --ranks and --ratios")
+            plan = load_plan(args.plan_file)
+            plan.check(plan.world, open_source(args.model).config)
+            args.ranks, args.ratios, args.dtype = plan.world, ",".join(repr(r) for r in plan.ratios), plan.dtype
+        elif args.ranks is None:
+            raise UsageError("give --ranks N (or --plan-file PLAN)")
+        out = args.out or str(Path(args.model).with_suffix("")) + f".n{args.ranks}"
         convert(args.model, out, args.ranks, args.ratios, args.dtype, args.quiet)
     except TpimpiError as e:
         print(f"tpimpi.convert: error: {e}", file=sys.stderr)

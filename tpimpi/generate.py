@@ -18,8 +18,10 @@ import numpy as np
 
 from . import chat as chat_mod
 from . import comm as comm_mod
+from . import trace
 from .engine import DEFAULT_MAX_SEQ, Engine, MemoryOptions, collective, plan_report, prepare_store, set_threads
 from .errors import TpimpiError, UsageError
+from .planner.planfile import apply_to_args, check_store
 from .sampling import SamplingConfig
 from .scheduler import IO_MODES
 from .shard import parse_ratios
@@ -87,6 +89,7 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p.add_argument("--link-latency-ms", type=float, default=0.0, help="emulate a network link: latency per message")
     p.add_argument("--link-bandwidth-mbps", type=float, default=0.0, help="emulate a network link: bandwidth")
     p.add_argument("--ratios", help="relative share of each rank, e.g. 2,1,1 (when converting)")
+    p.add_argument("--plan-file", help="run as this plan says (tpimpi.plan): shares, memory modes, allreduce, dtype")
     p.add_argument("--dtype", choices=list(REQUESTS), default="float32", help="storage format when converting: "
                    "float32, bfloat16, float16, q8, q4 (q4_1), q4_0, or auto (keep a GGUF's own Q8_0/Q4_0/Q4_1 blocks)")
     p.add_argument("--threads", type=int, help="threads per rank for the matrix products (default: cores / local ranks)")
@@ -100,6 +103,8 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true", help="print each rank's predicted memory and exit")
     p.add_argument("--ranks", type=int, help="with --plan: plan for this many ranks instead of the launched ones")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+    p.add_argument("--trace", metavar="FILE.h5", help="record every rank's compute, I/O wait, allreduce wait and "
+                   "bytes per token into this HDF5 file (draw it with python -m tpimpi.report --timeline FILE.h5)")
     return p
 
 
@@ -165,11 +170,21 @@ def _chat_mode(comm, args) -> bool:
     return bool(flag[0])
 
 
+def trace_attrs(eng, model, plan) -> dict:
+    """What a trace file records about the run besides its events."""
+    attrs = {"allreduce": eng.allreduce, "hidden": eng.cfg.hidden, "model": model or "default",
+             "dtype": eng.store.dtype, "config": eng.cfg.to_dict()}
+    if plan is not None:
+        attrs["plan"] = plan.raw
+    return attrs
+
+
 def run(comm, argv=None) -> int:
     args = build_parser(comm.rank).parse_args(argv)
+    plan = apply_to_args(comm, args)
     samp, ratios = _validate(args, comm.size)
     comm.link = comm_mod.Link.from_cli(args.link_latency_ms, args.link_bandwidth_mbps)
-    mem = MemoryOptions.from_args(args)
+    mem = MemoryOptions.from_args(args) if plan is None else plan.memory_options(comm.rank, args.io, args.compute)
     set_threads(args.threads, "blas" if mem.compute == "float32" else "torch")
     if args.plan:
         if comm.rank == 0:
@@ -179,6 +194,8 @@ def run(comm, argv=None) -> int:
     if args.ranks:
         raise UsageError("--ranks goes with --plan; a run uses the ranks mpirun launched")
     path = prepare_store(comm, args.model, ratios, args.dtype)
+    if plan is not None:
+        collective(comm, check_store, plan, path)
     eng = Engine(comm, path, max_seq=args.max_seq_len, allreduce=args.allreduce, verify=args.verify, mem=mem).load()
     if _chat_mode(comm, args):
         code = chat_mod.chat(comm, eng, samp, args.max_new_tokens, args.system, tuple(args.stop), comm_mod.launched())
@@ -186,7 +203,10 @@ def run(comm, argv=None) -> int:
         return code
     prompt_ids = collective(comm, lambda: eng.encode_prompt(_read_prompt(args, comm_mod.launched()), args.raw,
                                                              args.system) if comm.rank == 0 else None)
+    tracer = trace.attach(eng, comm) if args.trace else None
     result = eng.generate(prompt_ids, samp, args.max_new_tokens, stream=not args.json, stop=tuple(args.stop))
+    if tracer is not None:
+        trace.write(comm, tracer, args.trace, trace_attrs(eng, args.model, plan))
     eng.close()
     if comm.rank == 0:
         if args.json:

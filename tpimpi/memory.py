@@ -14,7 +14,6 @@ Our analogue of TPI-LLM's Prop. 5. Per rank:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from .config import ModelConfig

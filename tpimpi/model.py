@@ -13,6 +13,7 @@ from .comm import RankFailure
 from .config import ModelConfig
 from .shard import RankSlice
 from .store import block_name
+from .trace import ALLREDUCE
 
 NO_BLOCK = 1 << 40  # "no block": larger than any block index
 
@@ -38,6 +39,7 @@ class RankModel:
         self.windows = [cfg.window(i) for i in range(cfg.n_layers)]  # per layer: 0, or a sliding window
         comm.setup(self.chunk * h, allreduce)
         self.t_comm = self.t_forward = 0.0
+        self.trace = None  # a trace.Tracer when --trace is on
 
     def forward(self, T: int, pos: int) -> torch.Tensor:
         """Run positions pos..pos+T whose input hidden states are in x[:T]; returns x[:T], updated in place."""
@@ -54,7 +56,7 @@ class RankModel:
                 first_bad = 2 * i
             t = time.perf_counter()
             comm.allreduce_(part_np)
-            self.t_comm += time.perf_counter() - t
+            self._comm_done(t, part_np.nbytes)
             x += part
             layers.mlp(x, blocks.get(2 * i + 1), cfg, part)
             blocks.release(2 * i + 1)
@@ -62,12 +64,22 @@ class RankModel:
                 first_bad = 2 * i + 1
             t = time.perf_counter()
             comm.allreduce_(part_np)
-            self.t_comm += time.perf_counter() - t
+            self._comm_done(t, part_np.nbytes)
             x += part
-        self.t_forward += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.t_forward += t1 - t0
+        if self.trace is not None:
+            self.trace.end_step(t0, t1, T)
         if not math.isfinite(self.x_np[:T].sum()):  # the same on every rank, so every rank gets here
             self._non_finite(first_bad)
         return x
+
+    def _comm_done(self, t: float, nbytes: int) -> None:
+        """An allreduce that started at t has ended: its time (and its trace event when tracing)."""
+        t1 = time.perf_counter()
+        self.t_comm += t1 - t
+        if self.trace is not None:
+            self.trace.add(ALLREDUCE, t, t1, nbytes)
 
     def _non_finite(self, first_bad: int) -> None:
         """Collective, on hidden states that are not finite: every rank raises the same RankFailure naming

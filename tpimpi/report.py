@@ -1,13 +1,16 @@
 """Turn benchmark results (JSON lines under data/results/) into Markdown tables and PNG plots.
 
     python -m tpimpi.report [data/results/*.jsonl] [--out data/results/report]
+    python -m tpimpi.report --timeline run.h5 [--steps 2]     # a trace of generate/bench --trace
 
 Writes report.md (one table per kind of run, with ratios to the baselines measured in the same
 files) and, when matplotlib is installed, latency_vs_ranks.png and memory_vs_ranks.png (one line per
 model and memory mode), latency_vs_window.png and memory_vs_window.png (the window sweep, beside the
 resident run of the same model, ranks and dtype) and allreduce_vs_size.png. The generation table
 gives medians over every run of a configuration (repeated rounds on a noisy machine); the sweeps and
-plots take the latest run (by its `time`) of each point.
+plots take the latest run (by its `time`) of each point. Runs made with --plan-file get a table of the
+plan's predicted s/token, TTFT and peak memory beside the measured ones. --timeline draws a trace
+(tpimpi.trace): one row per rank, and the cost model's timeline of the same run when it had a plan.
 """
 
 from __future__ import annotations
@@ -326,11 +329,40 @@ def _allreduce_plot(plt, rows: list[dict]) -> list:
     return [("allreduce_vs_size.png", fig)]
 
 
+def plan_table(rows: list[dict]) -> str:
+    """Predicted beside measured for every run that followed a plan file (the latest of each label)."""
+    runs = latest([r for r in rows if r.get("predicted")], lambda r: (r.get("model"), r.get("label", "")))
+    if not runs:
+        return ""
+    out = ["| label | ranks | ratios | modes | predicted s/token | measured | error | predicted TTFT s | measured "
+           "| peak MiB predicted / measured (worst rank) | error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(runs.values(), key=lambda r: r.get("label", "")):
+        p = r["predicted"]
+        err = p["s_per_token"] / r["s_per_token"] - 1
+        mem = [(a / b - 1, a, b) for a, b in zip(r["predicted_bytes"], r["peak_rss_bytes"])]
+        worst = max(mem, key=lambda m: abs(m[0]))
+        modes = ",".join(m["kind"] + (f":{m['window']}" if m["kind"] == "window" else "") for m in r["plan_modes"])
+        out.append(f"| {r.get('label', '')} | {r['ranks']} | {','.join(f'{x:g}' for x in r['ratios'])} | {modes} | "
+                   f"{p['s_per_token']:.4f} | {r['s_per_token']:.4f} | {err:+.0%} | {p['ttft_s']:.3f} | "
+                   f"{r['ttft_s']:.3f} | {worst[1] / MiB:.0f} / {worst[2] / MiB:.0f} | {worst[0]:+.0%} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="tpimpi.report", description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="*", help="JSON-lines files (default: data/results/*.jsonl)")
     p.add_argument("--out", default="data/results/report", help="directory for report.md and the plots")
+    p.add_argument("--timeline", metavar="FILE.h5", help="draw this trace (generate/bench --trace) as a timeline, "
+                   "one row per rank, beside the cost model's prediction when the run had --plan-file")
+    p.add_argument("--steps", type=int, default=2, help="with --timeline: how many of the last steps to draw")
     args = p.parse_args(argv)
+    if args.timeline:
+        from .trace import draw_timeline
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        png = Path(args.out) / (Path(args.timeline).stem + "_timeline.png")
+        print(draw_timeline(args.timeline, str(png), args.steps) + f" -> {png}")
+        return 0
     paths = args.results or sorted(glob.glob("data/results/*.jsonl"))
     if not paths:
         print("tpimpi.report: error: no results files (run tpimpi.bench first)", file=sys.stderr)
@@ -345,6 +377,10 @@ def main(argv=None) -> int:
                   "Runs that stream every block through W buffers, then the resident run of the same model, ranks "
                   "and dtype (vs resident: s/token over its s/token). Peak RSS is the largest rank's; predicted is "
                   "rank 0's plan; prediction error is (predicted - measured) / measured.", "", wt]
+    if pt := plan_table(rows):
+        parts += ["", "## Planner: predicted against measured", "",
+                  "Runs with --plan-file (bench records the plan's prediction beside the measurement); error is "
+                  "(predicted - measured) / measured; peak: the rank with the largest error.", "", pt]
     if ar := allreduce_table(rows):
         parts += ["", "## Allreduce", "", ar]
     made = plots(rows, out)

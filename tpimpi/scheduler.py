@@ -27,11 +27,12 @@ import numpy as np
 import torch
 
 from .errors import StoreError
+from .quant import kernels
 from .quant.formats import QUANTS, row_bytes
 from .quant.kernels import TORCH_FLOATS as TORCH_DTYPES
-from .quant import kernels
 from .quant.kernels import Packed
 from .store import ALIGN, BlockLayout, BlockSpec, RankStore
+from .trace import IO_WAIT
 IO_MODES = ("cache", "mmap", "direct", "dontneed")
 
 
@@ -85,6 +86,7 @@ class _Reader:
             except OSError as e:
                 raise StoreError(f"{store.path}: cannot open for O_DIRECT ({e.strerror}); this file system may "
                                  f"not support it: use --io dontneed") from None
+        self.trace = None  # a trace.Tracer when --trace is on
         self.jobs: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.bytes_read = 0
@@ -97,6 +99,7 @@ class _Reader:
             if job is None:
                 return
             spec, slot, done = job
+            t = time.perf_counter()
             try:
                 if self.io == "mmap":
                     self.maps[slot] = self._map(spec)
@@ -106,6 +109,8 @@ class _Reader:
                 self.error = StoreError(f"{self.store.path}: cannot read {spec.name} ({e.strerror or e})")
             except BaseException as e:
                 self.error = e
+            if self.trace is not None:
+                self.trace.add_read(t, time.perf_counter(), spec.layout.nbytes)
             done.set()
 
     def _map(self, spec: BlockSpec) -> np.ndarray:
@@ -152,6 +157,8 @@ class BlockScheduler:
     def __init__(self, store: RankStore, specs: list[BlockSpec], resident: set[int], window: int,
                  io: str = "cache", compute: str = "float32"):
         self.store, self.specs, self.compute = store, specs, compute
+        self.dtype = store.dtype
+        self.trace = None  # a trace.Tracer when --trace is on
         self.io_wait_s = 0.0
         self.bytes_read = 0
         self._resident: dict[int, dict] = {}
@@ -198,7 +205,10 @@ class BlockScheduler:
             if not self._done[slot].is_set():
                 t = time.perf_counter()
                 self._done[slot].wait()
-                self.io_wait_s += time.perf_counter() - t
+                t1 = time.perf_counter()
+                self.io_wait_s += t1 - t
+                if self.trace is not None:
+                    self.trace.add(IO_WAIT, t, t1, self.specs[b].layout.nbytes)
             if self._reader.error is not None:
                 raise self._reader.error
             buf = self._maps[slot] if self._reader.io == "mmap" else self._bufs[slot][1]

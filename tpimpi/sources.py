@@ -262,7 +262,8 @@ class HFSource:
             hidden = int(hf["hidden_size"])
             self._refuse_unsupported(hf, arch)
             window, sliding_from = self._sliding_window(hf, arch)
-            rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}  # theta: inside wins
+            rope = {k: v for e in (hf.get("rope_scaling"), hf.get("rope_parameters")) if isinstance(e, dict)
+                    for k, v in e.items()}  # rope_theta inside an entry wins over the top-level one
             rope_scaling = self._rope_scaling(hf)
             return ModelConfig(
                 arch=arch,

@@ -134,7 +134,9 @@ def store_formats(cfg: ModelConfig, dtype: str) -> Formats:
     """The formats of a store from its dtype spec; a conversion request that is not a spec ("auto", needing
     the source's tensor types) is a UsageError."""
     if dtype == "auto":
-        raise UsageError("--dtype auto depends on the source's tensor types; plan with the store, or name a format")
+        raise UsageError("--plan with --dtype auto needs the store, whose formats come from the source's tensor "
+                         "types: convert first (python -m tpimpi.convert MODEL --dtype auto --ranks N --out DIR) "
+                         "and plan with --model DIR, or name a format (q4, q8, bfloat16, ...)")
     return Formats.parse(dtype, cfg)
 
 

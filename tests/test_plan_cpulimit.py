@@ -1,0 +1,39 @@
+"""tpimpi.cpulimit: a command runs under the CPU quota asked for, and the cgroup goes afterwards."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tpimpi.cpulimit import own_cpu_cgroup, parse_cores
+
+BURN = ("import time\nt, c = time.time(), time.process_time()\nwhile time.time() - t < 0.6: pass\n"
+        "print((time.process_time() - c) / (time.time() - t))")
+
+
+def test_parse_cores():
+    assert parse_cores("0.5", 3) == 0.5 and parse_cores("1,0.6,0.2", 2) == 0.2
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(ValueError):
+            parse_cores(bad, 0)
+    with pytest.raises(IndexError):
+        parse_cores("1,1", 2)
+
+
+def test_a_command_gets_its_quota_and_the_cgroup_is_removed():
+    cg = own_cpu_cgroup()
+    if cg is None or os.geteuid() != 0 or not os.access(cg[1], os.W_OK):
+        pytest.skip("needs root and a writable cpu cgroup controller")
+    before = set(cg[1].glob("tpimpi-cpu-*"))
+    out = subprocess.run([sys.executable, "-m", "tpimpi.cpulimit", "--cpu", "0.2", "--", sys.executable, "-c", BURN],
+                         capture_output=True, text=True, timeout=60, env=dict(os.environ, OMPI_COMM_WORLD_RANK="0"))
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) < 0.35  # a busy loop held to a fifth of a core (some slack for the period)
+    assert set(cg[1].glob("tpimpi-cpu-*")) == before
+
+
+def test_bad_quota_is_one_message_and_exit_2():
+    out = subprocess.run([sys.executable, "-m", "tpimpi.cpulimit", "--cpu", "0", "--", "true"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.startswith("tpimpi.cpulimit: --cpu '0'")
