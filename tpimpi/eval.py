@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 import sys
 import time
 from pathlib import Path
@@ -213,8 +214,8 @@ def run(comm, argv=None) -> dict | None:
         if ref is not None:
             ref.close()
     if comm.rank == 0:
-        res.update(model=str(path), reference=ref_path, text=args.text, ranks=comm.size, dtype=eng.store.dtype,
-                   memory=eng.plan.describe())
+        res.update(model=str(path), reference=ref_path, text=args.text, python=platform.python_version(),
+                   ranks=comm.size, dtype=eng.store.dtype, memory=eng.plan.describe())
     return res
 
 
