@@ -110,7 +110,7 @@ class Scores:
     def result(self, reference: bool) -> dict:
         out = {"tokens_scored": self.n, "nll": self.nll / self.n, "perplexity": math.exp(self.nll / self.n)}
         if reference:
-            out.update(reference_perplexity=math.exp(self.ref_nll / self.n), kl_divergence=self.kl / self.n,
+            out.update(reference_perplexity=math.exp(self.ref_nll / self.n), kl_divergence=max(0.0, self.kl / self.n),  # rounding can leave -1e-9
                        top1_agreement=self.agree / self.n)
         return out
 
