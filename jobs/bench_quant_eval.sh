@@ -10,7 +10,7 @@
 #     (auto: Q4_1 layers), q8_0, q4_1 and q4_0 rounded to nearest from the float32 weights
 #     (target: q8_0 within 1% of float32's perplexity);
 #  3. tpimpi.quantize: per-block widths among bfloat16, q8_0, q4_0 at the bytes of the uniform q4_0 store
-#     (+ BUDGET_SLACK; target: lower perplexity than uniform q4_0); its plan table (widths beside each
+#     times BUDGET_SLACK (1.1; target: lower perplexity than uniform q4_0); its plan table (widths beside each
 #     block's sensitivity) goes to $WORK/plan.txt for BENCHMARKS.md. The default GGUF is itself Q4_1, so
 #     its "float" weights are Q4_1's: re-rounding them to q4_1 loses nothing, which is why q4_0 is the
 #     4-bit width compared here;
@@ -18,13 +18,14 @@
 #     weights), and its decode tokens/s beside tpimpi's (same GGUF, prompt ids, threads, new tokens).
 # llama-cpp-python is installed here if missing; the build turns Intel AMX off (a build with AMX
 # crashed with a general protection fault in ldtilecfg on a Xeon whose kernel does not grant AMX state).
-# Run it on a quiet machine. A small setting: MAX_TOKENS=128 CAL_TOKENS=16 NEW_TOKENS=4 REPEAT=1.
+# Run it on a quiet machine. A small setting (about 15 minutes under load): MAX_TOKENS=64 CTX=64 CAL_TOKENS=8
+# NEW_TOKENS=4 REPEAT=1.
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 MAX_TOKENS=${MAX_TOKENS:-4096}    # tokens scored by every evaluation
 CTX=${CTX:-512}                   # tokens per window
 CAL_TOKENS=${CAL_TOKENS:-256}     # calibration tokens for the sensitivities
-BUDGET_SLACK=${BUDGET_SLACK:-1.0} # per-layer budget = uniform q4_0 bytes x this (the target allows 1.1)
+BUDGET_SLACK=${BUDGET_SLACK:-1.1} # per-layer budget = uniform q4_0 bytes x this (the target: at most 1.1)
 NEW_TOKENS=${NEW_TOKENS:-32}
 REPEAT=${REPEAT:-3}
 THREADS=${THREADS:-2}
@@ -63,12 +64,10 @@ python3 -m tpimpi.quantize "$GGUF" --budget "$BUDGET" --widths bfloat16,q8_0,q4_
   --threads "$THREADS" --out "$WORK/smol-mixed" --quiet | tee "$WORK/plan.txt"
 evaluate eval-mixed "$WORK/smol-mixed"
 
-echo "== 4. llama.cpp on the same GGUF"
-python3 -m tpimpi.eval --model "$GGUF" --dtype auto --baseline llama.cpp --max-tokens "$MAX_TOKENS" --ctx "$CTX" \
-  --threads "$THREADS" --resident --json | python3 -c '
-import json, sys; r = json.loads(sys.stdin.read()); r["label"] = "eval-llamacpp"; print(json.dumps(r))
-open(sys.argv[1], "a").write(json.dumps(r) + "\n")' "$OUT"
+echo "== 4. llama.cpp on the same GGUF (a crash of llama.cpp leaves the figures above)"
+evaluate eval-llamacpp "$GGUF" --dtype auto --baseline llama.cpp || echo "llama.cpp's perplexity failed (exit $?)"
 python3 -m tpimpi.bench --model "$WORK/smol-auto" --resident --new-tokens "$NEW_TOKENS" --repeat "$REPEAT" \
   --threads "$THREADS" --prompt "$PROMPT" --label quant-eval-tpimpi-auto --out "$OUT"
 python3 -m tpimpi.bench --model "$GGUF" --baseline llama.cpp --new-tokens "$NEW_TOKENS" --repeat "$REPEAT" \
-  --threads "$THREADS" --prompt "$PROMPT" --label quant-eval-llamacpp --out "$OUT"
+  --threads "$THREADS" --prompt "$PROMPT" --label quant-eval-llamacpp --out "$OUT" \
+  || echo "llama.cpp's decode failed (exit $?)"
