@@ -133,3 +133,12 @@ def test_a_budget_below_the_smallest_store_says_how_small_it_can_go(qtiny, capsy
     assert err.startswith("tpimpi: error:") and f"{least} B" in err
     assert qz.main([str(qtiny), "--budget", "1M", "--widths", "q5,q4"]) == 2
     assert "--widths" in capsys.readouterr().err
+
+
+def test_convert_refuses_a_per_block_spec_that_does_not_fit_the_model(qtiny, tmp_path):
+    from tpimpi.convert import convert
+    from tpimpi.errors import UsageError
+
+    with pytest.raises(UsageError, match="gives 3 block formats for 2 layers"):
+        convert(qtiny, tmp_path / "s", 1, dtype="blocks=q8_0*3;embed=q8_0", quiet=True)
+    assert not (tmp_path / "s").exists()

@@ -261,8 +261,8 @@ def bench_llama_cpp(args) -> dict:
 
     threads = set_threads(args.threads, "torch")
     src = Path(args.model) if args.model else default_model_path()
+    llm = load_llama_cpp(src, args.max_seq_len, threads)  # refused before any conversion if it cannot run
     ids = prompt_ids(args, src)
-    llm = load_llama_cpp(src, args.max_seq_len, threads)
     load_peak = peak_rss()
     reset_peak_rss()
     runs = []
