@@ -8,22 +8,35 @@ buffer calls on preallocated float32 arrays; nothing is pickled.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import TpimpiError
+from .errors import TpimpiError, UsageError
+from .wire import WIRES, Codec
 
-CONCRETE_ALGOS = ("star", "mpi", "reduce_bcast", "ring", "tree")
+CONCRETE_ALGOS = ("star", "star_bcast", "mpi", "reduce_bcast", "ring", "tree")
 ALLREDUCE_ALGOS = CONCRETE_ALGOS + ("auto",)
-_TAG_STAR, _TAG_RING, _TAG_TREE, _TAG_PING = 17, 18, 19, 20
+WIRE_ALGOS = ("star", "star_bcast")  # the algorithms that can send compressed partials (rank 0 sums)
+_TAG_STAR, _TAG_RING, _TAG_TREE, _TAG_PING, _TAG_BACK = 17, 18, 19, 20, 21
 MSG_BYTES = 1024  # fixed-size slot for one rank's error message in `agree`
+HOST_BYTES = 64  # fixed-size slot for one rank's host name
+# While every rank runs the decode loop, a rank that waits this long for a peer (rank 0) or twice as long
+# (the others, so that rank 0 names the culprit first) ends the job: a host whose link went down or that
+# froze sends nothing and closes nothing. TPIMPI_PEER_TIMEOUT overrides it (seconds, 0 = wait forever);
+# the wait allowed grows to 10x the longest wait seen, so slow disks and large blocks do not trip it.
+PEER_TIMEOUT_S = 5.0
 
 
 class RankFailure(TpimpiError):
     """Raised on every rank when any rank reported an error in `agree`."""
+
+
+class PeerLost(TpimpiError):
+    """A peer sent nothing for longer than the peer timeout while every rank ran the decode loop."""
 
 
 class SerialComm:
@@ -31,14 +44,23 @@ class SerialComm:
 
     rank, size = 0, 1
     in_lockstep = False  # set while every rank runs the decode loop
+    wire = "float32"
+    bytes_sent = bytes_recv = 0
 
-    def setup(self, max_elems: int, algo: str = "star") -> None:
-        pass
+    @property
+    def hosts(self) -> list[str]:
+        return [socket.gethostname()]
+
+    def setup(self, max_elems: int, algo: str = "star", wire: str | None = None) -> None:
+        check_wire(algo, wire or self.wire)
 
     def allreduce_(self, buf: np.ndarray) -> None:
         pass
 
     def bcast_(self, buf: np.ndarray) -> None:
+        pass
+
+    def bcast_idle_(self, buf: np.ndarray, spin_s: float = 0.0) -> None:
         pass
 
     def agree(self, error: str | None) -> None:
@@ -95,20 +117,36 @@ class MPIComm:
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.algo, self.link = "star", link
+        self.algo, self.link, self.wire = "star", link, "float32"
         self.in_lockstep = False  # set while every rank runs the decode loop
+        self.bytes_sent = self.bytes_recv = 0  # what this rank handed to / got from the transport
         self._recv = np.empty((0, 0), dtype=np.float32)
+        self._wbuf = np.empty((0, 0), dtype=np.uint8)  # [rows, wire bytes] encoded partials
+        self._codec = Codec("float32", 0)
         self._auto: list[tuple[int, str]] = []  # (largest size, algorithm) from the start-up measurement
+        self.timeout = float(os.environ.get("TPIMPI_PEER_TIMEOUT", PEER_TIMEOUT_S))
+        self._longest_wait = 0.0
+        name = np.zeros(HOST_BYTES, dtype=np.uint8)
+        raw = socket.gethostname().encode()[: HOST_BYTES - 1]
+        name[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+        names = np.empty((self.size, HOST_BYTES), dtype=np.uint8)  # [ranks, bytes]
+        self.comm.Allgather(name, names)
+        self.hosts = [bytes(row).rstrip(b"\0").decode(errors="replace") for row in names]
 
-    def setup(self, max_elems: int, algo: str = "star") -> None:
-        """Preallocate receive buffers for messages of up to max_elems floats; `auto` measures every
-        algorithm at a few sizes up to max_elems and keeps the fastest for each."""
-        if algo not in ALLREDUCE_ALGOS:
-            raise TpimpiError(f"allreduce {algo!r} is not one of {', '.join(ALLREDUCE_ALGOS)}")
+    def setup(self, max_elems: int, algo: str = "star", wire: str | None = None) -> None:
+        """Preallocate receive buffers for messages of up to max_elems floats, sent as `wire` (float32,
+        bfloat16 or q8); `auto` measures every algorithm at a few sizes up to max_elems and keeps the
+        fastest for each."""
+        wire = wire or self.wire
+        check_wire(algo, wire)
         rows = self.size - 1 if self.rank == 0 else 1  # star: a row per worker; ring, tree: one scratch row
         if self._recv.shape[0] < rows or self._recv.shape[1] < max_elems:
             self._recv = np.empty((rows, max_elems), dtype=np.float32)  # [rows, elems]
-        self.algo = algo
+        self._codec = Codec(wire, max_elems)
+        nbytes = self._codec.nbytes(max_elems)
+        if self._wbuf.shape[0] < rows + 1 or self._wbuf.shape[1] < nbytes:
+            self._wbuf = np.empty((rows + 1, nbytes), dtype=np.uint8)  # [rows + own, wire bytes]
+        self.algo, self.wire = algo, wire
         if algo == "auto":
             self._auto = self.measure_auto(max_elems)
 
@@ -132,7 +170,7 @@ class MPIComm:
         for n in sizes:
             buf = np.zeros(n, dtype=np.float32)  # zeros: repeated in-place sums cannot overflow
             best = None
-            for algo in CONCRETE_ALGOS:
+            for algo in (CONCRETE_ALGOS if self.wire == "float32" else WIRE_ALGOS):
                 t = self.time_allreduce(algo, buf, reps)
                 if best is None or t < best[0]:
                     best = (t, algo)
@@ -142,8 +180,9 @@ class MPIComm:
         return table
 
     def time_allreduce(self, algo: str, buf: np.ndarray, reps: int, warmup: int = 2) -> float:
-        """Median seconds of one allreduce of buf with `algo` (collective; after a barrier)."""
-        fn = getattr(self, f"_allreduce_{algo}")
+        """Median seconds of one allreduce of buf with `algo` (collective; after a barrier). "auto" times
+        what setup's measurement chose for this size."""
+        fn = self.allreduce_ if algo == "auto" else getattr(self, f"_allreduce_{algo}")
         for _ in range(warmup):
             fn(buf)
         self.comm.Barrier()
@@ -155,33 +194,132 @@ class MPIComm:
         return float(np.median(times))
 
     def _allreduce_mpi(self, buf: np.ndarray) -> None:
-        # emulated as a binomial tree: 2 log2(N) message steps of the whole buffer
+        """MPI's own Allreduce (blocking: its algorithms are the point; the watchdog does not cover it).
+        Emulated as a binomial tree: 2 log2(N) message steps of the whole buffer."""
         self.link.wait(buf.nbytes, copies=2 * _log2(self.size), hops=2 * _log2(self.size))
+        self._count(buf.nbytes, buf.nbytes)  # what this rank hands MPI; its algorithm decides what travels
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
 
     def _allreduce_reduce_bcast(self, buf: np.ndarray) -> None:
         self.link.wait(buf.nbytes, copies=2 * _log2(self.size), hops=2 * _log2(self.size))
+        self._count(buf.nbytes, buf.nbytes)
         self.comm.Reduce(self.MPI.IN_PLACE if self.rank == 0 else buf, buf if self.rank == 0 else None,
                          op=self.MPI.SUM, root=0)
         self.comm.Bcast(buf, root=0)
 
-    def _allreduce_star(self, buf: np.ndarray) -> None:
-        """Every worker sends its partial to rank 0 (non-blocking), rank 0 adds them in rank order and
-        broadcasts the sum back (non-blocking): two message latencies whatever the rank count."""
-        n, link = buf.size, self.link
+    def _gather_star(self, buf: np.ndarray) -> np.ndarray | None:
+        """The star's first hop: every worker's partial, encoded for the wire, to rank 0, which adds them
+        to its own in rank order (the sum does not depend on arrival order). Returns the worker's send
+        request still in flight (None on rank 0)."""
+        n, link, codec = buf.size, self.link, self._codec
+        nbytes = codec.nbytes(n)
         if self.rank == 0:
-            recv = self._recv[: self.size - 1, :n]
-            reqs = [self.comm.Irecv(recv[r - 1], source=r, tag=_TAG_STAR) for r in range(1, self.size)]
-            self.MPI.Request.Waitall(reqs)
+            wire = self._wbuf[: self.size - 1, :nbytes]  # [workers, wire bytes]
+            reqs = [self.comm.Irecv(wire[r - 1], source=r, tag=_TAG_STAR) for r in range(1, self.size)]
+            self._wait(reqs, [f"rank {r}" for r in range(1, self.size)])
+            self._count(0, (self.size - 1) * nbytes)
             if link.active:  # the workers' messages share the hub's link: the rest arrive after the first
-                link.wait(buf.nbytes, copies=self.size - 2, hops=0)
-            for r in range(self.size - 1):  # fixed order: the sum does not depend on arrival order
-                buf += recv[r]
-            link.wait(buf.nbytes, copies=self.size - 1)
+                link.wait(nbytes, copies=self.size - 2, hops=0)
+            for r in range(self.size - 1):
+                codec.decode(wire[r], buf, add=True)
+            if self.wire != "float32":  # what the workers will decode, so every rank holds the same values
+                codec.encode(buf, self._wbuf[-1, :nbytes])
+                codec.decode(self._wbuf[-1, :nbytes], buf)
+            return None
+        out = self._wbuf[0, :nbytes]
+        codec.encode(buf, out)
+        link.wait(nbytes)
+        self._count(nbytes, 0)
+        return self.comm.Isend(out, dest=0, tag=_TAG_STAR)
+
+    def _allreduce_star(self, buf: np.ndarray) -> None:
+        """The paper's star: every worker sends its partial to rank 0, rank 0 adds them and sends the sum
+        back to each worker with its own non-blocking send: two message latencies at any rank count."""
+        back = self._back(buf)
+        if self.rank == 0:
+            self._gather_star(buf)
+            self.link.wait(back.nbytes, copies=self.size - 1)
+            reqs = [self.comm.Isend(back, dest=r, tag=_TAG_BACK) for r in range(1, self.size)]
+            self._count((self.size - 1) * back.nbytes, 0)
+            self._wait(reqs, [f"rank {r}" for r in range(1, self.size)])
         else:
-            link.wait(buf.nbytes)
-            self.comm.Isend(buf, dest=0, tag=_TAG_STAR).Wait()
-        self.comm.Ibcast(buf, root=0).Wait()
+            recv = self.comm.Irecv(back, source=0, tag=_TAG_BACK)  # posted first: the sum lands in place
+            send = self._gather_star(buf)  # (which sends a copy of buf, so buf is free to receive)
+            self._wait([send, recv], ["rank 0", "rank 0"])
+            self._count(0, back.nbytes)
+            if self.wire != "float32":
+                self._codec.decode(back, buf)
+
+    def _back(self, buf: np.ndarray) -> np.ndarray:
+        """The bytes of the sum on its way back from rank 0: buf itself, or its encoding for the wire."""
+        if self.wire == "float32":
+            return buf.view(np.uint8)
+        return self._wbuf[-1, : self._codec.nbytes(buf.size)]
+
+    def _allreduce_star_bcast(self, buf: np.ndarray) -> None:
+        """The star with MPI's Ibcast for the way back (a binomial tree above 4 ranks in Open MPI, so
+        log2(N) hops back instead of one)."""
+        send = self._gather_star(buf)
+        if send is not None:
+            self._wait([send], ["rank 0"])
+        back = self._back(buf)
+        if self.rank == 0:
+            self.link.wait(back.nbytes, copies=self.size - 1)
+            self._count((self.size - 1) * back.nbytes, 0)
+        else:
+            self._count(0, back.nbytes)
+        self._wait([self.comm.Ibcast(back, root=0)], "rank 0's broadcast")
+        if self.rank and self.wire != "float32":
+            self._codec.decode(back, buf)
+
+    def _sendrecv(self, send, dest, recv, source, tag) -> None:
+        """Send and/or receive one message (either may be None), through the link and the watchdog."""
+        reqs, peers = [], []
+        if recv is not None:
+            reqs.append(self.comm.Irecv(recv, source=source, tag=tag))
+            peers.append(f"rank {source}")
+            self._count(0, recv.nbytes)
+        if send is not None:
+            self.link.wait(send.nbytes)
+            reqs.append(self.comm.Isend(send, dest=dest, tag=tag))
+            peers.append(f"rank {dest}")
+            self._count(send.nbytes, 0)
+        self._wait(reqs, peers)
+
+    def _count(self, sent: int, received: int) -> None:
+        self.bytes_sent += sent
+        self.bytes_recv += received
+
+    def _wait(self, reqs, peers) -> None:
+        """Complete reqs. In the decode loop, a peer that sends nothing for the peer timeout ends the job
+        with one message naming it and its host (peers: a name per request, or one for all)."""
+        MPI = self.MPI
+        if not (self.in_lockstep and self.timeout > 0) or MPI.Request.Testall(reqs):
+            MPI.Request.Waitall(reqs)
+            return
+        t0 = time.monotonic()
+        limit = max(self.timeout, 10 * self._longest_wait) * (1 if self.rank == 0 else 2)
+        while not MPI.Request.Testall(reqs):
+            waited = time.monotonic() - t0
+            if waited > limit:
+                raise PeerLost(self._lost(reqs, peers, waited))
+        self._longest_wait = max(self._longest_wait, time.monotonic() - t0)
+
+    def _lost(self, reqs, peers, waited: float) -> str:
+        where = f"rank {self.rank} on host {self.hosts[self.rank]}"
+        if isinstance(peers, str):  # a collective: which rank holds it up is MPI's secret
+            return (f"{where} has waited {waited:.1f} s for {peers} (a host down, a link cut or a process "
+                    f"frozen); ending the job")
+        else:
+            missing = list(dict.fromkeys(p for r, p in zip(reqs, peers) if not r.Test()))
+        named = []
+        for m in missing:
+            if m.startswith("rank "):
+                r = int(m.split()[1])
+                m = f"rank {r} on host {self.hosts[r]}"
+            named.append(m)
+        return (f"{where} has heard nothing from {', '.join(named)} for "
+                f"{waited:.1f} s (host down, link cut or process frozen); ending the job")
 
     def _allreduce_ring(self, buf: np.ndarray) -> None:
         """Reduce-scatter then allgather around the ring: 2(N-1) steps of 1/N of the buffer each."""
@@ -192,14 +330,11 @@ class MPIComm:
         right, left = (r + 1) % N, (r - 1) % N
         for step in range(N - 1):  # after this, rank r holds the full sum of segment (r + 1) % N
             send, recv = seg[(r - step) % N], seg[(r - step - 1) % N]
-            self.link.wait(send.nbytes)
-            self.comm.Sendrecv(send, dest=right, sendtag=_TAG_RING, recvbuf=scratch[: recv.size], source=left,
-                               recvtag=_TAG_RING)
+            self._sendrecv(send, right, scratch[: recv.size], left, _TAG_RING)
             recv += scratch[: recv.size]
         for step in range(N - 1):
             send, recv = seg[(r + 1 - step) % N], seg[(r - step) % N]
-            self.link.wait(send.nbytes)
-            self.comm.Sendrecv(send, dest=right, sendtag=_TAG_RING, recvbuf=recv, source=left, recvtag=_TAG_RING)
+            self._sendrecv(send, right, recv, left, _TAG_RING)
 
     def _allreduce_tree(self, buf: np.ndarray) -> None:
         """Binomial-tree reduce to rank 0, then binomial-tree broadcast: 2 log2(N) steps."""
@@ -208,20 +343,18 @@ class MPIComm:
         mask = 1
         while mask < N:
             if r & mask:
-                self.link.wait(buf.nbytes)
-                self.comm.Send(buf, dest=r - mask, tag=_TAG_TREE)
+                self._sendrecv(buf, r - mask, None, None, _TAG_TREE)
                 break
             if r + mask < N:
-                self.comm.Recv(scratch, source=r + mask, tag=_TAG_TREE)
+                self._sendrecv(None, None, scratch, r + mask, _TAG_TREE)
                 buf += scratch
             mask <<= 1
         mask = 1 << max(0, _log2(N) - 1)
         while mask:
             if r % (2 * mask) == 0 and r + mask < N:
-                self.link.wait(buf.nbytes)
-                self.comm.Send(buf, dest=r + mask, tag=_TAG_TREE)
+                self._sendrecv(buf, r + mask, None, None, _TAG_TREE)
             elif r % (2 * mask) == mask:
-                self.comm.Recv(buf, source=r - mask, tag=_TAG_TREE)
+                self._sendrecv(None, None, buf, r - mask, _TAG_TREE)
             mask >>= 1
 
     def pingpong(self, peer: int, buf: np.ndarray, reps: int) -> float:
@@ -245,7 +378,30 @@ class MPIComm:
         if self.size > 1:
             if self.rank == 0:
                 self.link.wait(buf.nbytes, copies=self.size - 1)
-            self.comm.Bcast(buf, root=0)
+                self._count((self.size - 1) * buf.nbytes, 0)
+            else:
+                self._count(0, buf.nbytes)
+            self._wait([self.comm.Ibcast(buf, root=0)], "rank 0")
+
+    def bcast_idle_(self, buf: np.ndarray, spin_s: float = 0.0) -> None:
+        """Broadcast buf from rank 0 where the others may wait long (a server between requests): they poll
+        for spin_s (yielding the core between polls), then sleep while they wait (polling up to every
+        5 ms) instead of spinning on the cores. Matches only bcast_idle_ (a non-blocking broadcast) on the
+        other ranks, not bcast_."""
+        if self.size == 1:
+            return
+        if self.rank == 0:
+            self.link.wait(buf.nbytes, copies=self.size - 1)
+        req = self.comm.Ibcast(buf, root=0)
+        until = time.perf_counter() + spin_s
+        while time.perf_counter() < until:
+            if req.Test():
+                return
+            time.sleep(0)
+        delay = 5e-5
+        while not req.Test():
+            time.sleep(delay)
+            delay = min(delay * 2, 5e-3)
 
     def agree(self, error: str | None) -> None:
         """Collective: if any rank passes an error, every rank raises RankFailure naming those ranks."""
@@ -262,7 +418,18 @@ class MPIComm:
             texts = {m for _, m in failed}
             if len(texts) == 1 and (len(failed) == self.size or failed[0][0] == 0):
                 raise RankFailure(texts.pop())  # the same problem everywhere, or rank 0's own: say it once
-            raise RankFailure("; ".join(f"rank {r}: {m}" for r, m in failed))
+            by_text: dict[str, list[int]] = {}
+            for r, m in failed:
+                by_text.setdefault(m, []).append(r)
+            raise RankFailure("; ".join(self._who(ranks) + f": {m}" for m, ranks in by_text.items()))
+
+    def _who(self, ranks: list[int]) -> str:
+        """"rank 2" or "ranks 1, 2", with their hosts when the ranks are not all on one host."""
+        who = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
+        if len(set(self.hosts)) > 1:
+            hosts = list(dict.fromkeys(self.hosts[r] for r in ranks))
+            who += f" (host{'s' if len(hosts) > 1 else ''} {', '.join(hosts)})"
+        return who
 
     def bcast_bytes(self, data: bytes | None) -> bytes:
         """Start-up only: rank 0's bytes on every rank (a length word, then the payload)."""
@@ -271,6 +438,16 @@ class MPIComm:
         buf = np.frombuffer(data, dtype=np.uint8).copy() if self.rank == 0 else np.empty(int(n[0]), np.uint8)
         self.comm.Bcast(buf, root=0)
         return buf.tobytes()
+
+    def isend_(self, buf: np.ndarray, dest: int, tag: int = 0):
+        """Start sending buf (any dtype, contiguous) to dest; returns the request (`.Wait()` it)."""
+        self._count(buf.nbytes, 0)
+        return self.comm.Isend(buf, dest=dest, tag=tag)
+
+    def irecv_(self, buf: np.ndarray, source: int, tag: int = 0):
+        """Start receiving into buf from source; returns the request (`.Wait()` it)."""
+        self._count(0, buf.nbytes)
+        return self.comm.Irecv(buf, source=source, tag=tag)
 
     def gather_ints(self, values: list[int]) -> list[list[int]]:
         """Every rank's list of integers (all of the same length), on every rank."""
@@ -291,6 +468,26 @@ class MPIComm:
         sys.stdout.flush()
         sys.stderr.flush()
         self.comm.Abort(code)
+
+
+def peer_failure(e: BaseException) -> str | None:
+    """A one-line account if e is MPI reporting a failed peer or link (not a bug in tpimpi), else None."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not isinstance(e, mpi.Exception):
+        return None
+    return (f"MPI reports {e.Get_error_string().strip()} (a peer rank died or its host became unreachable); "
+            f"ending the job")
+
+
+def check_wire(algo: str, wire: str) -> None:
+    """Refuse an unknown algorithm or wire format, or a compressed wire with an algorithm that cannot sum it."""
+    if algo not in ALLREDUCE_ALGOS:
+        raise UsageError(f"allreduce {algo!r} is not one of {', '.join(ALLREDUCE_ALGOS)}")
+    if wire not in WIRES:
+        raise UsageError(f"--wire {wire!r} is not one of {', '.join(WIRES)}")
+    if wire != "float32" and algo not in WIRE_ALGOS + ("auto",):
+        raise UsageError(f"--wire {wire} needs an allreduce that sums on rank 0: --allreduce "
+                         f"{', '.join(WIRE_ALGOS)} or auto, not {algo}")
 
 
 def _log2(n: int) -> int:

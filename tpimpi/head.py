@@ -37,6 +37,7 @@ class Head:
         self.norm = torch.from_numpy(norm).view(TORCH_DTYPES[store.formats.final_norm]).float()  # [h]
         self.logits_buf = torch.empty(cfg.vocab)  # [V]
         self._rows = np.empty(0, dtype=np.uint8)  # [T * row bytes], grows to the longest chunk fed
+        self.batch_buf = torch.empty(0, cfg.vocab)  # [n, V] logits of several rows, grows to the largest batch
 
     def embed_into(self, ids: list[int], out: torch.Tensor) -> None:
         """out [T, h] <- embedding rows of ids, read from disk."""
@@ -95,3 +96,30 @@ class Head:
                              f"to check every file against the manifest")
         self.logits_buf[self.n_tokens :] = float("-inf")
         return self.logits_buf
+
+    def logits_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, h] last hidden states of n sequences -> logits [n, V] in one pass over the head (a buffer the
+        next call reuses). One row goes through `logits`, so a batch of one gives its values bit for bit."""
+        n = x.shape[0]
+        if n == 1:
+            return self.logits(x[0]).unsqueeze(0)
+        if self.batch_buf.shape[0] < n:
+            self.batch_buf = torch.empty(n, self.cfg.vocab)  # [n, V]
+        out = self.batch_buf[:n]  # [n, V]
+        xn = rms_norm(x, self.norm, self.cfg.norm_eps)  # [n, h]
+        r0 = 0
+        for b in self.chunks:
+            w = self.blocks.get(b)["w"]  # [rows, h]
+            r1 = r0 + w.shape[0]
+            if w.dtype == torch.float32:
+                np.matmul(xn.numpy(), w.numpy().T, out=out[:, r0:r1].numpy())  # [n, rows], BLAS
+            else:
+                out[:, r0:r1] = torch.nn.functional.linear(xn.to(w.dtype), w).float()
+            self.blocks.release(b)
+            r0 = r1
+        if not math.isfinite(out[:, : self.n_tokens].sum()):
+            raise StoreError(f"{self.store.path}: the logits are not finite (NaN or infinity) although the hidden "
+                             f"states are: rank 0's output head or final norm is damaged; run again with --verify "
+                             f"to check every file against the manifest")
+        out[:, self.n_tokens :] = float("-inf")
+        return out

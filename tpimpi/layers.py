@@ -162,3 +162,50 @@ def mlp(x, w, cfg: ModelConfig, out) -> None:
         return
     gu = linear(rms_norm(x, w["norm"], cfg.norm_eps), w["wgu"])  # [T, 2f]
     out.copy_(linear(F.silu(gu[:, :f]) * gu[:, f:], w["wdown"]))
+
+
+def attention_batch(x, w, cache_k, cache_v, segments, pos_rows, cos, sin, kv_of_q, cfg: ModelConfig, out,
+                    group: int = 0, window: int = 0) -> None:
+    """This rank's heads of one attention layer for rows of several sequences; writes its partial output [T, h].
+
+    The rows are runs (segments) of one sequence each: segments [(slot, pos, n), ...] in row order, n rows
+    for positions pos..pos+n of the sequence in KV-cache slot `slot`; pos_rows [T] long, each row's
+    position. cache_k/cache_v [B, kv, S, hd] this layer's cache, one slot per sequence. The projections
+    take all rows at once (the weights are streamed once for the batch); attention runs per segment, with
+    the same operations as `attention`, so a batch of one segment gives attention's result bit for bit.
+    """
+    n_q, n_kv, hd = kv_of_q.numel(), cache_k.shape[1], cfg.head_dim
+    if n_q == 0:
+        out.zero_()
+        return
+    T = x.shape[0]
+    qkv = linear(rms_norm(x, w["norm"], cfg.norm_eps), w["wqkv"], w.get("bqkv"))  # [T, (q+2kv)*hd]
+    q = qkv[:, : n_q * hd].view(T, n_q, hd).transpose(0, 1)  # [q, T, hd]
+    k = qkv[:, n_q * hd : (n_q + n_kv) * hd].view(T, n_kv, hd).transpose(0, 1)  # [kv, T, hd]
+    v = qkv[:, (n_q + n_kv) * hd :].view(T, n_kv, hd).transpose(0, 1)  # [kv, T, hd]
+    c, s = cos.index_select(0, pos_rows), sin.index_select(0, pos_rows)  # [T, hd] each
+    q, k = apply_rope(q, c, s), apply_rope(k, c, s)  # [q, T, hd], [kv, T, hd]
+    o = torch.empty(T, n_q, hd)  # [T, q, hd]
+    r = 0
+    for slot, pos, n in segments:
+        cache_k[slot, :, pos : pos + n] = k[:, r : r + n]
+        cache_v[slot, :, pos : pos + n] = v[:, r : r + n]
+        o[r : r + n] = attend(q[:, r : r + n], cache_k[slot], cache_v[slot], pos, kv_of_q, group, window).transpose(0, 1)
+        r += n
+    out.copy_(linear(o.view(T, n_q * hd), w["wo"]))
+
+
+def attend(q, cache_k, cache_v, pos, kv_of_q, group: int = 0, window: int = 0) -> torch.Tensor:
+    """Causal attention (within `window` positions, if not 0) of queries q [q, T, hd] at positions
+    pos..pos+T over one sequence's cache [kv, S, hd] (already holding those positions) -> [q, T, hd]."""
+    n_q, T, hd = q.shape
+    n_kv, L = cache_k.shape[0], pos + T
+    k0 = max(0, L - T - window + 1) if window else 0  # no query of this call sees a key before k0
+    scale = 1.0 / math.sqrt(hd)
+    if T == 1 and group:  # decode with whole groups: q heads of a KV head side by side, the cache not copied
+        scores = torch.bmm(q.reshape(n_kv, group, hd), cache_k[:, k0:L].transpose(1, 2)).mul_(scale)  # [kv, g, L-k0]
+        return torch.bmm(torch.softmax(scores, -1), cache_v[:, k0:L]).view(n_q, 1, hd)  # [q, 1, hd]
+    keys = cache_k[:, k0:L].index_select(0, kv_of_q)  # [q, L-k0, hd]
+    vals = cache_v[:, k0:L].index_select(0, kv_of_q)  # [q, L-k0, hd]
+    return F.scaled_dot_product_attention(q, keys, vals, attn_mask=attention_mask(T, pos, k0, window),
+                                          scale=scale)  # [q, T, hd]

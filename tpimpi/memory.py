@@ -6,8 +6,10 @@ Our analogue of TPI-LLM's Prop. 5. Per rank:
   resident blocks + window x largest streamed block weights actually held
   dequantization scratch (quantized blocks, or      a slice of rows in float32 (tpimpi.quant.kernels),
     bf16/f16 blocks computed in float32)            never a whole block
-  KV cache for --max-seq-len                        2 * layers * kv_heads * max_seq * head_dim * 4
-  step buffers + star-allreduce receive buffers     (2 + (N-1) on rank 0) * prefill_chunk * hidden * 4
+  KV cache for --max-seq-len                        2 * layers * kv_heads * max_seq * head_dim * 4, per slot
+                                                    (one slot; a server's --max-batch B slots)
+  step buffers + star-allreduce receive buffers     (2 + (N-1) on rank 0) * rows * hidden * 4, rows =
+                                                    prefill_chunk (+ B - 1 decode rows when serving)
   activations of one prefill chunk                  attention scores and projections
   rank 0: tokenizer, logits                         TOKENIZER_RSS + vocab * 4
 """
@@ -64,20 +66,26 @@ class MemoryPlan:
         return f"{self.n_blocks} blocks {mode}; predicted peak {self.total / MiB:.0f} MiB ({parts} MiB)"
 
 
-def fixed_parts(cfg: ModelConfig, s: RankSlice, rank: int, world: int, max_seq: int, chunk: int) -> dict[str, int]:
-    """Bytes that do not depend on the memory mode."""
-    f32, T, hd = 4, min(chunk, max_seq), cfg.head_dim
+def step_rows(chunk: int, slots: int) -> int:
+    """Rows of the step buffers: a prefill chunk, or (serving) one chunk beside a decode row per other slot."""
+    return chunk if slots == 1 else chunk + slots - 1
+
+
+def fixed_parts(cfg: ModelConfig, s: RankSlice, rank: int, world: int, max_seq: int, chunk: int,
+                slots: int = 1) -> dict[str, int]:
+    """Bytes that do not depend on the memory mode; `slots` sequences each with a KV cache (serving)."""
+    f32, T, hd = 4, step_rows(min(chunk, max_seq), slots), cfg.head_dim
     attn_tmp = f32 * (T * (s.n_q + 2 * s.n_kv) * hd + 2 * s.n_q * max_seq * hd + 2 * s.n_q * T * max_seq)
     mlp_tmp = f32 * T * 4 * s.n_ffn
     parts = {
         "base": BASE_RSS,
-        "kv_cache": 2 * cfg.n_layers * s.n_kv * max_seq * hd * f32,
+        "kv_cache": slots * 2 * cfg.n_layers * s.n_kv * max_seq * hd * f32,
         "rope": 2 * max_seq * hd * f32,
         "buffers": (2 + (world - 1 if rank == 0 else 0)) * T * cfg.hidden * f32,
         "activations": max(attn_tmp, mlp_tmp),
     }
     if rank == 0:
-        parts["tokenizer+logits"] = TOKENIZER_RSS + cfg.vocab * f32
+        parts["tokenizer+logits"] = TOKENIZER_RSS + (1 + (slots if slots > 1 else 0)) * cfg.vocab * f32
     return parts
 
 

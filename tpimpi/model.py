@@ -11,6 +11,7 @@ import torch
 from . import layers
 from .comm import RankFailure
 from .config import ModelConfig
+from .memory import step_rows
 from .shard import RankSlice
 from .store import block_name
 from .trace import ALLREDUCE
@@ -22,22 +23,24 @@ class RankModel:
     """This rank's slice of the transformer stack, its KV cache and its preallocated step buffers."""
 
     def __init__(self, cfg: ModelConfig, s: RankSlice, blocks, comm, max_seq: int, allreduce: str = "star",
-                 chunk: int = 256):
+                 chunk: int = 256, slots: int = 1):
         self.cfg, self.blocks, self.comm, self.max_seq = cfg, blocks, comm, max_seq
         self.chunk = min(chunk, max_seq)  # most positions one forward call takes (prefill goes in chunks)
+        self.slots = slots  # sequences with a KV cache of their own (forward uses slot 0)
+        self.rows = step_rows(self.chunk, slots)  # most rows one forward_batch call takes
         h = cfg.hidden
-        self.x_np = np.zeros((self.chunk, h), dtype=np.float32)  # [T, h] hidden states, same on every rank
-        self.part_np = np.zeros((self.chunk, h), dtype=np.float32)  # [T, h] this rank's partial sums
+        self.x_np = np.zeros((self.rows, h), dtype=np.float32)  # [T, h] hidden states, same on every rank
+        self.part_np = np.zeros((self.rows, h), dtype=np.float32)  # [T, h] this rank's partial sums
         self.x, self.part = torch.from_numpy(self.x_np), torch.from_numpy(self.part_np)
-        self.cache_k = torch.zeros(cfg.n_layers, s.n_kv, max_seq, cfg.head_dim)  # [L, kv, S, hd]
-        self.cache_v = torch.zeros_like(self.cache_k)  # [L, kv, S, hd]
+        self.cache_k = torch.zeros(cfg.n_layers, slots, s.n_kv, max_seq, cfg.head_dim)  # [L, B, kv, S, hd]
+        self.cache_v = torch.zeros_like(self.cache_k)  # [L, B, kv, S, hd]
         kv_of_q = s.kv_of_q(cfg.group)
         self.kv_of_q = torch.tensor(kv_of_q, dtype=torch.long)  # [q]
         whole_groups = kv_of_q == [j // cfg.group for j in range(s.n_kv * cfg.group)]
         self.group = cfg.group if whole_groups else 0  # lets decode attention skip gathering the cache
         self.cos, self.sin = layers.rope_tables(cfg, max_seq)  # [S, hd] each
         self.windows = [cfg.window(i) for i in range(cfg.n_layers)]  # per layer: 0, or a sliding window
-        comm.setup(self.chunk * h, allreduce)
+        comm.setup(self.rows * h, allreduce)
         self.t_comm = self.t_forward = 0.0
         self.trace = None  # a trace.Tracer when --trace is on
 
@@ -49,7 +52,7 @@ class RankModel:
         x, part, part_np = self.x[:T], self.part[:T], self.part_np[:T]
         first_bad = NO_BLOCK  # the first block whose partial sum on this rank was not finite
         for i in range(cfg.n_layers):
-            layers.attention(x, blocks.get(2 * i), self.cache_k[i], self.cache_v[i], pos, self.cos, self.sin,
+            layers.attention(x, blocks.get(2 * i), self.cache_k[i, 0], self.cache_v[i, 0], pos, self.cos, self.sin,
                              self.kv_of_q, cfg, part, self.group, self.windows[i])
             blocks.release(2 * i)
             if first_bad == NO_BLOCK and not math.isfinite(part_np.sum()):  # a sum: no allocation
@@ -80,6 +83,42 @@ class RankModel:
         self.t_comm += t1 - t
         if self.trace is not None:
             self.trace.add(ALLREDUCE, t, t1, nbytes)
+
+    def forward_batch(self, segments: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Run the rows in x[:T] for several sequences at once: segments [(slot, pos, n), ...] in row order,
+        n rows at positions pos..pos+n of the sequence in KV-cache slot `slot`. Returns x[:T], updated."""
+        cfg, comm, blocks = self.cfg, self.comm, self.blocks
+        T = sum(n for _, _, n in segments)
+        assert T <= self.rows and all(0 <= sl < self.slots and p + n <= self.max_seq for sl, p, n in segments)
+        t0 = time.perf_counter()
+        pos_rows = torch.cat([torch.arange(p, p + n) for _, p, n in segments])  # [T] each row's position
+        x, part, part_np = self.x[:T], self.part[:T], self.part_np[:T]
+        first_bad = NO_BLOCK  # the first block whose partial sum on this rank was not finite
+        for i in range(cfg.n_layers):
+            layers.attention_batch(x, blocks.get(2 * i), self.cache_k[i], self.cache_v[i], segments, pos_rows,
+                                   self.cos, self.sin, self.kv_of_q, cfg, part, self.group, self.windows[i])
+            blocks.release(2 * i)
+            if first_bad == NO_BLOCK and not math.isfinite(part_np.sum()):
+                first_bad = 2 * i
+            t = time.perf_counter()
+            comm.allreduce_(part_np)
+            self._comm_done(t, part_np.nbytes)
+            x += part
+            layers.mlp(x, blocks.get(2 * i + 1), cfg, part)
+            blocks.release(2 * i + 1)
+            if first_bad == NO_BLOCK and not math.isfinite(part_np.sum()):
+                first_bad = 2 * i + 1
+            t = time.perf_counter()
+            comm.allreduce_(part_np)
+            self._comm_done(t, part_np.nbytes)
+            x += part
+        t1 = time.perf_counter()
+        self.t_forward += t1 - t0
+        if self.trace is not None:
+            self.trace.end_step(t0, t1, T)
+        if not math.isfinite(self.x_np[:T].sum()):  # the same on every rank, so every rank gets here
+            self._non_finite(first_bad)
+        return x
 
     def _non_finite(self, first_bad: int) -> None:
         """Collective, on hidden states that are not finite: every rank raises the same RankFailure naming

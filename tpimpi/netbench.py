@@ -20,6 +20,7 @@ import numpy as np
 
 from . import comm as comm_mod
 from .errors import TpimpiError, UsageError
+from .wire import WIRES
 
 DEFAULT_SIZES = "576,1024,2048,4096,8192"
 
@@ -27,7 +28,11 @@ DEFAULT_SIZES = "576,1024,2048,4096,8192"
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="tpimpi.netbench", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default=DEFAULT_SIZES, help="message sizes in float32 elements")
-    p.add_argument("--algos", default=",".join(comm_mod.CONCRETE_ALGOS))
+    p.add_argument("--algos", default=",".join(comm_mod.CONCRETE_ALGOS), help="any of "
+                   f"{', '.join(comm_mod.ALLREDUCE_ALGOS)} (auto: what it picks for each size, measured at start-up)")
+    p.add_argument("--wire", choices=WIRES, default="float32", help="partials on the wire (stars and auto only)")
+    p.add_argument("--note", action="append", default=[], metavar="KEY=VALUE",
+                   help="a field to add to every record (e.g. transport=netns-tcp hosts=8)")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--link-latency-ms", type=float, default=0.0)
     p.add_argument("--link-bandwidth-mbps", type=float, default=0.0)
@@ -39,15 +44,21 @@ def main(argv=None) -> int:
             raise UsageError("run it under mpirun with at least 2 ranks")
         sizes = [int(x) for x in args.sizes.split(",")]
         algos = args.algos.split(",")
-        bad = set(algos) - set(comm_mod.CONCRETE_ALGOS)
+        bad = set(algos) - set(comm_mod.ALLREDUCE_ALGOS)
         if bad or min(sizes) < 1 or args.reps < 1:
             raise UsageError(f"unknown algorithms {sorted(bad)}, or sizes/reps below 1")
+        for a in algos:
+            comm_mod.check_wire(a, args.wire)
+        notes = dict(n.split("=", 1) for n in args.note if "=" in n)
+        if len(notes) != len(args.note):
+            raise UsageError(f"--note takes KEY=VALUE, not {args.note}")
         comm.link = comm_mod.Link.from_cli(args.link_latency_ms, args.link_bandwidth_mbps)
     except (TpimpiError, ValueError) as e:
         if comm.rank == 0:
             print(f"tpimpi.netbench: error: {e}", file=sys.stderr)
         return 2
-    comm.setup(max(sizes), "star")
+    comm.setup(max(sizes), "auto" if "auto" in algos else "star", args.wire)  # auto: its start-up timings
+    picks = dict(comm._auto)
     rows = []
     for n in sizes:
         buf = np.zeros(n, dtype=np.float32)  # zeros: repeated in-place sums cannot overflow
@@ -55,15 +66,19 @@ def main(argv=None) -> int:
             t = comm.time_allreduce(algo, buf, args.reps)
             rows.append({"system": "allreduce", "algo": algo, "ranks": comm.size, "elems": n, "median_s": t,
                          "link_latency_ms": args.link_latency_ms, "link_bandwidth_mbps": args.link_bandwidth_mbps,
-                         "reps": args.reps})
+                         "reps": args.reps, "wire": args.wire, "hosts": len(set(comm.hosts)), **notes,
+                         **({"auto_pick": next(a for m, a in sorted(picks.items()) if n <= m or m == max(picks))}
+                            if algo == "auto" else {})})
     if comm.rank == 0:
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "a") as f:
             for r in rows:
                 f.write(json.dumps(dict(r, time=stamp, command=" ".join(sys.argv))) + "\n")
-        print(f"{comm.size} ranks, link {args.link_latency_ms} ms / {args.link_bandwidth_mbps or 'unlimited'} Mbps;"
-              " median microseconds:")
+        where = " ".join(f"{k}={v}" for k, v in notes.items())
+        print(f"{comm.size} ranks on {len(set(comm.hosts))} hosts{', ' + where if where else ''}; emulated link "
+              f"{args.link_latency_ms} ms / {args.link_bandwidth_mbps or 'unlimited'} Mbps; wire {args.wire}; "
+              "median microseconds:")
         print("floats   " + "".join(f"{a:>14}" for a in algos))
         for n in sizes:
             print(f"{n:<9}" + "".join(f"{r['median_s'] * 1e6:14.1f}" for r in rows if r["elems"] == n))

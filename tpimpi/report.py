@@ -6,11 +6,12 @@
 Writes report.md (one table per kind of run, with ratios to the baselines measured in the same
 files) and, when matplotlib is installed, latency_vs_ranks.png and memory_vs_ranks.png (one line per
 model and memory mode), latency_vs_window.png and memory_vs_window.png (the window sweep, beside the
-resident run of the same model, ranks and dtype) and allreduce_vs_size.png. The generation table
-gives medians over every run of a configuration (repeated rounds on a noisy machine); the sweeps and
-plots take the latest run (by its `time`) of each point. Runs made with --plan-file get a table of the
-plan's predicted s/token, TTFT and peak memory beside the measured ones. --timeline draws a trace
-(tpimpi.trace): one row per rank, and the cost model's timeline of the same run when it had a plan.
+resident run of the same model, ranks and dtype), allreduce_vs_size.png and serve_vs_concurrency.png
+(tpimpi.serve.bench's sweep). The generation table gives medians over every run of a configuration
+(repeated rounds on a noisy machine); the sweeps and plots take the latest run (by its `time`) of each point.
+Runs made with --plan-file get a table of the plan's predicted s/token, TTFT and peak memory beside the
+measured ones. --timeline draws a trace (tpimpi.trace): one row per rank, and the cost model's timeline
+of the same run when it had a plan.
 """
 
 from __future__ import annotations
@@ -177,6 +178,59 @@ def window_table(sweep: dict) -> str:
     return "\n".join(out)
 
 
+def _serve_key(r: dict) -> tuple:
+    return (_model_family(r), r["ranks"], r.get("label", ""), r["concurrency"])
+
+
+def serve_table(rows: list[dict]) -> str:
+    """Latest run per (model, ranks, label, clients) of tpimpi.serve.bench: aggregate throughput beside the
+    same server's single client, TTFT and per-token latency at p50 and p99."""
+    sv = latest([r for r in rows if r.get("system") == "serve"], _serve_key)
+    if not sv:
+        return ""
+    out = ["| model | ranks | label | clients | tokens/s | vs 1 client | TTFT p50 / p99 ms | per token p50 / p99 ms "
+           "| vs 1 client (p50) | target ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for k in sorted(sv, key=lambda k: (k[0], k[1], k[2] != "batch", k[2], k[3])):
+        r, one = sv[k], sv.get((k[0], k[1], "batch", 1))
+        vs = f"{r['tokens_per_s'] / one['tokens_per_s']:.2f} x" if one else ""
+        vs_lat = f"{r['token_p50_s'] / one['token_p50_s']:.2f} x" if one and one["token_p50_s"] else ""
+        out.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {r['tokens_per_s']:.1f} | {vs} | "
+                   f"{r['ttft_p50_s'] * 1e3:.0f} / {r['ttft_p99_s'] * 1e3:.0f} | "
+                   f"{r['token_p50_s'] * 1e3:.1f} / {r['token_p99_s'] * 1e3:.1f} | {vs_lat} | "
+                   f"{r.get('max_token_latency_ms') or ''} |")
+    return "\n".join(out)
+
+
+def _serve_plot(plt, rows: list[dict]) -> list:
+    """Aggregate tokens/s and per-token latency (p50 solid, p99 dashed) against concurrent clients, one
+    colour per (model, ranks, label); the latency targets as dotted horizontal lines."""
+    sv = latest([r for r in rows if r.get("system") == "serve"], _serve_key)
+    if not sv:
+        return []
+    fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(11, 4.2))
+    lines = sorted({k[:3] for k in sv})
+    clients = sorted({k[3] for k in sv})
+    for i, line in enumerate(lines):
+        colour = plt.get_cmap("tab10")(i % 10)
+        xs = [c for c in clients if (*line, c) in sv]
+        pts = [sv[(*line, c)] for c in xs]
+        label = f"{line[0]}, {line[1]} ranks, {line[2]}"
+        ax_t.plot(xs, [r["tokens_per_s"] for r in pts], marker="o", color=colour, label=label)
+        ax_l.plot(xs, [r["token_p50_s"] * 1e3 for r in pts], marker="o", color=colour, label=label + " p50")
+        ax_l.plot(xs, [r["token_p99_s"] * 1e3 for r in pts], marker="x", ls="--", color=colour, label="p99")
+        for t in {r["max_token_latency_ms"] for r in pts if r.get("max_token_latency_ms")}:
+            ax_l.axhline(t, color=colour, ls=":", lw=1)
+    labels = [str(c) for c in clients]
+    _log_axes(ax_t, clients, labels, xlabel="concurrent clients", ylabel="aggregate tokens/s",
+              title="Throughput")
+    _log_axes(ax_l, clients, labels, xlabel="concurrent clients", ylabel="per-token latency, ms",
+              title="Per-token latency (dotted: target)")
+    ax_t.legend(fontsize=7)
+    ax_l.legend(fontsize=6, ncol=2)
+    fig.suptitle("tpimpi.serve: continuous batching under load")
+    return [("serve_vs_concurrency.png", fig)]
+
+
 def plots(rows: list[dict], out: Path) -> list[str]:
     """Write the PNG plots into out; return their file names (none without matplotlib)."""
     try:
@@ -188,7 +242,8 @@ def plots(rows: list[dict], out: Path) -> list[str]:
         print("tpimpi.report: matplotlib is not installed; tables only", file=sys.stderr)
         return []
     made = []
-    for draw, data in ((_ranks_plots, rows), (_window_plots, window_sweep(rows)), (_allreduce_plot, rows)):
+    for draw, data in ((_ranks_plots, rows), (_window_plots, window_sweep(rows)), (_allreduce_plot, rows),
+                       (_serve_plot, rows)):
         for name, fig in draw(plt, data):
             fig.tight_layout()
             fig.savefig(out / name, dpi=120)
@@ -383,6 +438,10 @@ def main(argv=None) -> int:
                   "(predicted - measured) / measured; peak: the rank with the largest error.", "", pt]
     if ar := allreduce_table(rows):
         parts += ["", "## Allreduce", "", ar]
+    if st := serve_table(rows):
+        parts += ["", "## Serving", "", "tpimpi.serve under concurrent streaming clients (tpimpi.serve.bench): "
+                  "aggregate completion tokens/s and per-token latency, each against the same server's single "
+                  "client; target rows ran with --max-token-latency-ms.", "", st]
     made = plots(rows, out)
     parts += [""] + [f"![{m}]({m})" for m in made]
     (out / "report.md").write_text("\n".join(parts) + "\n")

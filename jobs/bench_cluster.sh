@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=tpimpi-cluster
+#SBATCH --ntasks=1
+#SBATCH --output=data/results/slurm-%x-%j.out
+# The cluster study (README, "Multi-host clusters"), on hosts in network namespaces on this machine
+# with real TCP between them and each packet delayed DELAY_MS per hop (NFQUEUE) at RATE_MBPS (tc tbf):
+#  1. allreduce of the hidden state (SIZES floats) at RANKS ranks over HOSTS hosts, every algorithm
+#     (the true star, the Ibcast star, MPI Allreduce, Reduce+Bcast, ring, tree, auto);
+#  2. decode s/token of the default model on GEN_HOSTS hosts with --wire float32, bfloat16 and q8, beside
+#     the in-process emulation's prediction of the same (one host, latency and bandwidth slept per message);
+#  3. what the wire formats do to the logits (KL, top-1 agreement over an English text);
+#  4. staging the default model's STAGE_RANKS-rank store to as many hosts, bytes and time vs the wire.
+# Records go to OUT (one JSON object per line); a summary of the targets is printed at the end.
+# Needs root, iproute2, iptables and the NetfilterQueue package (jobs/install.sh). Small setting:
+#   HOSTS=4 RANKS="2 4" REPS=5 TOKENS=8 QUALITY_TOKENS=16 STAGE_RANKS=4 bash jobs/bench_cluster.sh
+set -euo pipefail
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+NAME=${NAME:-tpimpi-bench}
+SUBNET=${SUBNET:-10.77.203.0/24}
+HOSTS=${HOSTS:-8}
+RANKS=${RANKS:-"2 4 8"}
+SIZES=${SIZES:-576,8192}
+REPS=${REPS:-30}
+DELAY_MS=${DELAY_MS:-1}
+RATE_MBPS=${RATE_MBPS:-300}
+GEN_HOSTS=${GEN_HOSTS:-4}
+TOKENS=${TOKENS:-32}
+WIRES=${WIRES:-"float32 bfloat16 q8"}
+QUALITY_TOKENS=${QUALITY_TOKENS:-256}
+STAGE_RANKS=${STAGE_RANKS:-$HOSTS}
+OUT=${OUT:-data/results/cluster.jsonl}
+
+source jobs/mpi-env.sh
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+cl() { python3 -m tpimpi.cluster --name "$NAME" "$@"; }
+trap 'cl down' EXIT
+cl up --hosts "$HOSTS" --subnet "$SUBNET" --delay-ms "$DELAY_MS" --rate-mbps "$RATE_MBPS"
+disk=/tmp/$NAME/disk
+mkdir -p "$(dirname "$OUT")"
+out=$(realpath "$OUT")
+RUN=$(date -u +%Y%m%dT%H%M%S)
+notes=(--note transport=netns-tcp --note "delay_ms=$DELAY_MS" --note "rate_mbps=$RATE_MBPS" --note "run=$RUN")
+
+# 1. allreduce on real packets
+for n in $RANKS; do
+  cl mpirun -np "$n" python3 -m tpimpi.netbench --sizes "$SIZES" --reps "$REPS" \
+    --algos star,star_bcast,mpi,reduce_bcast,ring,tree,auto "${notes[@]}" --out "$out"
+done
+
+# 2. decode across GEN_HOSTS hosts, and the emulation's prediction on one host
+cl mpirun -np "$GEN_HOSTS" python3 -m tpimpi.stage --to "$disk/n$GEN_HOSTS"
+for wire in $WIRES; do
+  for where in cluster emulated; do
+    args=(python3 -m tpimpi.generate --prompt "What is the capital of France?" --max-new-tokens "$TOKENS"
+          --threads 1 --resident --wire "$wire" --json)
+    if [ "$where" = cluster ]; then
+      res=$(cl mpirun -np "$GEN_HOSTS" "${args[@]}" --model "$disk/n$GEN_HOSTS")
+    else
+      res=$(mpirun -np "$GEN_HOSTS" "${args[@]}" --link-latency-ms "$DELAY_MS" --link-bandwidth-mbps "$RATE_MBPS")
+    fi
+    echo "$res" | tail -1 | python3 -c "
+import json, sys
+r = json.load(sys.stdin)
+keep = ('decode_s_per_token', 'ttft_s', 'ranks', 'wire', 'wire_bytes_per_token', 'per_token', 'token_ids', 'threads')
+print(json.dumps(dict({k: r[k] for k in keep}, system='cluster_decode', where='$where', hosts=$GEN_HOSTS if '$where' == 'cluster' else 1,
+                      delay_ms=$DELAY_MS, rate_mbps=$RATE_MBPS, run='$RUN')))" >> "$out"
+  done
+done
+
+# 3. the wire formats' effect on the logits (numbers only: one host)
+mpirun -np "$GEN_HOSTS" python3 jobs/cluster/wire_quality.py --tokens "$QUALITY_TOKENS" --out "$out" --run "$RUN"
+
+# 4. staging the STAGE_RANKS-rank store to as many hosts (rank 0 converts it first, in its own cache)
+res=$(cl mpirun -np "$STAGE_RANKS" python3 -m tpimpi.stage --to "$disk/staged-n$STAGE_RANKS" --json)
+echo "$res" | tail -1 | python3 -c "
+import json, sys
+r = json.load(sys.stdin)
+r.update(system='cluster_stage', run='$RUN', rate_mbps=$RATE_MBPS, delay_ms=$DELAY_MS, wire_seconds=r['bytes_sent'] * 8 / ($RATE_MBPS * 1e6))
+print(json.dumps(r))" >> "$out"
+
+# the targets, from this run's records
+python3 - "$out" "$RUN" <<'PY'
+import json, sys
+rows = [r for r in map(json.loads, open(sys.argv[1])) if r.get("run") == sys.argv[2]]
+ar = [r for r in rows if r.get("system") == "allreduce"]
+for (n, e) in sorted({(r["ranks"], r["elems"]) for r in ar}):
+    t = {r["algo"]: r["median_s"] for r in ar if (r["ranks"], r["elems"]) == (n, e)}
+    lat, bw = float(ar[0]["delay_ms"]) / 1e3, float(ar[0]["rate_mbps"]) * 1e6 / 8
+    model = 2 * lat + 4 * e / bw  # the paper's star: two hops of latency plus the bytes over the link
+    best = min(v for a, v in t.items() if a != "auto")
+    print(f"{n} ranks, {e} floats: " + ", ".join(f"{a} {v * 1e3:.2f}" for a, v in t.items()) + " ms; "
+          f"star/ring {t['star'] / t['ring']:.2f}, star/model {t['star'] / model:.2f}, auto/best {t['auto'] / best:.2f}")
+for r in rows:
+    if r.get("system") == "cluster_decode":
+        print(f"decode {r['where']:>8} wire {r['wire']:>8}: {r['decode_s_per_token'] * 1e3:.1f} ms/token, "
+              f"rank 0 sends {r['wire_bytes_per_token']['sent'][0]} B/token")
+    if r.get("system") == "cluster_stage":
+        print(f"staging: {r['bytes_sent'] / 2**20:.0f} MiB in {r['seconds']:.1f} s ({r['mbps']:.0f} Mbit/s; "
+              f"the wire alone: {r['wire_seconds']:.1f} s)")
+PY

@@ -1,0 +1,147 @@
+"""Batched forward passes, and the serve package's pure parts: the control word, the latency model,
+request checking and the memory model's slots."""
+
+import numpy as np
+import pytest
+import torch
+from harness import prompt_logits, rel_err
+
+from tpimpi.comm import SerialComm
+from tpimpi.convert import convert
+from tpimpi.engine import Engine, MemoryOptions
+from tpimpi.memory import fixed_parts
+from tpimpi.serve import api
+from tpimpi.serve.batcher import LatencyModel, control_word, pack, unpack
+from tpimpi.shard import plan
+
+PROMPTS = [[1, 9690, 198, 2683, 314, 260, 3575], [1, 520, 9531, 198], [1, 4649, 47, 2, 198, 1, 520, 9531, 198, 42, 7],
+           [1, 2683, 314]]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_gguf, tmp_path_factory):
+    st = convert(tiny_gguf, tmp_path_factory.mktemp("batch") / "s1", 1, quiet=True)
+    eng = Engine(SerialComm(), st, max_seq=64, mem=MemoryOptions(resident=True, prefill_chunk=4), slots=4).load()
+    yield eng
+    eng.close()
+
+
+def run(eng, segments, ids):
+    """One batched step: rows of ids for segments [(slot, pos, n)]; the logits of each segment's last row."""
+    m = eng.model
+    eng.head.embed_into(ids, m.x[: len(ids)])
+    x = m.forward_batch(segments)
+    last = np.cumsum([n for _, _, n in segments]) - 1
+    return torch.stack([eng.head.logits(x[int(r)]).clone() for r in last]).numpy()
+
+
+def prefill_alone(eng, slot, ids):
+    for pos in range(0, len(ids), eng.model.chunk):
+        part = ids[pos : pos + eng.model.chunk]
+        out = run(eng, [(slot, pos, len(part))], part)
+    return out[0]
+
+
+def test_one_sequence_through_the_batched_path_is_bit_identical(engine, tiny_gguf):
+    ref = prompt_logits(engine.model, engine.head, engine.comm, PROMPTS[0])  # forward(): generate's path
+    assert np.array_equal(prefill_alone(engine, 3, PROMPTS[0]), ref)
+
+
+def test_sequences_in_one_step_get_what_they_get_alone(engine):
+    alone, nxt = [], []
+    for slot, ids in enumerate(PROMPTS[:3]):
+        lg = prefill_alone(engine, slot, ids)
+        nxt.append(int(np.argmax(lg)))
+    for slot, ids in enumerate(PROMPTS[:3]):  # each sequence's next step alone (same cache contents after)
+        alone.append(run(engine, [(slot, len(ids), 1)], [nxt[slot]])[0])
+    # again in one step: three decode rows at different positions beside a prompt chunk of a fourth
+    segs = [(slot, len(ids), 1) for slot, ids in enumerate(PROMPTS[:3])] + [(3, 0, 3)]
+    together = run(engine, segs, nxt + PROMPTS[3])
+    for j in range(3):
+        assert rel_err(together[j], alone[j]) < 1e-4
+        assert int(np.argmax(together[j])) == int(np.argmax(alone[j]))
+    assert rel_err(together[3], prefill_alone(engine, 3, PROMPTS[3])) < 1e-4
+    # the head's one pass for several rows gives each row's logits
+    x = torch.randn(3, engine.cfg.hidden)
+    batch = engine.head.logits_batch(x).clone()
+    for j in range(3):
+        assert rel_err(batch[j].numpy(), engine.head.logits(x[j]).numpy()) < 1e-5
+
+
+def test_control_word_round_trip():
+    ctrl = control_word(4)
+    segs = [(2, 17, 1), (0, 5, 1), (3, 0, 16)]
+    pack(ctrl, segs)
+    assert ctrl.dtype == np.int64 and ctrl.shape == (15,) and unpack(ctrl) == segs and ctrl[2] == 18
+    pack(ctrl, None)
+    assert unpack(ctrl) is None
+
+
+def test_latency_model_learns_a_line():
+    lm = LatencyModel()
+    assert lm.predict(4) is None
+    for rows, t in [(1, 0.041), (2, 0.042), (4, 0.044), (8, 0.048)] * 3:
+        lm.add(rows, t)
+    assert lm.predict(16) == pytest.approx(0.056, rel=1e-6)
+
+
+def test_requests_are_checked_with_their_numbers():
+    lim = api.Limits("m", 100, 50)
+    r = api.parse_chat({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "stop": "x",
+                        "max_completion_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}, lim)
+    assert r.messages == (("user", "hi"),) and r.stop == ("x",) and r.max_tokens == 5 and r.include_usage
+    assert api.budget(r, 90, lim) == 5 and api.budget(api.parse_completion({"prompt": "p"}, lim), 90, lim) == 10
+    for body, status, match in [({"messages": []}, 400, "messages"), ({"messages": [{"role": "bot"}]}, 400, "role"),
+                                ({"prompt": "p", "top_p": 0}, 400, "top_p"), ({"prompt": "p", "model": "n"}, 404, "n"),
+                                ({"prompt": "p", "n": 2}, 400, "n=1"), ({"prompt": "p", "stop": [1]}, 400, "stop")]:
+        with pytest.raises(api.ApiError, match=match) as e:
+            (api.parse_chat if "messages" in body else api.parse_completion)(body, lim)
+        assert e.value.status == status
+    with pytest.raises(api.ApiError, match="maximum context length is 100 tokens.*resulted in 100 tokens"):
+        api.budget(r, 100, lim)
+
+
+def test_the_memory_model_counts_a_kv_cache_per_slot(tiny_gguf):
+    from tpimpi.sources import open_source
+
+    cfg = open_source(tiny_gguf).config
+    s = plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, (1.0,))[0]
+    one, eight = fixed_parts(cfg, s, 0, 1, 64, 16), fixed_parts(cfg, s, 0, 1, 64, 16, slots=8)
+    assert eight["kv_cache"] == 8 * one["kv_cache"] > 0 and eight["buffers"] > one["buffers"]
+
+
+def test_a_sliding_window_batched_is_the_window_alone(tmp_path_factory):
+    """Mistral's sliding window (4 positions) through the batched path: one sequence bit for bit as forward(),
+    two sequences at different positions in one step as each alone."""
+    from tinymodels import make_tiny_hf
+
+    d = tmp_path_factory.mktemp("window")
+    hf = make_tiny_hf(d / "mistral", arch="mistral", seed=3, sliding_window=4)
+    st = convert(hf, d / "s1", 1, quiet=True)
+    eng = Engine(SerialComm(), st, max_seq=64, mem=MemoryOptions(resident=True, prefill_chunk=4), slots=2).load()
+    try:
+        assert eng.model.windows[0] == 4
+        a, b = PROMPTS[2], PROMPTS[0]
+        assert np.array_equal(prefill_alone(eng, 1, a), prompt_logits(eng.model, eng.head, eng.comm, a))
+        prefill_alone(eng, 0, b)
+        alone = [run(eng, [(1, len(a), 1)], [5])[0], run(eng, [(0, len(b), 1)], [6])[0]]
+        together = run(eng, [(1, len(a), 1), (0, len(b), 1)], [5, 6])
+        for j in range(2):
+            assert rel_err(together[j], alone[j]) < 1e-4
+    finally:
+        eng.close()
+
+
+def test_the_report_tables_serving_runs_against_one_client():
+    from tpimpi.report import serve_table
+
+    def row(c, tps, lat, label="batch", t="2026-12-01T00:00:00+00:00"):
+        return {"system": "serve", "model": "m", "ranks": 1, "concurrency": c, "label": label, "tokens_per_s": tps,
+                "ttft_p50_s": 0.1, "ttft_p99_s": 0.2, "token_p50_s": lat, "token_p99_s": 2 * lat, "time": t}
+
+    table = serve_table([row(1, 20.0, 0.05), row(8, 90.0, 0.08), row(8, 1.0, 1.0, t="2026-11-01T00:00:00+00:00"),
+                         row(8, 70.0, 0.06, "target-1.5x")])
+    lines = table.splitlines()
+    assert len(lines) == 5  # header, rule, one row per point (the older run of a point is not shown)
+    assert "| m | 1 | batch | 8 | 90.0 | 4.50 x | 100 / 200 | 80.0 / 160.0 | 1.60 x |" in table
+    assert lines[-1].startswith("| m | 1 | target-1.5x | 8 | 70.0 | 3.50 x")

@@ -1,0 +1,321 @@
+"""Continuous batching: the step loop every rank runs, and rank 0's choice of what each step computes.
+
+Each step runs one forward pass over rows of several sequences ([T, hidden] through every layer and both
+allreduces): one row per decoding sequence, plus prompt rows of sequences still prefilling, at most
+--prefill-chunk of them, so a long prompt delays the running sequences by one chunk per step, not by
+the whole prompt. Every sequence has a KV-cache slot of its own; a finished or cancelled one gives its
+slot back before the next step. New sequences join between steps while the measured latency allows
+(DFTSP: a per-token latency target decides admission and the prefill rows).
+
+Rank 0 decides and broadcasts a fixed-size int64 control word: [command, segments, rows, then (slot, pos,
+n) per segment]; the others only ever see it and hidden states (no token ids, no text).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..sampling import SamplingConfig, StopText, sample
+
+CMD_STOP, CMD_RUN = 0, 1
+CTRL_HEAD = 3  # command, segments, rows
+BUSY_POLL_S = 0.05  # how long a worker polls for the next step before it sleeps (rank 0 samples meanwhile)
+
+
+def control_word(slots: int) -> np.ndarray:
+    """The step's control array: [command, n segments, T rows, (slot, pos, n) x slots]."""
+    return np.zeros(CTRL_HEAD + 3 * slots, dtype=np.int64)
+
+
+def pack(ctrl: np.ndarray, segments: list[tuple[int, int, int]] | None) -> None:
+    """Write a step (or, for None, the stop command) into ctrl."""
+    ctrl[:] = 0
+    if segments is None:
+        return
+    ctrl[0], ctrl[1], ctrl[2] = CMD_RUN, len(segments), sum(n for _, _, n in segments)
+    for i, seg in enumerate(segments):
+        ctrl[CTRL_HEAD + 3 * i : CTRL_HEAD + 3 * i + 3] = seg
+
+
+def unpack(ctrl: np.ndarray) -> list[tuple[int, int, int]] | None:
+    """The segments of a step, or None for stop."""
+    if ctrl[0] == CMD_STOP:
+        return None
+    k = int(ctrl[1])
+    return [tuple(int(v) for v in ctrl[CTRL_HEAD + 3 * i : CTRL_HEAD + 3 * i + 3]) for i in range(k)]
+
+
+class LatencyModel:
+    """Step time as a + b * rows, fitted by least squares with exponential forgetting (DFTSP's cost model:
+    decode is memory-bound, so a step's time grows slowly with its rows)."""
+
+    def __init__(self, forget: float = 0.97):
+        self.forget = forget
+        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        self.rows_seen: set[int] = set()
+
+    def add(self, rows: int, seconds: float) -> None:
+        f = self.forget
+        self.n, self.sx, self.sy = f * self.n + 1, f * self.sx + rows, f * self.sy + seconds
+        self.sxx, self.sxy = f * self.sxx + rows * rows, f * self.sxy + rows * seconds
+        self.rows_seen.add(rows)
+
+    def predict(self, rows: int) -> float | None:
+        """Predicted seconds of a step of `rows` rows; None until two different row counts were seen."""
+        if len(self.rows_seen) < 2:
+            return None
+        det = self.n * self.sxx - self.sx * self.sx
+        if det <= 1e-12:
+            return None
+        b = max(0.0, (self.n * self.sxy - self.sx * self.sy) / det)
+        a = (self.sy - b * self.sx) / self.n
+        return a + b * rows
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's generation on rank 0. `emit(kind, ...)` hands events to the HTTP side (thread-safe):
+    ("text", str), ("done", finish_reason, prompt_tokens, completion_tokens), ("error", status, message)."""
+
+    prompt_ids: list[int]
+    max_new: int
+    samp: SamplingConfig
+    stops: tuple[str, ...]
+    emit: object
+    t_submit: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False  # set by the HTTP side when the client goes away
+    slot: int = -1
+    pos: int = 0  # positions already in the KV cache
+    pending: list[int] = field(default_factory=list)  # ids to feed (the prompt, then the last sampled id)
+    out_ids: list[int] = field(default_factory=list)
+    t_first: float | None = None
+    gen: torch.Generator | None = None  # the sampler's random stream, seeded by the request
+    stream: object = None  # the tokenizer's incremental decoder
+    text: StopText | None = None
+    seen: torch.Tensor | None = None  # [n] ids so far, for the repetition penalty
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Batcher:
+    """Rank 0's scheduler: waiting queue, slots, admission under the latency target, sampling, stop rules."""
+
+    def __init__(self, head, tok, max_seq: int, slots: int, chunk: int, max_queue: int,
+                 max_token_latency_s: float | None = None, shutdown_timeout_s: float = 10.0):
+        self.head, self.tok, self.max_seq, self.chunk = head, tok, max_seq, chunk
+        self.max_queue, self.target = max_queue, max_token_latency_s
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.free = list(range(slots - 1, -1, -1))  # slot numbers, next to use last
+        self.active: list[Sequence] = []  # in admission order
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.cond = threading.Condition()
+        self.latency = LatencyModel()
+        self.recent_s: float | None = None  # moving average of the latest decode steps' time
+        self.draining_since: float | None = None
+        self.steps = self.rows_total = 0
+        self._step: list[tuple[Sequence, int, int]] = []  # (sequence, first row, rows) of the step running
+        self._t_step, self._step_decodes = 0.0, False
+
+    # ---- the HTTP side ----------------------------------------------------------------------------------
+    def submit(self, seq: Sequence) -> None:
+        """Queue a sequence (any thread); ShuttingDown or QueueFull when it cannot be taken."""
+        with self.cond:
+            if self.draining_since is not None:
+                raise ShuttingDown()
+            if len(self.waiting) >= self.max_queue + len(self.free):  # those beyond the free slots wait
+                raise QueueFull()
+            self.waiting.append(seq)
+            self.cond.notify()
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify()
+
+    def drain(self) -> None:
+        """Stop taking requests; running ones finish (or are cancelled after shutdown_timeout_s). Safe to call
+        from a signal handler: it only sets a field (the loop wakes within 0.1 s)."""
+        if self.draining_since is None:
+            self.draining_since = time.monotonic()
+
+    def load(self) -> dict:
+        return {"running": len(self.active), "waiting": len(self.waiting), "free_slots": len(self.free),
+                "steps": self.steps, "rows": self.rows_total}
+
+    # ---- the step loop (rank 0) ---------------------------------------------------------------------------
+    def next_step(self) -> list[tuple[int, int, int]] | None:
+        """Block until there is work; the segments of the next step, or None once drained."""
+        with self.cond:
+            while True:
+                self._drop_cancelled()
+                if self.draining_since is not None:
+                    self._shut_down()
+                self._admit()
+                if self.active:
+                    break
+                if self.draining_since is not None:
+                    return None
+                self.cond.wait(0.1)
+            return self._plan()
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self.active if s.cancelled]:
+            self._release(seq)
+        if any(s.cancelled for s in self.waiting):
+            self.waiting = collections.deque(s for s in self.waiting if not s.cancelled)
+
+    def _shut_down(self) -> None:
+        while self.waiting:
+            self.waiting.popleft().emit("error", 503, "the server is shutting down")
+        if time.monotonic() - self.draining_since > self.shutdown_timeout_s:
+            for seq in list(self.active):
+                seq.emit("error", 503, "the server shut down before this request finished")
+                self._release(seq)
+
+    def _decoding(self) -> list[Sequence]:
+        return [s for s in self.active if s.out_ids]
+
+    def _admit(self) -> None:
+        while self.waiting and self.free:
+            if self.target is not None and self.active:  # DFTSP: measured, and predicted with one more
+                predicted = self.latency.predict(len(self.active) + 1)
+                if (self.recent_s or 0.0) > self.target or (predicted is not None and predicted > self.target):
+                    return
+            seq = self.waiting.popleft()
+            seq.slot, seq.pos, seq.pending = self.free.pop(), 0, list(seq.prompt_ids)
+            seq.gen = torch.Generator().manual_seed(seq.samp.seed)
+            seq.stream = self.tok.stream()
+            seq.text = StopText(seq.stops, self.tok.decode(seq.prompt_ids[-8:]) if seq.stops else "")
+            if seq.samp.repetition_penalty != 1.0:
+                seq.seen = torch.unique(torch.tensor(seq.prompt_ids, dtype=torch.long))
+            self.active.append(seq)
+
+    def _prefill_budget(self, decode_rows: int) -> int:
+        """Prompt rows this step may take: a chunk, fewer if the latency target would be missed."""
+        budget = self.chunk
+        if self.target is not None and decode_rows:
+            while budget > 1:
+                predicted = self.latency.predict(decode_rows + budget)
+                if predicted is None or predicted <= self.target:
+                    break
+                budget //= 2
+        return budget
+
+    def _plan(self) -> list[tuple[int, int, int]]:
+        segments, self._step = [], []
+        decoding = self._decoding()
+        budget = self._prefill_budget(len(decoding))
+        row = 0
+        for seq in self.active:
+            if seq.out_ids:
+                n = 1
+            elif budget > 0:
+                n = min(len(seq.pending), budget)
+                budget -= n
+            else:
+                continue
+            segments.append((seq.slot, seq.pos, n))
+            self._step.append((seq, row, n))
+            row += n
+        self._step_decodes = bool(decoding)
+        self._t_step = time.perf_counter()
+        return segments
+
+    def embed(self, x: torch.Tensor) -> None:
+        """Rows of this step's input: embedding rows of the ids each segment feeds."""
+        ids = [i for seq, _, n in self._step for i in seq.pending[:n]]
+        self.head.embed_into(ids, x[: len(ids)])
+
+    def finish_step(self, x: torch.Tensor) -> None:
+        """After the forward pass: logits of the sequences now due a token, sampled, checked, sent."""
+        due = []
+        for seq, row, n in self._step:
+            seq.pos += n
+            seq.pending = seq.pending[n:]
+            if not seq.pending:
+                due.append((seq, row + n - 1))
+        # one pass over the head every step, even mid-prompt: its chunks are part of rank 0's block cycle
+        rows = [r for _, r in due] or [x.shape[0] - 1]
+        logits = self.head.logits_batch(x[torch.tensor(rows)] if len(rows) > 1 else x[rows[0]].unsqueeze(0))
+        now = time.perf_counter()
+        with self.cond:
+            for j, (seq, _) in enumerate(due):
+                if not seq.cancelled:
+                    self._advance(seq, sample(logits[j], seq.samp, seq.gen, seq.seen), now)
+        rows_run = sum(n for _, _, n in self._step)
+        if self._step_decodes:  # steps with decoding rows teach the latency model
+            took = now - self._t_step
+            self.latency.add(rows_run, took)
+            self.recent_s = took if self.recent_s is None else 0.8 * self.recent_s + 0.2 * took
+        self.steps += 1
+        self.rows_total += rows_run
+
+    def _advance(self, seq: Sequence, nxt: int, now: float) -> None:
+        seq.out_ids.append(nxt)
+        seq.t_first = seq.t_first or now
+        if seq.seen is not None and not bool((seq.seen == nxt).any()):
+            seq.seen = torch.cat([seq.seen, torch.tensor([nxt])])
+        eos = nxt in self.tok.eos_ids
+        if not eos:
+            out = seq.text.add(seq.stream.push(nxt))
+            if out:
+                seq.emit("text", out)
+        finish = None
+        if eos or seq.text.stopped:
+            finish = "stop"
+        elif len(seq.out_ids) >= seq.max_new or seq.pos + 1 > self.max_seq:
+            finish = "length"
+        if finish is None:
+            seq.pending = [nxt]
+            return
+        out = seq.text.add(seq.stream.flush()) + seq.text.finish()
+        if out:
+            seq.emit("text", out)
+        seq.emit("done", finish, len(seq.prompt_ids), len(seq.out_ids))
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """The slot goes back at once; the next step no longer has the sequence."""
+        if seq in self.active:
+            self.active.remove(seq)
+            self.free.append(seq.slot)
+
+
+def step_loop(comm, model, batcher: Batcher | None) -> int:
+    """The loop every rank runs while serving; rank 0 (the only one with a batcher) decides each step.
+    Returns the number of steps run."""
+    comm.in_lockstep = True  # from here an error on one rank cannot be agreed on: it ends the job
+    ctrl = control_word(model.slots)
+    steps = 0
+    while True:
+        if comm.rank == 0:
+            pack(ctrl, batcher.next_step())
+        # workers poll while steps follow each other closely, and sleep here between requests
+        comm.bcast_idle_(ctrl, BUSY_POLL_S if steps else 0.0)
+        segments = unpack(ctrl)
+        if segments is None:
+            break
+        T = int(ctrl[2])
+        if comm.rank == 0:
+            batcher.embed(model.x)
+        comm.bcast_(model.x_np[:T])
+        x = model.forward_batch(segments)
+        if comm.rank == 0:
+            batcher.finish_step(x)
+        steps += 1
+    comm.in_lockstep = False
+    return steps
