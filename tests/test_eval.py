@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
-import torch
-
 import tinymodels as tm
+import torch
 from threadcomm import ThreadGroup
+
 from tpimpi import eval as ev
 from tpimpi.convert import convert
 from tpimpi.engine import Engine, MemoryOptions

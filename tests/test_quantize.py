@@ -5,15 +5,14 @@ message for a budget below the smallest store."""
 from __future__ import annotations
 
 import itertools
-import json
 
 import numpy as np
 import pytest
-import torch
-
 import tinymodels as tm
+import torch
 from harness import rel_err, run_store
 from threadcomm import ThreadGroup
+
 from tpimpi import quantize as qz
 from tpimpi import store
 from tpimpi.engine import MemoryOptions

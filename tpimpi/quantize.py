@@ -141,7 +141,7 @@ class Calibrator:
                 self.inputs.append(x.clone())
             i = b // 2
             if b % 2 == 0:
-                layers.attention(x, views[b], m.cache_k[i], m.cache_v[i], 0, m.cos, m.sin, m.kv_of_q, cfg, part,
+                layers.attention(x, views[b], m.cache_k[i, 0], m.cache_v[i, 0], 0, m.cos, m.sin, m.kv_of_q, cfg, part,
                                  m.group, m.windows[i])
             else:
                 layers.mlp(x, views[b], cfg, part)
