@@ -3,6 +3,7 @@
     mpirun -np 4 python -m tpimpi.bench --new-tokens 32 --repeat 5
     python -m tpimpi.bench --baseline transformers --new-tokens 32 --repeat 5
     python -m tpimpi.bench --baseline accelerate --new-tokens 32 --repeat 5
+    python -m tpimpi.bench --baseline llama.cpp --new-tokens 32 --repeat 5   (pip install llama-cpp-python)
 
 Each run warms up, then generates --repeat times with greedy decoding and a fixed number of new tokens
 (end-of-sequence does not stop it, so every system does the same work), and appends one JSON line with
@@ -39,8 +40,9 @@ RESULTS = "results/bench.jsonl"  # under the cache directory, outside the reposi
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tpimpi.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="store, .gguf or Hugging Face directory (default: the default model)")
-    p.add_argument("--baseline", choices=["transformers", "accelerate"],
-                   help="run a baseline in one process instead: transformers in memory, or Accelerate disk offload")
+    p.add_argument("--baseline", choices=["transformers", "accelerate", "llama.cpp"],
+                   help="run a baseline in one process instead: transformers in memory, Accelerate disk offload, or "
+                   "llama.cpp on the same GGUF (through llama-cpp-python, an optional install)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
@@ -240,6 +242,57 @@ def bench_baseline(args) -> dict:
             "peak_rss_bytes": [peak], "load_peak_rss_bytes": load_peak, **summarize(runs)}
 
 
+def prompt_ids(args, src: Path) -> list[int]:
+    """The prompt's token ids as tpimpi encodes them (chat template applied), for a baseline."""
+    from .models import prepare
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer.load(prepare(str(src), 1, (1.0,)))
+    return tok.encode(tok.render_chat(args.prompt) if tok.has_chat_template else args.prompt)
+
+
+def load_llama_cpp(path: Path, n_ctx: int, threads: int, logits_all: bool = False):
+    """llama-cpp-python's Llama on a GGUF file (UsageError when the package or the file is missing)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise UsageError("the llama.cpp baseline needs llama-cpp-python: pip install llama-cpp-python "
+                         "(it builds llama.cpp from source, about 6 minutes)") from None
+    if path.suffix != ".gguf" or not path.is_file():
+        raise UsageError(f"the llama.cpp baseline runs a .gguf file; {str(path)!r} is not one")
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                 logits_all=logits_all, verbose=False)
+
+
+def bench_llama_cpp(args) -> dict:
+    """llama.cpp on the same GGUF, prompt ids, threads and number of new tokens: greedy (temperature 0),
+    end-of-sequence not stopping it, timed from the call to each token it yields."""
+    from .engine import peak_rss, reset_peak_rss, set_threads
+    from .models import default_model_path
+
+    threads = set_threads(args.threads, "torch")
+    src = Path(args.model) if args.model else default_model_path()
+    llm = load_llama_cpp(src, args.max_seq_len, threads)  # refused before any conversion if it cannot run
+    ids = prompt_ids(args, src)
+    load_peak = peak_rss()
+    reset_peak_rss()
+    runs = []
+    for i in range(args.warmup + args.repeat):
+        times, t0 = [], time.perf_counter()
+        for _ in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            times.append(time.perf_counter() - t0)
+            if len(times) == args.new_tokens:
+                break
+        if i >= args.warmup:
+            runs.append({"ttft_s": times[0], "decode_s_per_token": (times[-1] - times[0]) / (len(times) - 1),
+                         "token_times_s": times})
+    import llama_cpp
+
+    return {"system": "llama.cpp", "llama_cpp_python": llama_cpp.__version__, "ranks": 1, "threads": threads,
+            "prompt_tokens": len(ids), "peak_rss_bytes": [peak_rss()], "load_peak_rss_bytes": load_peak,
+            **summarize(runs)}
+
+
 def record(result: dict, args, out: str) -> None:
     result.update(model=args.model or "default", new_tokens=args.new_tokens, label=args.label,
                   time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -264,7 +317,7 @@ def main(argv=None) -> int:
         if args.baseline:
             if comm.size > 1:
                 raise UsageError("a baseline runs in one process: start it without mpirun")
-            result = bench_baseline(args)
+            result = bench_llama_cpp(args) if args.baseline == "llama.cpp" else bench_baseline(args)
         else:
             result = bench_tpimpi(comm, args)
         if comm.rank == 0:

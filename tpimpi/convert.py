@@ -97,6 +97,13 @@ def resolve_formats(src, request: str) -> tuple[store.Formats, list[str]]:
     """The format of every block, the embedding and the head for a --dtype request, and what happens to
     each stored tensor type ("Q4_1 -> q4_1 kept as is: 210 tensors", ...)."""
     cfg = src.config
+    if "=" in request:  # a per-block spec, as tpimpi.quantize chooses: blocks=q8_0*2,q4_1*58;embed=q8_0
+        try:
+            fmts = store.Formats.parse(request, cfg)
+        except TpimpiError as e:
+            raise UsageError(str(e)) from None
+        _check_shapes(cfg, fmts)
+        return fmts, [f"per-block formats: {fmts.spec()}"]
     fmt = qf.canonical(request)
     if fmt != "auto" and fmt not in qf.FORMATS:
         raise UsageError(f"--dtype {request!r} is not one of {', '.join(qf.REQUESTS)}")
@@ -155,7 +162,7 @@ def convert(source, out: str | os.PathLike, world: int, ratios=None,
 
     `source` is a path (GGUF file or Hugging Face directory) or a source object with the same methods.
     dtype: a --dtype request (see the module's doc)."""
-    if qf.canonical(dtype) != "auto" and qf.canonical(dtype) not in qf.FORMATS:
+    if qf.canonical(dtype) != "auto" and qf.canonical(dtype) not in qf.FORMATS and "=" not in dtype:
         raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(qf.REQUESTS)}")
     ratios = parse_ratios(ratios, world) if ratios is None or isinstance(ratios, str) else tuple(ratios)
     src = source if hasattr(source, "layer") else open_source(source)

@@ -51,6 +51,30 @@ class Head:
             raise StoreError(f"{self.store.path}: the embedding rows of the input are not finite (NaN or infinity): "
                              f"rank 0's weight file is damaged; run again with --verify to check it against the manifest")
 
+    def logits_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, h] hidden states -> logits [T, V] of every position, in one pass over the head's chunks
+        (tpimpi.eval scores every position of a text; generation needs only the last, in logits)."""
+        xn = rms_norm(x, self.norm, self.cfg.norm_eps)  # [T, h]
+        out = torch.empty(x.shape[0], self.cfg.vocab)  # [T, V]
+        r0 = 0
+        for b in self.chunks:
+            w = self.blocks.get(b)["w"]  # [rows, h]
+            r1 = r0 + w.shape[0]
+            if isinstance(w, (kernels.Packed, kernels.Int4Packed)):
+                out[:, r0:r1] = kernels.matmul(xn, w)
+            elif w.dtype == torch.float32:
+                out[:, r0:r1] = torch.from_numpy(np.matmul(xn.numpy(), w.numpy().T))  # BLAS, as in logits
+            else:
+                out[:, r0:r1] = (xn.to(w.dtype) @ w.T).float()
+            self.blocks.release(b)
+            r0 = r1
+        if not math.isfinite(out[:, : self.n_tokens].sum()):
+            raise StoreError(f"{self.store.path}: the logits are not finite (NaN or infinity) although the hidden "
+                             f"state is: rank 0's output head or final norm is damaged; run again with --verify "
+                             f"to check every file against the manifest")
+        out[:, self.n_tokens :] = float("-inf")
+        return out
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [h] last hidden state -> logits [V] (a buffer the next call reuses)."""
         xn = rms_norm(x.unsqueeze(0), self.norm, self.cfg.norm_eps)[0]  # [h]
