@@ -267,7 +267,7 @@ def load_llama_cpp(path: Path, n_ctx: int, threads: int, logits_all: bool = Fals
 def bench_llama_cpp(args) -> dict:
     """llama.cpp on the same GGUF, prompt ids, threads and number of new tokens: greedy (temperature 0),
     end-of-sequence not stopping it, timed from the call to each token it yields."""
-    from .engine import peak_rss, reset_peak_rss, set_threads
+    from .resources import peak_rss, reset_peak_rss, set_threads
     from .models import default_model_path
 
     threads = set_threads(args.threads, "torch")

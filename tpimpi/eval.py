@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from . import comm as comm_mod
-from .engine import Engine, MemoryOptions, collective, prepare_store, set_threads
+from .engine import Engine, collective, prepare_store
+from .resources import MemoryOptions, set_threads
 from .errors import TpimpiError, UsageError
 from .generate import add_memory_args
 from .shard import parse_ratios

@@ -295,7 +295,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from .engine import set_threads
+    from .resources import set_threads
 
     args = _parser().parse_args(argv)
     try:
