@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "pydoc help topics (default)")
     p.add_argument("--max-tokens", type=int, default=4096, help="score at most this many tokens of the text")
     p.add_argument("--ctx", type=int, default=512, help="tokens per window (each window starts a fresh sequence)")
-    p.add_argument("--dtype", default="float32", help="storage format when --model has to be converted")
+    p.add_argument("--dtype", help="storage format when --model has to be converted (default float32)")
     p.add_argument("--ratios", help="relative share of each rank, e.g. 2,1,1 (when converting)")
     p.add_argument("--threads", type=int, help="threads per rank (default: cores / local ranks)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
@@ -192,8 +192,9 @@ def run(comm, argv=None) -> dict | None:
     if args.baseline and args.model is not None and not args.model.endswith(".gguf"):
         raise UsageError("--baseline llama.cpp runs a .gguf: give --model FILE.gguf (or no --model: the default model)")
     ratios = parse_ratios(args.ratios, comm.size)
-    path = prepare_store(comm, args.model, ratios, args.dtype)
-    ref_path = prepare_store(comm, args.reference, ratios, "float32") if args.reference else None
+    given = ratios if args.ratios else None  # a ready store refuses conversion options that differ from its own
+    path = prepare_store(comm, args.model, given, args.dtype)
+    ref_path = prepare_store(comm, args.reference, given) if args.reference else None  # a source: float32
     text = collective(comm, lambda: read_text(args.text) if comm.rank == 0 else None)
     eng = Engine(comm, path, max_seq=args.ctx, mem=mem).load()
     ref = Engine(comm, ref_path, max_seq=args.ctx, mem=mem).load() if ref_path else None

@@ -110,7 +110,7 @@ def run(comm, argv=None) -> int:
         return 0
     if args.ranks:
         raise UsageError("--ranks goes with --plan; a run uses the ranks mpirun launched")
-    path = prepare_store(comm, args.model, ratios, args.dtype)
+    path = prepare_store(comm, args.model, ratios if args.ratios else None, args.dtype)
     if plan is not None:
         collective(comm, check_store, plan, path)
     eng = Engine(comm, path, max_seq=args.max_seq_len, allreduce=args.allreduce, verify=args.verify, mem=mem,
