@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-TORCH_VERSION=${TORCH_VERSION:-2.13.0}   # pinned: an unpinned torch on x86_64 pulls a multi-GB CUDA build
+# pinned: an unpinned torch on x86_64 pulls a multi-GB CUDA build; on aarch64 PyPI's 2.11-2.13 are CUDA
+# builds too (4.4 GiB installed), 2.10.0 is its newest CPU wheel (what jobs/arm64_check.sh checks)
+if [ "$(uname -m)" = aarch64 ]; then TORCH_VERSION=${TORCH_VERSION:-2.10.0}; else TORCH_VERSION=${TORCH_VERSION:-2.13.0}; fi
 
 $PY -m pip install --quiet --disable-pip-version-check "torch==${TORCH_VERSION}"
 $PY -m pip install --quiet --disable-pip-version-check -e ".[mpi,convert,test]"
