@@ -36,6 +36,7 @@ SKIP = {
     "sudo apt install": "installs a system package (a board's set-up)",
     "python3 -m venv ~/tpimpi-env": "makes a venv in the home directory for the install that follows",
     "TORCH_VERSION=2.10.0 bash jobs/install.sh": "installs from PyPI (minutes); jobs/arm64_check.sh installs and checks this set",
+    "python -m tpimpi.quantize $(": "about 180 forward passes of the default model (minutes); tests/test_quantize.py runs it on a tiny model",
 }
 
 
