@@ -120,7 +120,7 @@ def test_sigterm_mid_stream_ends_every_rank_with_0(server, client):
     with pytest.raises(openai.APIError, match="shut down"):  # cancelled after --shutdown-timeout 1
         for _ in it:
             pass
-    assert server.wait(30) == 0, server.stderr
+    assert server.wait(90) == 0, server.stderr  # exit can take 20 s on a loaded machine (interpreter teardown)
     assert "Traceback" not in server.stderr and "tpimpi: server stopped" in server.stderr
 
 
