@@ -46,36 +46,11 @@ class RankModel:
 
     def forward(self, T: int, pos: int) -> torch.Tensor:
         """Run positions pos..pos+T whose input hidden states are in x[:T]; returns x[:T], updated in place."""
-        cfg, comm, blocks = self.cfg, self.comm, self.blocks
         assert T <= self.chunk and pos + T <= self.max_seq
         t0 = time.perf_counter()
-        x, part, part_np = self.x[:T], self.part[:T], self.part_np[:T]
-        first_bad = NO_BLOCK  # the first block whose partial sum on this rank was not finite
-        for i in range(cfg.n_layers):
-            layers.attention(x, blocks.get(2 * i), self.cache_k[i, 0], self.cache_v[i, 0], pos, self.cos, self.sin,
-                             self.kv_of_q, cfg, part, self.group, self.windows[i])
-            blocks.release(2 * i)
-            if first_bad == NO_BLOCK and not math.isfinite(part_np.sum()):  # a sum: no allocation
-                first_bad = 2 * i
-            t = time.perf_counter()
-            comm.allreduce_(part_np)
-            self._comm_done(t, part_np.nbytes)
-            x += part
-            layers.mlp(x, blocks.get(2 * i + 1), cfg, part)
-            blocks.release(2 * i + 1)
-            if first_bad == NO_BLOCK and not math.isfinite(part_np.sum()):
-                first_bad = 2 * i + 1
-            t = time.perf_counter()
-            comm.allreduce_(part_np)
-            self._comm_done(t, part_np.nbytes)
-            x += part
-        t1 = time.perf_counter()
-        self.t_forward += t1 - t0
-        if self.trace is not None:
-            self.trace.end_step(t0, t1, T)
-        if not math.isfinite(self.x_np[:T].sum()):  # the same on every rank, so every rank gets here
-            self._non_finite(first_bad)
-        return x
+        return self._layers(T, t0, lambda i, x, part: layers.attention(
+            x, self.blocks.get(2 * i), self.cache_k[i, 0], self.cache_v[i, 0], pos, self.cos, self.sin,
+            self.kv_of_q, self.cfg, part, self.group, self.windows[i]))
 
     def _comm_done(self, t: float, nbytes: int) -> None:
         """An allreduce that started at t has ended: its time (and its trace event when tracing)."""
@@ -87,18 +62,24 @@ class RankModel:
     def forward_batch(self, segments: list[tuple[int, int, int]]) -> torch.Tensor:
         """Run the rows in x[:T] for several sequences at once: segments [(slot, pos, n), ...] in row order,
         n rows at positions pos..pos+n of the sequence in KV-cache slot `slot`. Returns x[:T], updated."""
-        cfg, comm, blocks = self.cfg, self.comm, self.blocks
         T = sum(n for _, _, n in segments)
         assert T <= self.rows and all(0 <= sl < self.slots and p + n <= self.max_seq for sl, p, n in segments)
         t0 = time.perf_counter()
         pos_rows = torch.cat([torch.arange(p, p + n) for _, p, n in segments])  # [T] each row's position
+        return self._layers(T, t0, lambda i, x, part: layers.attention_batch(
+            x, self.blocks.get(2 * i), self.cache_k[i], self.cache_v[i], segments, pos_rows, self.cos, self.sin,
+            self.kv_of_q, self.cfg, part, self.group, self.windows[i]))
+
+    def _layers(self, T: int, t0: float, attention) -> torch.Tensor:
+        """Every layer on the rows x[:T]: attention(i, x, part) writes layer i's attention partial sum into
+        part; each partial sum is allreduced and added to x, in place. Returns x[:T]."""
+        cfg, comm, blocks = self.cfg, self.comm, self.blocks
         x, part, part_np = self.x[:T], self.part[:T], self.part_np[:T]
         first_bad = NO_BLOCK  # the first block whose partial sum on this rank was not finite
         for i in range(cfg.n_layers):
-            layers.attention_batch(x, blocks.get(2 * i), self.cache_k[i], self.cache_v[i], segments, pos_rows,
-                                   self.cos, self.sin, self.kv_of_q, cfg, part, self.group, self.windows[i])
+            attention(i, x, part)
             blocks.release(2 * i)
-            if first_bad == NO_BLOCK and not math.isfinite(part_np.sum()):
+            if first_bad == NO_BLOCK and not math.isfinite(part_np.sum()):  # a sum: no allocation
                 first_bad = 2 * i
             t = time.perf_counter()
             comm.allreduce_(part_np)
