@@ -5,7 +5,8 @@ emulated arm64 root; jobs/arm64/compare.py then compares the two folders. Writes
   kernels.json          the machine and the kernels that ran (OpenBLAS's core type, torch's CPU capability)
   NAME.npy              the prompt's last-position logits of configuration NAME
   results.json          {NAME: {"token_ids": [...], "text": ...}} greedy tokens of each configuration
-No timings and no memory figures: under emulation they are QEMU's, not a board's.
+Rank 0 prints each configuration's seconds (load, prompt logits, generation): the check's own durations, to
+see where its time goes; under emulation neither they nor any memory figure are a board's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +68,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stores", type=Path, required=True, help="folder of stores named DTYPE-nRANKS")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="fed raw, without the chat template (tpimpi.generate --raw)")
     p.add_argument("--max-new-tokens", type=int, default=8)
     args = p.parse_args()
 
@@ -79,15 +81,20 @@ def main() -> int:
     if comm.rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
     for name, (store, mem) in configs.items():
+        t0 = time.perf_counter()
         eng = Engine(comm, str(store), max_seq=256, mem=mem).load()
         set_threads(None, "torch" if mem.compute == "bfloat16" else "blas")
         # every rank runs the prefill's passes, so every rank needs the prompt's length: rank 0 sends the ids
-        mine = json.dumps(eng.encode_prompt(args.prompt)).encode() if comm.rank == 0 else None
+        mine = json.dumps(eng.encode_prompt(args.prompt, raw=True)).encode() if comm.rank == 0 else None
         ids = json.loads(comm.bcast_bytes(mine))
+        t1 = time.perf_counter()
         logits = prompt_logits(eng.model, eng.head, comm, ids)
+        t2 = time.perf_counter()
         res = eng.generate(ids, SamplingConfig(), args.max_new_tokens)
         eng.close()
         if comm.rank == 0:
+            print(f"   {name}: load {t1 - t0:.0f} s, prompt logits {t2 - t1:.0f} s, "
+                  f"generation {time.perf_counter() - t2:.0f} s", flush=True)
             np.save(args.out / f"{name}.npy", logits)
             results[name] = {"token_ids": res["token_ids"], "text": res["text"], "prompt_ids": ids}
     if comm.rank == 0:
