@@ -6,6 +6,7 @@ pass on tokens, logits or stores that differ.
 """
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -74,3 +75,15 @@ def test_the_command_lines_tokens_are_compared():
     assert compare.compare_cli("float32-n2", TOKENS, x).ok
     assert not compare.compare_cli("float32-n2", TOKENS[:-1], x).ok
     assert not compare.compare_cli("float32-n1", TOKENS, x).ok
+
+
+def test_the_tests_run_inside_the_root_exist():
+    """inside.sh names its subset of the suite test by test: a renamed test must fail here, in seconds, not
+    as a collection error after minutes of emulation in the CI step."""
+    repo = Path(__file__).parents[1]
+    script = (repo / "jobs/arm64/inside.sh").read_text()
+    nodes = re.findall(r"(tests/test_\w+\.py)(?:::(\w+))?", script.split("python3 -m pytest", 1)[1])
+    assert len(nodes) >= 5
+    for path, name in nodes:
+        source = (repo / path).read_text()
+        assert not name or f"def {name}(" in source, f"{path}::{name} not found"
