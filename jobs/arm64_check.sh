@@ -51,7 +51,7 @@ say() { echo "arm64: $*"; }
 die() { echo "arm64: error: $*" >&2; exit 2; }
 # Each stage prints its seconds when the next begins: the check's own durations (under emulation, not a board's)
 stage() {
-  [ -z "$STAGE" ] || say "  $STAGE: $((SECONDS - STAGE_T)) s"
+  [ -z "$STAGE" ] || say "  ... $((SECONDS - STAGE_T)) s"
   STAGE=$1 STAGE_T=$SECONDS
   [ -z "$1" ] || say "$1 (at $((SECONDS - T0)) s)"
 }
@@ -255,6 +255,8 @@ stage "comparing aarch64 with x86_64"
 $PYTHON "$REPO/jobs/arm64/compare.py" "$REFERENCE" "$WORK/aarch64" --stores "$STORES" || status=1
 stage ""
 # CPU seconds of everything the check ran (QEMU included): unlike the wall time, independent of other load
-cpu=$(times | tail -1 | awk '{ split($1, u, /[ms]/); split($2, s, /[ms]/); printf "%d", u[1] * 60 + u[2] + s[1] * 60 + s[2] }')
+# (times in this shell: inside $( ) it would count the subshell's children, none)
+times > "$WORK/times"
+cpu=$(tail -1 "$WORK/times" | awk '{ split($1, u, /[ms]/); split($2, s, /[ms]/); printf "%d", u[1] * 60 + u[2] + s[1] * 60 + s[2] }')
 say "done in $((SECONDS - T0)) s ($cpu CPU s): $([ "$status" = 0 ] && echo 'aarch64 agrees with x86_64' || echo FAILED)"
 exit "$status"
