@@ -111,7 +111,9 @@ class Head:
         for b in self.chunks:
             w = self.blocks.get(b)["w"]  # [rows, h]
             r1 = r0 + w.shape[0]
-            if w.dtype == torch.float32:
+            if isinstance(w, (kernels.Packed, kernels.Int4Packed)):  # quantized, or bf16/f16 in float32
+                kernels.matmul(xn, w, out=out[:, r0:r1])
+            elif w.dtype == torch.float32:
                 np.matmul(xn.numpy(), w.numpy().T, out=out[:, r0:r1].numpy())  # [n, rows], BLAS
             else:
                 out[:, r0:r1] = torch.nn.functional.linear(xn.to(w.dtype), w).float()

@@ -125,21 +125,31 @@ assert set(FLOATS) == set(TORCH_FLOATS)
 
 
 # ---------------------------------------------------------------------------------------------------
-# --compute bfloat16: torch's fused int4 kernel for resident q4_0/q4_1 matrices (fast, approximate)
+# --compute bfloat16: torch's fused int4 kernel for resident q4_0/q4_1/q8_0 matrices (fast, approximate)
 
 PACK_ROWS = 64  # rows packed at a time: torch's CPU int4 packing works in tiles of up to 64 rows
+INT4_FORMATS = ("q4_0", "q4_1", "q8_0")
 
 
 @dataclass(frozen=True)
 class Int4Packed:
-    """A q4_0/q4_1 matrix [out, in] repacked for torch's _weight_int4pack_mm_for_cpu: the same 4-bit
-    integers, with scales and zero points [in / 32, out, 2] in bfloat16 (w = (q - 8) * scale + zero:
-    q4_0's d and 0, q4_1's d and m + 8d, rounded to bfloat16). Products take bfloat16 activations and
-    give bfloat16 results: about 3 significant digits, like a bfloat16 store."""
+    """A q4_0/q4_1/q8_0 matrix [out, in] repacked for torch's _weight_int4pack_mm_for_cpu, which computes
+    w = (nibble - 8) * scale + zero per group of 32 with bfloat16 scales and zeros [in / 32, rows, 2].
 
-    packed: torch.Tensor
-    scales_zeros: torch.Tensor
+    q4_0/q4_1 (planes = 1): the same nibbles; scale d and zero 0 (q4_0) or m + 8d (q4_1), rounded to
+    bfloat16. 20 bytes per group of 32 weights, as Q4_1 (Q4_0: 18).
+    q8_0 (planes = 2): q = 16 * hi + lo exactly, with hi = q >> 4 in -8..7 and lo = q & 15 in 0..15, as
+    two 4-bit planes stacked along the output dimension ([2 * out] rows): hi + 8 with scale 16d and zero 0
+    gives 16 d hi; lo with scale d and zero 8d gives d lo; y = plane hi + plane lo. The integers are
+    exact, d is rounded to bfloat16 (16d and 8d are then exact too). 2 x 16 bytes of nibbles + 2 x 4
+    bytes of scales and zeros = 40 bytes per group of 32 weights (Q8_0: 34, so 1.18x).
+    Products take bfloat16 activations and give bfloat16 results (each plane's, for q8_0, added in
+    float32): about 3 significant digits, like a bfloat16 store."""
+
+    packed: torch.Tensor  # uint8 [planes * out, in / 2]
+    scales_zeros: torch.Tensor  # bfloat16 [in / 32, planes * out, 2]
     shape: tuple[int, int]
+    planes: int = 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,30 +161,85 @@ def _int4_tiles_are_row_local() -> bool:
     return torch.equal(whole, torch.cat(parts))
 
 
+def _packable(fmt: str, shape: tuple[int, ...]) -> bool:
+    return fmt in INT4_FORMATS and len(shape) == 2 and shape[0] % 16 == 0 and shape[0] > 0 and shape[1] > 0
+
+
 def can_int4pack(w) -> bool:
-    return isinstance(w, Packed) and w.fmt in ("q4_0", "q4_1") and w.shape[0] % 16 == 0 and w.shape[0] > 0 \
-        and w.shape[1] > 0
+    return isinstance(w, Packed) and _packable(w.fmt, w.shape)
+
+
+def int4pack_nbytes(fmt: str, shape: tuple[int, int]) -> int:
+    """Bytes of a matrix of `shape` in fmt once repacked by `int4pack`."""
+    planes = 2 if fmt == "q8_0" else 1
+    return planes * shape[0] * (shape[1] // 2 + shape[1] // GROUP * 4)
+
+
+def resident_nbytes(layout, compute: str) -> int:
+    """Bytes a resident block (a store.BlockLayout) holds: under --compute bfloat16, when all its matrices
+    can be repacked for the int4 kernel, their repacked bytes (BlockScheduler frees the stored buffer);
+    else its stored bytes."""
+    mats = [p for p in layout.parts if p.name.startswith("w")]
+    if compute != "bfloat16" or not mats or not all(_packable(p.fmt, p.shape) for p in mats):
+        return layout.nbytes
+    return sum(int4pack_nbytes(p.fmt, p.shape) if p.name.startswith("w") else p.nbytes for p in layout.parts)
+
+
+def q8_planes(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q8_0's integers q (int8 [..]) -> the two 4-bit planes int32 (hi + 8 in 0..15, lo in 0..15), with
+    q = 16 * (hi + 8 - 8) + lo exactly for every int8 (GGUF's quantizer writes -127..127)."""
+    q = q.to(torch.int32)
+    return (q >> 4) + 8, q & 15
+
+
+def _plane_rows(w: Packed, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows [c0, c1) of w's planes stacked along the output dimension: (nibbles int32 [r, in], scales and
+    zeros float32 [r, in / 32] each)."""
+    n, k = w.shape
+    g, qb = k // GROUP, (k if w.fmt == "q8_0" else k // 2)
+    if w.fmt != "q8_0":
+        rec = w.data[c0:c1]
+        ints = torch.empty(rec.shape[0], g, 2, 16, dtype=torch.int32)  # [rows, groups, low/high, 16]
+        qs = rec[:, :qb].reshape(-1, g, 16)
+        ints[:, :, 0] = qs & 15
+        ints[:, :, 1] = qs >> 4
+        d = rec[:, qb : qb + 2 * g].view(torch.float16).float()  # [rows, groups]
+        zero = torch.zeros_like(d) if w.fmt == "q4_0" else rec[:, qb + 2 * g :].view(torch.float16).float() + 8 * d
+        return ints.view(-1, k), d, zero
+    parts = []
+    for plane, r0, r1 in ((0, c0, min(c1, n)), (1, max(c0, n) - n, c1 - n)):
+        if r0 >= r1:
+            continue
+        rec = w.data[r0:r1]
+        hi, lo = q8_planes(rec[:, :k].view(torch.int8))
+        d = rec[:, qb : qb + 2 * g].view(torch.float16).float()  # [rows, groups]
+        parts.append((hi, 16 * d, torch.zeros_like(d)) if plane == 0 else (lo, d, 8 * d))
+    return tuple(torch.cat(p) for p in zip(*parts))
 
 
 def int4pack(w: Packed) -> Int4Packed:
-    """Repack a resident q4_0/q4_1 matrix for torch's int4 kernel, PACK_ROWS rows at a time."""
+    """Repack a resident q4_0/q4_1/q8_0 matrix for torch's int4 kernel, PACK_ROWS rows at a time (the
+    transient is a tile of int32 nibbles, never the matrix)."""
     n, k = w.shape
-    g, q = k // GROUP, k // 2
-    step = PACK_ROWS if _int4_tiles_are_row_local() else n
-    packed = torch.empty(n, k // 2, dtype=torch.uint8)
-    for r0 in range(0, n, step):
-        rec = w.data[r0 : r0 + step]
-        ints = torch.empty(rec.shape[0], g, 2, 16, dtype=torch.int32)  # [rows, groups, low/high, 16]
-        qs = rec[:, :q].reshape(-1, g, 16)
-        ints[:, :, 0] = qs & 15
-        ints[:, :, 1] = qs >> 4
-        packed[r0 : r0 + step] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(ints.view(-1, k), 1)
-    d = w.data[:, q : q + 2 * g].view(torch.float16).float()  # [out, groups]
-    zero = torch.zeros_like(d) if w.fmt == "q4_0" else w.data[:, q + 2 * g :].view(torch.float16).float() + 8 * d
-    sz = torch.stack([d.T, zero.T], dim=-1).to(torch.bfloat16).contiguous()  # [groups, out, 2]
-    return Int4Packed(packed, sz, w.shape)
+    planes = 2 if w.fmt == "q8_0" else 1
+    rows = planes * n
+    step = PACK_ROWS if _int4_tiles_are_row_local() else rows
+    packed = torch.empty(rows, k // 2, dtype=torch.uint8)
+    sz = torch.empty(k // GROUP, rows, 2, dtype=torch.bfloat16)  # [groups, rows, scale/zero]
+    for c0 in range(0, rows, step):
+        c1 = min(rows, c0 + step)
+        ints, scale, zero = _plane_rows(w, c0, c1)
+        packed[c0:c1] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(ints, 1)
+        sz[:, c0:c1, 0] = scale.T
+        sz[:, c0:c1, 1] = zero.T
+    return Int4Packed(packed, sz, w.shape, planes)
 
 
 def int4_matmul(x: torch.Tensor, w: Int4Packed) -> torch.Tensor:
-    """x [T, in] @ w.T -> [T, out] float32, through torch's fused int4 kernel in bfloat16."""
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), w.packed, GROUP, w.scales_zeros).float()
+    """x [T, in] @ w.T -> [T, out] float32, through torch's fused int4 kernel in bfloat16 (one call: the
+    two planes of a q8_0 matrix are one [2 * out, in] matrix, added after)."""
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), w.packed, GROUP, w.scales_zeros)
+    if w.planes == 1:
+        return y.float()  # [T, out]
+    n = w.shape[0]
+    return y[:, :n].float().add_(y[:, n:])  # [T, out]: 16 d hi + d lo
