@@ -113,6 +113,21 @@ def test_int4_kernel_matches_the_exact_product_within_bfloat16(fmt):
     assert 0 < err < 1e-2  # bfloat16 activations, scales and results: about 3 significant digits
 
 
+def test_float32_products_by_row_count_agree_and_fill_a_view():
+    """layers.matmul_f32 takes numpy at T = 1, torch at T = 2..7, numpy's W @ x.T from 8: all the product."""
+    from tpimpi.layers import TORCH_ROWS, matmul_f32
+
+    w = torch.randn(100, 64)
+    for T in (1, TORCH_ROWS.start, TORCH_ROWS.stop - 1, TORCH_ROWS.stop, 33):
+        x = torch.randn(T, 64)
+        y = matmul_f32(x, w)
+        assert y.shape == (T, 100) and y.is_contiguous()
+        assert rel_err(y.numpy(), x.double().numpy() @ w.double().numpy().T) < 1e-6
+        logits = torch.zeros(T, 300)
+        matmul_f32(x, w, out=logits[:, 50:150])  # a column range of a wider buffer, as the head fills
+        assert torch.equal(logits[:, 50:150], y) and not logits[:, :50].any() and not logits[:, 150:].any()
+
+
 def test_format_specs_round_trip():
     cfg = store.ModelConfig("llama", 3, 64, 2, 2, 32, 64, 100, 1e4, 1e-5, 64, False)
     mixed = store.Formats(("q8_0", "q8_0", "q4_1", "float32", "q4_0", "q4_0"), "q8_0", "bfloat16")
