@@ -53,11 +53,17 @@ def test_kernel_dequantizes_exactly_as_gguf_does(fmt):
     ref = qf.dequantize(t)
     out = torch.empty(37, 160)
     kernels.dequantize_into(fmt, rec, out, torch.empty(37 * 80, dtype=torch.uint8))
-    assert np.array_equal(out.numpy(), ref)
+    assert np.array_equal(out.view(torch.int32).numpy(), ref.view(np.int32))  # bit for bit, zeros' signs too
+    if fmt != "q8_0":  # the planar candidate: the same values, each row's low nibbles first
+        raw = torch.cat([torch.zeros(37, 2, dtype=torch.uint8), rec], 1)[:, 2:]  # rows off 4-byte boundaries
+        kernels.dequantize_planar(fmt, raw, out, *kernels._SCRATCH.planar(37 * 160))
+        planar = kernels.planar_order(torch.from_numpy(ref))
+        assert np.array_equal(out.view(torch.int32).numpy(), planar.view(torch.int32).numpy())
     for T in (1, 5):
         x = torch.from_numpy(rng.standard_normal((T, 160)).astype(np.float32))
         y = kernels.matmul(x, kernels.Packed(fmt, rec, (37, 160)))
         assert rel_err(y.numpy(), x.numpy() @ ref.T) < 1e-6
+        assert rel_err(kernels.matmul(x, kernels.Packed(fmt, rec, (37, 160)), planar=True).numpy(), y.numpy()) < 1e-6
 
 
 def test_kernel_works_a_slice_at_a_time_and_on_empty_matrices(monkeypatch):

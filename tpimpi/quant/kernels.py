@@ -52,13 +52,22 @@ class _Scratch(threading.local):
             self.u8 = torch.empty(self.f32.numel() // 2, dtype=torch.uint8)  # [elements / 2] nibbles
         return self.f32, self.u8
 
+    def planar(self, elems: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The planar candidate's extra scratch: uint8 [1.5 * elements], float32 [2 * elements / GROUP]."""
+        have = getattr(self, "u8p", None)
+        if have is None or have.numel() < elems * 3 // 2:
+            self.u8p = torch.empty(elems * 3 // 2, dtype=torch.uint8)
+            self.dm = torch.empty(2 * (elems // GROUP))
+        return self.u8p, self.dm
+
 
 _SCRATCH = _Scratch()
 
 
 def dequantize_into(fmt: str, rec: torch.Tensor, out: torch.Tensor, tmp: torch.Tensor) -> None:
-    """out [n, in] float32 <- the weights of n row records uint8 [n, row bytes] in fmt (formats.py).
-    tmp: uint8 scratch of at least n * in / 2 elements."""
+    """out [n, in] float32 <- the weights of n row records uint8 [n, row bytes] in fmt (formats.py), in
+    GGUF's order, bit-identical to the gguf package's dequantization. tmp: uint8 scratch of at least
+    n * in / 2 elements."""
     n, k = out.shape
     g = k // GROUP
     q = k if fmt == "q8_0" else k // 2  # bytes of quants per row
@@ -81,18 +90,44 @@ def dequantize_into(fmt: str, rec: torch.Tensor, out: torch.Tensor, tmp: torch.T
         w.mul_(d).add_(rec[:, q + 2 * g :].view(torch.float16).unsqueeze(-1))  # d * q + m, as gguf does
 
 
-def to_float32(w: Packed, rows: slice, out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    """out [r, in] <- rows of w as float32 (dequantized or upcast); returns out."""
-    if w.fmt in QUANTS:
-        dequantize_into(w.fmt, w.data[rows], out, tmp)
+# A candidate measured against dequantize_into (tpimpi.quant.bench, "-planar"), not faster on the machine
+# measured so far (BENCHMARKS.md): a q4 row's weights in two halves, the low nibbles of all its bytes then
+# the high ones, unpacked 4 bytes at a time into contiguous memory, with x permuted to that order once per
+# call (each weight keeps its exact value; a dot product does not care about the order of its terms).
+
+
+def planar_order(x: torch.Tensor) -> torch.Tensor:
+    """x [T, in] -> a copy with its columns in the planar order of a q4 row (low nibbles, then high)."""
+    T, k = x.shape
+    return x.view(T, k // GROUP, 2, 16).transpose(1, 2).reshape(T, k)  # [T, low/high * groups * 16]
+
+
+def dequantize_planar(fmt: str, rec: torch.Tensor, out: torch.Tensor, u8: torch.Tensor, dm: torch.Tensor) -> None:
+    """out [n, in] float32 <- the q4_0/q4_1 weights of rec in planar order, each exactly the gguf package's.
+    Scratch: u8 uint8 [>= 1.5 * n * in], dm float32 [>= 2 * n * in / GROUP]."""
+    n, k = out.shape
+    g, qb = k // GROUP, k // 2
+    nd = 2 * g if fmt == "q4_1" else g  # float16 scales (and minimums) per row, after the quants
+    scales = dm[: n * nd].view(n, nd)
+    scales.copy_(rec[:, qb : qb + 2 * nd].view(torch.float16))  # [n, d's (then m's)]
+    qs = rec[:, :qb]
+    if qs.stride(0) % 4 or qs.storage_offset() % 4:  # rows not on 4-byte boundaries (q4_0, odd groups)
+        qs = u8[n * k : n * k + n * qb].view(n, qb).copy_(qs)
+    words = qs.view(torch.int32)  # [n, in / 8]: 4 bytes of nibbles each
+    halves = u8[: n * k].view(n, 2, qb).view(torch.int32)  # [n, low/high, in / 8]
+    torch.bitwise_and(words, 0x0F0F0F0F, out=halves[:, 0])
+    torch.bitwise_right_shift(words, 4, out=halves[:, 1]).bitwise_and_(0x0F0F0F0F)
+    out.copy_(u8[: n * k].view(n, k))
+    w, d = out.view(n, 2, g, 16), scales[:, :g].view(n, 1, g, 1)  # [n, low/high, groups, 16]
+    if fmt == "q4_0":
+        w.sub_(8).mul_(d)
     else:
-        out.copy_(w.data[rows])
-    return out
+        w.mul_(d).add_(scales[:, g:].view(n, 1, g, 1))
 
 
-def matmul(x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
+def matmul(x: torch.Tensor, w, out: torch.Tensor | None = None, planar: bool = False) -> torch.Tensor:
     """x [T, in] float32 @ w.T -> [T, out] float32: a Packed w a slice of rows at a time through the
-    scratch, an Int4Packed one through torch's int4 kernel."""
+    scratch, an Int4Packed one through torch's int4 kernel. planar: the planar q4 candidate (benchmarks)."""
     if isinstance(w, Int4Packed):
         y = int4_matmul(x, w)
         return y if out is None else out.copy_(y)
@@ -102,12 +137,27 @@ def matmul(x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
         return y.zero_()
     f32, u8 = _SCRATCH.get(k)
     step = max(1, f32.numel() // k)
-    xn, yn = x.numpy(), y.numpy()
+    planar = planar and w.fmt in ("q4_0", "q4_1")
+    u8p, dm = _SCRATCH.planar(f32.numel()) if planar else (None, None)
+    xn, yn = (planar_order(x) if planar else x).numpy(), y.numpy()
     for r0 in range(0, n_out, step):
         r1 = min(n_out, r0 + step)
-        ws = to_float32(w, slice(r0, r1), f32[: (r1 - r0) * k].view(r1 - r0, k), u8)  # [r, in]
+        ws = f32[: (r1 - r0) * k].view(r1 - r0, k)  # [r, in]
+        if planar:
+            dequantize_planar(w.fmt, w.data[r0:r1], ws, u8p, dm)
+        else:
+            to_float32(w, slice(r0, r1), ws, u8)
         np.matmul(xn, ws.numpy().T, out=yn[:, r0:r1])
     return y
+
+
+def to_float32(w: Packed, rows: slice, out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """out [r, in] <- rows of w as float32 (dequantized or upcast); returns out."""
+    if w.fmt in QUANTS:
+        dequantize_into(w.fmt, w.data[rows], out, tmp)
+    else:
+        out.copy_(w.data[rows])
+    return out
 
 
 def rows_to_float32(fmt: str, raw: torch.Tensor, out: torch.Tensor) -> None:
