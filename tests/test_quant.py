@@ -98,11 +98,13 @@ def test_q8_0_planes_hold_its_integers_exactly():
     q = torch.cat([every, every.flip(0)]).view(16, 32)  # [16, 32]: every int8 twice, -128 included
     rec = torch.cat([q.view(torch.uint8), torch.ones(16, 1, dtype=torch.float16).view(torch.uint8)], 1)
     w = kernels.int4pack(kernels.Packed("q8_0", rec, (16, 32)))
-    assert w.planes == 2 and w.packed.shape == (32, 16)
+    assert w.planes == 2 and w.packed.shape == (2, 16, 16)
     assert kernels.int4pack_nbytes("q8_0", (16, 32)) == w.packed.numel() + w.scales_zeros.numel() * 2 == 16 * 40
-    unit = torch.tensor([[1.0, 0.0]] * 16 + [[1.0, 8.0]] * 16).bfloat16().unsqueeze(0)  # [1, 32, 2]
-    planes = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(32).bfloat16(), w.packed, 32, unit).T.float()
-    assert torch.equal(16 * planes[:16] + planes[16:], q.float())  # [16, 32]: hi * 16 + lo
+    eye = torch.eye(32).bfloat16()
+    hi, lo = (torch.ops.aten._weight_int4pack_mm_for_cpu(eye, w.packed[p], 32,
+                                                         torch.tensor([[[1.0, zero]] * 16]).bfloat16()).T.float()
+              for p, zero in ((0, 0.0), (1, 8.0)))  # [16, 32] each: scale 1 gives the integers
+    assert torch.equal(16 * hi + lo, q.float())
 
 
 @pytest.mark.parametrize("fmt", QUANTS)

@@ -15,8 +15,8 @@ tokens, the median time of x [T, in] @ W.T by:
                       4 bytes at a time into contiguous memory, x permuted to that order once per call
   q4_1-int4pack-bf16  what --compute bfloat16 runs for a resident q4_1 matrix (kernels.int4pack): torch's
                       _weight_int4pack_mm_for_cpu, groups of 32, bfloat16 activations, scales and output
-  q8_0-planes-bf16    the same for a q8_0 matrix: two exact 4-bit planes as one [2 out, in] call, added
-  q8_0-planes2-bf16   the two planes as two calls
+  q8_0-planes-bf16    the same for a q8_0 matrix: two exact 4-bit planes, one call each, added
+  q8_0-planes1-bf16   the two planes stacked as one [2 out, in] matrix: one call, the halves added
   int4pack-f32        torch's int4 op with float32 activations, scales and zero points (a reference loop)
   int8pack-bf16       torch's _weight_int8pack_mm: int8 weights with one scale per row (not per group)
 Threads: one (as each rank runs with cores / local ranks). The candidates of one matrix and T are timed
@@ -86,8 +86,8 @@ def candidates(n: int, k: int, T: int, rng) -> dict:
         p4 = kernels.int4pack(packed[fmt])
         out[name] = (lambda p4=p4: kernels.matmul(x, p4), kernels.int4pack_nbytes(fmt, (n, k)))
     p8, mm = kernels.int4pack(packed["q8_0"]), torch.ops.aten._weight_int4pack_mm_for_cpu
-    hi, lo = (p8.packed[:n], p8.scales_zeros[:, :n].contiguous()), (p8.packed[n:], p8.scales_zeros[:, n:].contiguous())
-    out["q8_0-planes2-bf16"] = (lambda: mm(xb, hi[0], 32, hi[1]).float().add_(mm(xb, lo[0], 32, lo[1])),
+    both = p8.packed.view(2 * n, k // 2), torch.cat(list(p8.scales_zeros), 1).contiguous()  # [2 out, ...]
+    out["q8_0-planes1-bf16"] = (lambda: (lambda y: y[:, :n].float().add_(y[:, n:]))(mm(xb, both[0], 32, both[1])),
                                 kernels.int4pack_nbytes("q8_0", (n, k)))
     q = torch.randint(0, 16, (n, k), dtype=torch.int32)
     packed4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)

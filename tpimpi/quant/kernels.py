@@ -184,22 +184,25 @@ INT4_FORMATS = ("q4_0", "q4_1", "q8_0")
 @dataclass(frozen=True)
 class Int4Packed:
     """A q4_0/q4_1/q8_0 matrix [out, in] repacked for torch's _weight_int4pack_mm_for_cpu, which computes
-    w = (nibble - 8) * scale + zero per group of 32 with bfloat16 scales and zeros [in / 32, rows, 2].
+    w = (nibble - 8) * scale + zero per group of 32 with bfloat16 scales and zeros.
 
-    q4_0/q4_1 (planes = 1): the same nibbles; scale d and zero 0 (q4_0) or m + 8d (q4_1), rounded to
+    q4_0/q4_1 (one plane): the same nibbles; scale d and zero 0 (q4_0) or m + 8d (q4_1), rounded to
     bfloat16. 20 bytes per group of 32 weights, as Q4_1 (Q4_0: 18).
-    q8_0 (planes = 2): q = 16 * hi + lo exactly, with hi = q >> 4 in -8..7 and lo = q & 15 in 0..15, as
-    two 4-bit planes stacked along the output dimension ([2 * out] rows): hi + 8 with scale 16d and zero 0
-    gives 16 d hi; lo with scale d and zero 8d gives d lo; y = plane hi + plane lo. The integers are
-    exact, d is rounded to bfloat16 (16d and 8d are then exact too). 2 x 16 bytes of nibbles + 2 x 4
-    bytes of scales and zeros = 40 bytes per group of 32 weights (Q8_0: 34, so 1.18x).
+    q8_0 (two planes): q = 16 * hi + lo exactly, with hi = q >> 4 in -8..7 and lo = q & 15 in 0..15. Plane
+    0 holds hi + 8 with scale 16d and zero 0 (giving 16 d hi), plane 1 lo with scale d and zero 8d (giving
+    d lo); y = plane 0's product + plane 1's. The integers are exact, d is rounded to bfloat16 (16d and 8d
+    are then exact too). 2 x 16 bytes of nibbles + 2 x 4 bytes of scales and zeros = 40 bytes per group
+    of 32 weights (Q8_0: 34, so 1.18x).
     Products take bfloat16 activations and give bfloat16 results (each plane's, for q8_0, added in
     float32): about 3 significant digits, like a bfloat16 store."""
 
-    packed: torch.Tensor  # uint8 [planes * out, in / 2]
-    scales_zeros: torch.Tensor  # bfloat16 [in / 32, planes * out, 2]
+    packed: torch.Tensor  # uint8 [planes, out, in / 2]
+    scales_zeros: torch.Tensor  # bfloat16 [planes, in / 32, out, 2]
     shape: tuple[int, int]
-    planes: int = 1
+
+    @property
+    def planes(self) -> int:
+        return self.packed.shape[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -242,29 +245,21 @@ def q8_planes(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (q >> 4) + 8, q & 15
 
 
-def _plane_rows(w: Packed, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows [c0, c1) of w's planes stacked along the output dimension: (nibbles int32 [r, in], scales and
-    zeros float32 [r, in / 32] each)."""
-    n, k = w.shape
+def _plane_rows(w: Packed, plane: int, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows [r0, r1) of one 4-bit plane of w: (nibbles int32 [r, in], scales, zeros float32 [r, in / 32])."""
+    k = w.shape[1]
     g, qb = k // GROUP, (k if w.fmt == "q8_0" else k // 2)
-    if w.fmt != "q8_0":
-        rec = w.data[c0:c1]
-        ints = torch.empty(rec.shape[0], g, 2, 16, dtype=torch.int32)  # [rows, groups, low/high, 16]
-        qs = rec[:, :qb].reshape(-1, g, 16)
-        ints[:, :, 0] = qs & 15
-        ints[:, :, 1] = qs >> 4
-        d = rec[:, qb : qb + 2 * g].view(torch.float16).float()  # [rows, groups]
-        zero = torch.zeros_like(d) if w.fmt == "q4_0" else rec[:, qb + 2 * g :].view(torch.float16).float() + 8 * d
-        return ints.view(-1, k), d, zero
-    parts = []
-    for plane, r0, r1 in ((0, c0, min(c1, n)), (1, max(c0, n) - n, c1 - n)):
-        if r0 >= r1:
-            continue
-        rec = w.data[r0:r1]
+    rec = w.data[r0:r1]
+    d = rec[:, qb : qb + 2 * g].view(torch.float16).float()  # [rows, groups]
+    if w.fmt == "q8_0":
         hi, lo = q8_planes(rec[:, :k].view(torch.int8))
-        d = rec[:, qb : qb + 2 * g].view(torch.float16).float()  # [rows, groups]
-        parts.append((hi, 16 * d, torch.zeros_like(d)) if plane == 0 else (lo, d, 8 * d))
-    return tuple(torch.cat(p) for p in zip(*parts))
+        return (hi, 16 * d, torch.zeros_like(d)) if plane == 0 else (lo, d, 8 * d)
+    ints = torch.empty(rec.shape[0], g, 2, 16, dtype=torch.int32)  # [rows, groups, low/high, 16]
+    qs = rec[:, :qb].reshape(-1, g, 16)
+    ints[:, :, 0] = qs & 15
+    ints[:, :, 1] = qs >> 4
+    zero = torch.zeros_like(d) if w.fmt == "q4_0" else rec[:, qb + 2 * g :].view(torch.float16).float() + 8 * d
+    return ints.view(-1, k), d, zero
 
 
 def int4pack(w: Packed) -> Int4Packed:
@@ -272,24 +267,24 @@ def int4pack(w: Packed) -> Int4Packed:
     transient is a tile of int32 nibbles, never the matrix)."""
     n, k = w.shape
     planes = 2 if w.fmt == "q8_0" else 1
-    rows = planes * n
-    step = PACK_ROWS if _int4_tiles_are_row_local() else rows
-    packed = torch.empty(rows, k // 2, dtype=torch.uint8)
-    sz = torch.empty(k // GROUP, rows, 2, dtype=torch.bfloat16)  # [groups, rows, scale/zero]
-    for c0 in range(0, rows, step):
-        c1 = min(rows, c0 + step)
-        ints, scale, zero = _plane_rows(w, c0, c1)
-        packed[c0:c1] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(ints, 1)
-        sz[:, c0:c1, 0] = scale.T
-        sz[:, c0:c1, 1] = zero.T
-    return Int4Packed(packed, sz, w.shape, planes)
+    step = PACK_ROWS if _int4_tiles_are_row_local() else n
+    packed = torch.empty(planes, n, k // 2, dtype=torch.uint8)
+    sz = torch.empty(planes, k // GROUP, n, 2, dtype=torch.bfloat16)  # [planes, groups, rows, scale/zero]
+    for plane in range(planes):
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            ints, scale, zero = _plane_rows(w, plane, r0, r1)
+            packed[plane, r0:r1] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(ints, 1)
+            sz[plane, :, r0:r1, 0] = scale.T
+            sz[plane, :, r0:r1, 1] = zero.T
+    return Int4Packed(packed, sz, w.shape)
 
 
 def int4_matmul(x: torch.Tensor, w: Int4Packed) -> torch.Tensor:
-    """x [T, in] @ w.T -> [T, out] float32, through torch's fused int4 kernel in bfloat16 (one call: the
-    two planes of a q8_0 matrix are one [2 * out, in] matrix, added after)."""
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), w.packed, GROUP, w.scales_zeros)
-    if w.planes == 1:
-        return y.float()  # [T, out]
-    n = w.shape[0]
-    return y[:, :n].float().add_(y[:, n:])  # [T, out]: 16 d hi + d lo
+    """x [T, in] @ w.T -> [T, out] float32, through torch's fused int4 kernel in bfloat16, one call per
+    plane (two calls measured faster than one on the planes stacked as [2 out, in]: BENCHMARKS.md)."""
+    xb, mm = x.to(torch.bfloat16), torch.ops.aten._weight_int4pack_mm_for_cpu
+    y = mm(xb, w.packed[0], GROUP, w.scales_zeros[0]).float()  # [T, out]
+    for p in range(1, w.planes):
+        y.add_(mm(xb, w.packed[p], GROUP, w.scales_zeros[p]))  # q8_0: 16 d hi + d lo
+    return y
