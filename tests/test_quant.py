@@ -136,6 +136,17 @@ def test_float32_products_by_row_count_agree_and_fill_a_view():
         assert torch.equal(logits[:, 50:150], y) and not logits[:, :50].any() and not logits[:, 150:].any()
 
 
+def test_memory_plan_counts_resident_blocks_as_repacked_under_bfloat16_compute():
+    from tpimpi.store import BlockLayout, Part
+
+    head = Part("w", (1024, 576), 0, "q8_0")  # a chunk of the default model's tied Q8_0 head
+    lay = BlockLayout((head,), head.nbytes)
+    assert kernels.resident_nbytes(lay, "float32") == lay.nbytes == 1024 * 18 * 34
+    assert kernels.resident_nbytes(lay, "bfloat16") == 1024 * 18 * 40  # two planes of nibbles, scales, zeros
+    odd = Part("w", (1000, 576), 0, "q8_0")  # rows not a multiple of 16: not repacked, kept as stored
+    assert kernels.resident_nbytes(BlockLayout((odd,), odd.nbytes), "bfloat16") == odd.nbytes
+
+
 def test_format_specs_round_trip():
     cfg = store.ModelConfig("llama", 3, 64, 2, 2, 32, 64, 100, 1e4, 1e-5, 64, False)
     mixed = store.Formats(("q8_0", "q8_0", "q4_1", "float32", "q4_0", "q4_0"), "q8_0", "bfloat16")

@@ -36,12 +36,14 @@ TORCH_ROWS = range(2, 8)  # row counts T for which torch's matmul beats numpy's 
 
 def matmul_f32(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ w[out, in].T in float32 -> [T, out] (into out if given), by the kernel measured fastest
-    for T on one thread (BENCHMARKS.md, "Kernels for quantized blocks": float32 rows):
-      T = 1     numpy's BLAS, x @ W.T: OpenBLAS's matrix-vector kernel streams the weights faster than
-                torch's (decode is nothing but streaming the weights)
-      T = 2..7  torch.mm: about its own T = 1 time, where numpy's x @ W.T (OpenBLAS's small-M gemm) took
-                2-4x its T = 1 time (and W @ x.T 2-3x)
-      T >= 8    numpy's BLAS as W @ x.T: 1.3-2x faster than x @ W.T, and than torch from about T = 8
+    for T on one thread (BENCHMARKS.md, "Kernels for quantized blocks"; the default model's qkv, gate+up
+    and down, measured under load as thread CPU time, Intel Xeon):
+      T = 1     numpy's BLAS, x @ W.T: OpenBLAS's matrix-vector kernel (0.076 / 0.291 / 0.152 ms) beat
+                torch.mm (0.109 / 0.330 / 0.190); decode is nothing but streaming the weights
+      T = 2..7  torch.mm: at T = 2 about its own T = 1 time (0.111 / 0.331 / 0.177) where numpy's x @ W.T
+                (OpenBLAS's small-M gemm) took 3.5-4.4x its T = 1 time and W @ x.T 1.9-2.5x; even at T = 4
+      T >= 8    numpy's BLAS as W @ x.T: at T = 8 0.224 / 0.847 / 0.340 against x @ W.T's 0.368 / 1.299 /
+                0.608 and torch's 0.223 / 0.981 / 0.433
     The choice depends on T alone, so the same rows give the same bits through forward and forward_batch."""
     T = x.shape[0]
     if T in TORCH_ROWS:

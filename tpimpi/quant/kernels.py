@@ -9,6 +9,8 @@ transformers computes from a GGUF): every product d*q is exact in float32 and q4
 Why this kernel: BENCHMARKS.md ("Kernels for quantized blocks") measures the candidates. torch's fused
 int4/int8 weight-only kernels are fast only with bfloat16 activations, scales and outputs, which cannot
 hold GGUF's float16 scales exactly; with float32 activations they fall back to slow reference loops.
+So they serve `--compute bfloat16` only: `int4pack` repacks a resident q4_0/q4_1 matrix, or a q8_0 one
+as two exact 4-bit planes, for torch's int4 kernel (the second half of this module).
 """
 
 from __future__ import annotations
