@@ -15,6 +15,7 @@ import ipaddress
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -175,7 +176,13 @@ def _exit_now() -> None:
 
 
 def _answer_and_exit(front, pid_file: str | None) -> None:
-    """Rank 0, mpirun ending the job: every waiting and running request is answered 503 at once, then exit 0."""
+    """Rank 0, mpirun ending the job: every waiting and running request is answered 503 at once, then exit 0.
+    In a thread of its own: the signal may have stopped the main thread inside the batcher's lock, which the
+    HTTP thread needs to finish its answers."""
+    threading.Thread(target=_answer_all_and_exit, args=(front, pid_file), daemon=True).start()
+
+
+def _answer_all_and_exit(front, pid_file: str | None) -> None:
     front.batcher.cancel_all("the server stopped before this request finished (mpirun ended the job: it was "
                              "interrupted, or a rank failed)")
     front.wait_answered(ANSWER_S)
