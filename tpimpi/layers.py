@@ -19,17 +19,45 @@ from .quant import kernels
 def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ w[out, in].T (+ b): in float32, or in the weights' dtype (bfloat16) with a float32 result.
 
-    Float32 products go to numpy's BLAS (OpenBLAS in the numpy wheels): on one token its matrix-vector
-    kernel streams the weights about twice as fast as torch's CPU kernel (BENCHMARKS.md), and decode
-    is nothing but streaming the weights. A `Packed` weight (quantized, or bf16/f16 computed in float32)
-    goes through the sliced kernel of tpimpi.quant, which never holds more than a slice in float32."""
+    Float32 products go to `matmul_f32`. A `Packed` weight (quantized, or bf16/f16 computed in float32)
+    goes through the sliced kernel of tpimpi.quant, which never holds more than a slice in float32; an
+    `Int4Packed` one (resident q4/q8 under --compute bfloat16) through torch's int4 kernel."""
     if isinstance(w, (kernels.Packed, kernels.Int4Packed)):
         y = kernels.matmul(x, w)
         return y if b is None else y.add_(b)
     if w.dtype == torch.float32 and x.dtype == torch.float32:
-        y = torch.from_numpy(np.matmul(x.numpy(), w.numpy().T))
+        y = matmul_f32(x, w)
         return y if b is None else y.add_(b)
     return F.linear(x.to(w.dtype), w, b).float()
+
+
+TORCH_ROWS = range(2, 8)  # row counts T for which torch's matmul beats numpy's (measured, BENCHMARKS.md)
+
+
+def matmul_f32(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in] @ w[out, in].T in float32 -> [T, out] (into out if given), by the kernel measured fastest
+    for T on one thread (BENCHMARKS.md, "Kernels for quantized blocks"; the default model's qkv, gate+up
+    and down, measured under load as thread CPU time, Intel Xeon):
+      T = 1     numpy's BLAS, x @ W.T: OpenBLAS's matrix-vector kernel (0.076 / 0.291 / 0.152 ms) beat
+                torch.mm (0.109 / 0.330 / 0.190); decode is nothing but streaming the weights
+      T = 2..7  torch.mm: at T = 2 about its own T = 1 time (0.111 / 0.331 / 0.177) where numpy's x @ W.T
+                (OpenBLAS's small-M gemm) took 3.5-4.4x its T = 1 time and W @ x.T 1.9-2.5x; even at T = 4
+      T >= 8    numpy's BLAS as W @ x.T: at T = 8 0.224 / 0.847 / 0.340 against x @ W.T's 0.368 / 1.299 /
+                0.608 and torch's 0.223 / 0.981 / 0.433
+    The choice depends on T alone, so the same rows give the same bits through forward and forward_batch."""
+    T = x.shape[0]
+    if T in TORCH_ROWS:
+        return torch.mm(x, w.T, out=out)
+    xn, wn = x.numpy(), w.numpy()
+    if T == 1:
+        y = np.matmul(xn, wn.T, out=None if out is None else out.numpy())
+    else:
+        y = np.matmul(wn, xn.T).T  # [T, out], a transposed view of BLAS's [out, T]
+        if out is not None:
+            out.numpy()[...] = y
+            return out
+        y = np.ascontiguousarray(y)
+    return out if out is not None else torch.from_numpy(y)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -129,26 +157,24 @@ def attention(x, w, cache_k, cache_v, pos, cos, sin, kv_of_q, cfg: ModelConfig, 
         out.zero_()
         return
     T = x.shape[0]
-    qkv = linear(rms_norm(x, w["norm"], cfg.norm_eps), w["wqkv"], w.get("bqkv"))  # [T, (q+2kv)*hd]
-    q = qkv[:, : n_q * hd].view(T, n_q, hd).transpose(0, 1)  # [q, T, hd]
-    k = qkv[:, n_q * hd : (n_q + n_kv) * hd].view(T, n_kv, hd).transpose(0, 1)  # [kv, T, hd]
-    v = qkv[:, (n_q + n_kv) * hd :].view(T, n_kv, hd).transpose(0, 1)  # [kv, T, hd]
+    q, k, v = project_qkv(x, w, n_q, n_kv, cfg)  # [q, T, hd], [kv, T, hd], [kv, T, hd]
     c, s = cos[pos : pos + T], sin[pos : pos + T]
     q = apply_rope(q, c, s)
     cache_k[:, pos : pos + T] = apply_rope(k, c, s)
     cache_v[:, pos : pos + T] = v
-    L = pos + T
-    k0 = max(0, L - T - window + 1) if window else 0  # no query of this call sees a key before k0
-    scale = 1.0 / math.sqrt(hd)
-    if T == 1 and group:  # decode with whole groups: q heads of a KV head side by side, the cache not copied
-        scores = torch.bmm(q.reshape(n_kv, group, hd), cache_k[:, k0:L].transpose(1, 2)).mul_(scale)  # [kv, g, L-k0]
-        o = torch.bmm(torch.softmax(scores, -1), cache_v[:, k0:L]).view(n_q, 1, hd)  # [q, 1, hd]
-    else:
-        keys = cache_k[:, k0:L].index_select(0, kv_of_q)  # [q, L-k0, hd]
-        vals = cache_v[:, k0:L].index_select(0, kv_of_q)  # [q, L-k0, hd]
-        o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=attention_mask(T, pos, k0, window),
-                                           scale=scale)  # [q, T, hd]
+    o = attend(q, cache_k, cache_v, pos, kv_of_q, group, window)  # [q, T, hd]
     out.copy_(linear(o.transpose(0, 1).reshape(T, n_q * hd), w["wo"]))
+
+
+def project_qkv(x, w, n_q: int, n_kv: int, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows x [T, h], normed, through wqkv (and bqkv): q [q, T, hd], k [kv, T, hd], v [kv, T, hd] (views
+    of one [T, (q+2kv)*hd] product)."""
+    T, hd = x.shape[0], cfg.head_dim
+    qkv = linear(rms_norm(x, w["norm"], cfg.norm_eps), w["wqkv"], w.get("bqkv"))  # [T, (q+2kv)*hd]
+    q = qkv[:, : n_q * hd].view(T, n_q, hd).transpose(0, 1)  # [q, T, hd]
+    k = qkv[:, n_q * hd : (n_q + n_kv) * hd].view(T, n_kv, hd).transpose(0, 1)  # [kv, T, hd]
+    v = qkv[:, (n_q + n_kv) * hd :].view(T, n_kv, hd).transpose(0, 1)  # [kv, T, hd]
+    return q, k, v
 
 
 def mlp(x, w, cfg: ModelConfig, out) -> None:
@@ -179,10 +205,7 @@ def attention_batch(x, w, cache_k, cache_v, segments, pos_rows, cos, sin, kv_of_
         out.zero_()
         return
     T = x.shape[0]
-    qkv = linear(rms_norm(x, w["norm"], cfg.norm_eps), w["wqkv"], w.get("bqkv"))  # [T, (q+2kv)*hd]
-    q = qkv[:, : n_q * hd].view(T, n_q, hd).transpose(0, 1)  # [q, T, hd]
-    k = qkv[:, n_q * hd : (n_q + n_kv) * hd].view(T, n_kv, hd).transpose(0, 1)  # [kv, T, hd]
-    v = qkv[:, (n_q + n_kv) * hd :].view(T, n_kv, hd).transpose(0, 1)  # [kv, T, hd]
+    q, k, v = project_qkv(x, w, n_q, n_kv, cfg)  # [q, T, hd], [kv, T, hd], [kv, T, hd]
     c, s = cos.index_select(0, pos_rows), sin.index_select(0, pos_rows)  # [T, hd] each
     q, k = apply_rope(q, c, s), apply_rope(k, c, s)  # [q, T, hd], [kv, T, hd]
     o = torch.empty(T, n_q, hd)  # [T, q, hd]
