@@ -41,9 +41,10 @@ mpirun -np "$n" python3 -m tpimpi.generate --model "$store" --prompt "$PROMPT" -
 if [ "$TESTS" = 1 ]; then
   # Chosen for what can differ on aarch64, at a few minutes under emulation: the pure split arithmetic (all of
   # it: milliseconds a case); the store's layout, its half-precision rounding and its checksums; the tiny model
-  # against transformers at 1 and 2 ranks (BLAS, torch's attention); the quantized kernel against the gguf
-  # package's dequantization, a mixed Q8_0/Q4_0/Q4_1 store against transformers through a window of 2, and
-  # torch's int4 kernel. The rest of the suite is control flow and I/O that run the same Python on both.
+  # against transformers at 1 and 2 ranks (BLAS, torch's attention); the float32 products at each row count
+  # (numpy's or torch's), the quantized kernel against the gguf package's dequantization, torch's int4 kernel
+  # against the exact product and in a model, a mixed Q8_0/Q4_0/Q4_1 store against transformers through a
+  # window of 2. The rest of the suite is control flow and I/O that run the same Python on both.
   step "tests"
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
   python3 -m pytest -q -p no:cacheprovider --durations=10 tests/test_shard.py \
@@ -54,7 +55,9 @@ if [ "$TESTS" = 1 ]; then
     "tests/test_model.py::test_tiny_gguf_matches_transformers[1-None]" \
     "tests/test_model.py::test_tiny_gguf_matches_transformers[2-None]" \
     tests/test_quant.py::test_kernel_dequantizes_exactly_as_gguf_does \
+    tests/test_quant.py::test_int4_kernel_matches_the_exact_product_within_bfloat16 \
+    tests/test_quant.py::test_float32_products_by_row_count_agree_and_fill_a_view \
     "tests/test_quant.py::test_mixed_store_matches_transformers[2]" \
-    tests/test_quant.py::test_bfloat16_compute_runs_resident_q4_blocks_on_torchs_int4_kernel
+    tests/test_quant.py::test_bfloat16_compute_runs_resident_quantized_blocks_on_torchs_int4_kernel
 fi
 step ""
