@@ -27,9 +27,10 @@ SECURITY=${SECURITY:-http://deb.debian.org/debian-security}
 # The newest torch whose aarch64 wheel on PyPI is a CPU build (146 MB). From 2.11 on, PyPI's aarch64 torch
 # is the CUDA 13 build (2.13.0: 427 MB plus ~2.4 GB of nvidia and triton wheels). TORCH_VERSION=2.13.0 checks that.
 TORCH_VERSION=${TORCH_VERSION:-2.10.0}
-# Fed raw (no chat template): 5 tokens. Under QEMU a prompt's pass costs about its length in generated tokens,
-# and the chat template's system prompt alone is 30 tokens: with the 42-token chat prompt, the Q4_1 store at
-# 1 rank took 127 s for the prompt's pass and 102 s for the 8 tokens after it (a loaded machine).
+# Fed raw (no chat template): 5 tokens. The chat template's system prompt alone is 30 tokens, and under QEMU
+# the prompt's pass is paid twice per configuration (logits, then generation): with the 42-token chat prompt
+# the Q4_1 store at 1 rank took 127 s for that pass and 102 s for 8 tokens, with this one 42 s and 52 s for 6
+# (a loaded machine, so only the ratios mean anything).
 PROMPT=${PROMPT:-"The capital of France is"}
 NEW_TOKENS=${NEW_TOKENS:-6}
 RANKS=${RANKS:-1 2}
@@ -237,7 +238,7 @@ fi
 
 # --- the same under emulation, in a mount and PID namespace of its own ------------------------------------
 # The root converts the GGUF once, as a board's user would, and runs the command line on that store: the GGUF's
-# own blocks (auto: a copy of its bytes, cheap under QEMU) where the check has them, else float32.
+# own blocks (auto: kept as they are, little arithmetic under QEMU) where the check has them, else float32.
 convert=float32
 [[ " $dtypes " == *" auto "* ]] && convert=auto
 stage "aarch64 runs under QEMU ($QEMU_CPU)"
