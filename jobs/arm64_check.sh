@@ -15,7 +15,8 @@
 # translates every instruction and its translation cache counts in RSS), so the check reports neither.
 #
 # Mounts: all made inside a private mount namespace that ends with the check (enter.sh); the trap also
-# removes any mount left under the run's folder, and undoes the binfmt_misc set-up if this script did it.
+# removes any mount left under the run's folder; the last check running (checks with other caches may run at
+# once) undoes the binfmt_misc set-up if a check made it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -45,7 +46,10 @@ ROOT_TAR=$CACHE/root-$SUITE-arm64.tar.zst
 UV=$CACHE/tools/uv/bin/uv
 export UV_CACHE_DIR=$CACHE/uv-cache
 BINFMT=/proc/sys/fs/binfmt_misc
-WORK= ROOT= SESSION= BINFMT_MOUNTED= BINFMT_ENABLED=
+# binfmt_misc is the machine's, not one cache folder's: every running check (whatever its cache) holds this
+# lock shared, and the set-up is undone only by a check that can take it alone, if a check did it (MARK.*)
+MACHINE_LOCK=/run/tpimpi-arm64.lock MARK=/run/tpimpi-arm64.binfmt
+WORK= ROOT= SESSION=
 T0=$SECONDS STAGE= STAGE_T=0
 
 say() { echo "arm64: $*"; }
@@ -78,8 +82,10 @@ cleanup() {
       rm -rf --one-file-system "$WORK"
     fi
   fi
-  [ -z "$BINFMT_ENABLED" ] || update-binfmts --disable qemu-aarch64 || true
-  [ -z "$BINFMT_MOUNTED" ] || umount "$BINFMT" || true
+  if { true >&8; } 2>/dev/null && flock -n -x 8; then  # the last check running undoes the set-up
+    if [ -e "$MARK.enabled" ]; then update-binfmts --disable qemu-aarch64 || true; rm -f "$MARK.enabled"; fi
+    if [ -e "$MARK.mounted" ]; then umount "$BINFMT" || true; rm -f "$MARK.mounted"; fi
+  fi
   exit "$rc"
 }
 trap cleanup EXIT
@@ -112,13 +118,15 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null \
     || die "apt-get install ${need[*]} failed"
 fi
+exec 8>"$MACHINE_LOCK"
+flock -s 8
 if [ ! -e "$BINFMT/status" ]; then
   mount -t binfmt_misc binfmt_misc "$BINFMT" || die "cannot mount binfmt_misc on $BINFMT"
-  BINFMT_MOUNTED=1
+  touch "$MARK.mounted"
 fi
 if ! grep -qx enabled "$BINFMT/qemu-aarch64" 2>/dev/null; then
   update-binfmts --enable qemu-aarch64 || die "update-binfmts --enable qemu-aarch64 failed"
-  BINFMT_ENABLED=1
+  touch "$MARK.enabled"
 fi
 # F: the kernel opens QEMU once at registration, so aarch64 programs run inside the chroot without it there
 grep -q '^flags:.*F' "$BINFMT/qemu-aarch64" || die "qemu-aarch64 is registered without the F flag: $(cat "$BINFMT/qemu-aarch64")"
