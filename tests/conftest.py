@@ -47,3 +47,19 @@ def one_thread():
     with threadpool_limits(1, user_api="blas"):
         yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """One TPIMPI_CACHE for the tests that run the default model from the command line (test_lowmem, test_model,
+    test_readme, test_scheduler, test_slurm): each of its conversions, about ten seconds of CPU, is made by the
+    first test that needs it and reused by the others. Fresh for each run of pytest."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def default_hf():
+    """The default model in transformers (float32, eval mode), loaded once for the tests that compare with it."""
+    from tinymodels import default_gguf_path, hf_model
+
+    return hf_model(default_gguf_path())

@@ -55,14 +55,14 @@ def test_hf_bfloat16_checkpoint_is_read_exactly(tmp_path, prompt_ids):
 
 
 @pytest.mark.slow
-def test_default_model_matches_transformers(tmp_path, prompt_ids):
-    from tinymodels import default_gguf_path, hf_greedy, hf_last_logits, hf_model
+def test_default_model_matches_transformers(default_hf, model_cache, monkeypatch, prompt_ids):
+    from tinymodels import hf_greedy, hf_last_logits
+    from tpimpi.models import prepare
 
-    m = hf_model(default_gguf_path())
-    ref_logits, ref_tokens = hf_last_logits(m, prompt_ids), hf_greedy(m, prompt_ids, 8)
-    del m
+    ref_logits, ref_tokens = hf_last_logits(default_hf, prompt_ids), hf_greedy(default_hf, prompt_ids, 8)
+    monkeypatch.setenv("TPIMPI_CACHE", str(model_cache))  # the stores the command line makes, shared
     for world in (1, 3):
-        store = convert(default_gguf_path(), tmp_path / f"s{world}", world, quiet=True)
+        store = prepare(None, world, quiet=True)
         logits, tokens = _run(store, world, prompt_ids)
         assert rel_err(logits, ref_logits) < TOL
         assert tokens == ref_tokens
