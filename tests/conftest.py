@@ -28,6 +28,15 @@ def tiny_gguf(tiny_hf, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_source(tiny_gguf):
+    """The tiny GGUF opened once, for convert() in place of its path (as test_failures' long_stores does):
+    parsing the file's 49k-token vocabulary is most of the time of a tiny model's conversion."""
+    from tpimpi.sources import open_source
+
+    return open_source(tiny_gguf)
+
+
+@pytest.fixture(scope="session")
 def tiny_ref(tiny_gguf, prompt_ids):
     """Reference logits and 8 greedy tokens from transformers on the tiny GGUF."""
     from tinymodels import hf_greedy, hf_last_logits, hf_model

@@ -24,8 +24,8 @@ def _run(store, world, prompt_ids, n_new=8):
 @pytest.mark.parametrize("world,ratios", [(1, None), (2, None), (3, None), (4, None), (5, None), (8, None),
                                           (9, None), (12, None), (16, None), (2, "3,1"), (3, "1,2,4"),
                                           (4, "1,1,1,5"), (8, "2,1,1,1,1,1,1,3")])
-def test_tiny_gguf_matches_transformers(tiny_gguf, tiny_ref, prompt_ids, tmp_path, world, ratios):
-    store = convert(tiny_gguf, tmp_path / "s", world, ratios, quiet=True)
+def test_tiny_gguf_matches_transformers(tiny_source, tiny_ref, prompt_ids, tmp_path, world, ratios):
+    store = convert(tiny_source, tmp_path / "s", world, ratios, quiet=True)
     logits, tokens = _run(store, world, prompt_ids)
     ref_logits, ref_tokens = tiny_ref
     assert rel_err(logits, ref_logits) < TOL

@@ -14,6 +14,7 @@ import torch
 from harness import rel_err, run_store
 from tpimpi import comm as comm_mod
 from tpimpi.convert import convert
+from tpimpi.sources import open_source
 
 pytestmark = pytest.mark.mpi(min_size=2)
 TOL = 1e-4
@@ -44,8 +45,9 @@ def stores(comm, tiny_gguf_shared):
     root = _shared_dir(comm)
     ratios = ",".join(str(1 + r % 3) for r in range(comm.size))
     if comm.rank == 0:
-        convert(tiny_gguf_shared, f"{root}/eq", comm.size, quiet=True)
-        convert(tiny_gguf_shared, f"{root}/ratios", comm.size, ratios, quiet=True)
+        src = open_source(tiny_gguf_shared)  # the file parsed once for both
+        convert(src, f"{root}/eq", comm.size, quiet=True)
+        convert(src, f"{root}/ratios", comm.size, ratios, quiet=True)
     comm.barrier()
     yield {"eq": f"{root}/eq", "ratios": f"{root}/ratios"}
     comm.barrier()

@@ -35,9 +35,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def stores(tiny_gguf, tmp_path_factory):
+def stores(tiny_source, tmp_path_factory):
     root = tmp_path_factory.mktemp("modes")
-    return {(w, d): convert(tiny_gguf, root / f"{w}-{d}", w, dtype=d, quiet=True)
+    return {(w, d): convert(tiny_source, root / f"{w}-{d}", w, dtype=d, quiet=True)
             for w in (1, 3) for d in ("float32", "bfloat16")}
 
 
