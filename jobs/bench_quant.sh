@@ -52,8 +52,9 @@ bench() { mpirun -np "$1" python3 -m tpimpi.bench --new-tokens "$NEW_TOKENS" --r
 bench 1 --model "$WORK/smol-float32" --resident --label quant-float32
 bench 1 --model "$WORK/smol-auto" --resident --label quant-auto-f32compute
 bench 1 --model "$WORK/smol-auto" --resident --compute bfloat16 --label quant-auto-bf16compute
-llamacpp() {  # tokens/s of llama.cpp on a GGUF: same prompt text, new tokens and threads
-  python3 jobs/llamacpp_decode.py "$1" "$NEW_TOKENS" "$THREADS" "$PROMPT" "$OUT" "$2" \
+llamacpp() {  # llama.cpp on a GGUF through tpimpi.bench: the same prompt ids, new tokens, repeats and threads
+  python3 -m tpimpi.bench --baseline llama.cpp --model "$1" --new-tokens "$NEW_TOKENS" --repeat "$REPEAT" \
+    --threads "$THREADS" --prompt "$PROMPT" --out "$OUT" --label "$2" \
     || echo "llama.cpp failed on $1 (exit $?): no baseline figure for $2"
 }
 llamacpp "$GGUF" llamacpp-default

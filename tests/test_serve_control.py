@@ -3,6 +3,7 @@ rank that dies, and the refusal to listen beyond loopback without a key. One ser
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -13,10 +14,12 @@ import urllib.request
 import psutil
 import pytest
 import serve_harness
+from pathlib import Path
 from test_generate import assert_one_clear_error, env  # noqa: F401 (env is a fixture)
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency: pip install openai")
 
+HERE = Path(__file__).parent
 KEY = "test-key-serve"
 LONG = 480  # tokens: a stream that runs for seconds unless cancelled
 
@@ -131,20 +134,67 @@ def test_listening_beyond_loopback_needs_a_key(env, tiny_gguf):
     assert_one_clear_error(p, "--host 0.0.0.0 would let other machines use the model: pass --api-key")
 
 
+def in_flight(c) -> tuple:
+    """A stream that has produced its first token, and a whole (non-streamed) request running beside it."""
+    s, it = long_stream(c)
+    whole = {}
+
+    def run():
+        try:
+            whole["r"] = c.completions.create(model="tiny", prompt="b", max_tokens=LONG, temperature=0)
+        except openai.APIError as e:
+            whole["e"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    until(lambda: health_of(c)["running"] == 2)
+    return it, t, whole
+
+
+def health_of(c) -> dict:
+    with urllib.request.urlopen(str(c.base_url).removesuffix("v1/") + "health", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def assert_answered_503(it, t, whole) -> None:
+    """Both in-flight requests end with the server's OpenAI-style 503 error, not a dropped connection."""
+    with pytest.raises(openai.APIError, match="stopped before this request finished"):
+        for _ in it:
+            pass
+    t.join(10)
+    e = whole.get("e")
+    assert isinstance(e, openai.InternalServerError) and e.status_code == 503, whole
+    assert e.body["type"] == "server_error" and "mpirun ended the job" in e.body["message"]
+
+
+def test_sigterm_to_mpirun_answers_what_runs_and_every_rank_exits_0(env, tiny_gguf, tmp_path):
+    """What Ctrl-C or Slurm does: mpirun gives the ranks 0.5 s, so running requests get a 503 at once."""
+    srv = serve_harness.start(env, tiny_gguf, 2, "--max-batch", 2, tmp=tmp_path, script=HERE / "serve_exit_probe.py")
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=30)
+        running = in_flight(c)
+        srv.proc.send_signal(signal.SIGTERM)
+        assert_answered_503(*running)
+        srv.wait(30)
+        assert [(tmp_path / f"exit-{r}").read_text() for r in (0, 1)] == ["0", "0"], srv.stderr  # none killed
+        assert not srv.pid_file.exists() and "Traceback" not in srv.stderr
+    finally:
+        srv.kill()
+
+
 def test_a_dead_rank_ends_the_service_and_requests_get_an_error(env, tiny_gguf, tmp_path):
     srv = serve_harness.start(env, tiny_gguf, 2, "--max-batch", 2, tmp=tmp_path)
     try:
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=30)
-        s, it = long_stream(c)
+        running = in_flight(c)
         worker = next(pr for pr in psutil.Process(srv.proc.pid).children(recursive=True)
                       if pr.environ().get("OMPI_COMM_WORLD_RANK") == "1")
         worker.kill()
         t0 = time.monotonic()
-        with pytest.raises((openai.APIError, ValueError)):  # the connection ends without [DONE]
-            for _ in it:
-                pass
+        assert_answered_503(*running)
         assert srv.wait(30) != 0 and time.monotonic() - t0 < 30
         flat = " ".join(srv.stderr.split())
         assert f"process rank 1 with PID {worker.pid}" in flat and "exited on signal 9" in flat, srv.stderr
+        assert flat.count("exited on") == 1 and "Traceback" not in flat, srv.stderr  # one message
     finally:
         srv.kill()

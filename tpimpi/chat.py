@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import os
 import select
-import stat
 import sys
 
 import numpy as np
 
+from . import stdin
 from .engine import collective
 from .errors import TpimpiError, UsageError
 
@@ -36,71 +36,20 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _parent_fd0() -> str | None:
-    """What the launcher's standard input is (a /proc link such as 'pipe:[123]', '/dev/pts/1'), when the
-    launcher (mpirun's prterun, our parent on rank 0's host) can be inspected; else None."""
-    try:
-        return os.readlink(f"/proc/{os.getppid()}/fd/0")
-    except OSError:
-        return None
-
-
-def input_is_terminal(launched: bool) -> bool:
-    """Whether the user types at a terminal. Under mpirun rank 0's standard input is always a pipe from
-    Open MPI, so the launcher's own standard input is looked at."""
-    if not launched:
-        return sys.stdin.isatty()
-    link = _parent_fd0()
-    return link is not None and (link.startswith("/dev/pts/") or link.startswith("/dev/tty"))
-
-
-def _pipe_has_writer(link: str) -> bool:
-    """Whether any process we can see holds the pipe `link` ('pipe:[inode]') open for writing."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                if os.readlink(f"/proc/{pid}/fd/{fd}") != link:
-                    continue
-                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                    flags = next(int(l.split()[1], 8) for l in f if l.startswith("flags:"))
-                if flags & os.O_ACCMODE != os.O_RDONLY:
-                    return True
-        except (OSError, StopIteration, ValueError):
-            continue
-    return False
-
-
-def launcher_input_ended() -> bool | None:
-    """Whether mpirun has read all of its standard input: Open MPI 5.0 forwards the data to rank 0 but
-    never the end of the stream, so the end is read off the launcher itself. None: cannot tell (the
-    launcher is not our parent on this host, or its input is a terminal)."""
-    link = _parent_fd0()
-    if link is None or link.startswith("/dev/pts/") or link.startswith("/dev/tty"):
-        return None
-    if link == "/dev/null":
-        return True
-    if link.startswith("pipe:["):
-        return not _pipe_has_writer(link)
-    try:
-        st = os.stat(f"/proc/{os.getppid()}/fd/0")
-        if stat.S_ISREG(st.st_mode):
-            with open(f"/proc/{os.getppid()}/fdinfo/0") as f:
-                pos = next(int(l.split()[1]) for l in f if l.startswith("pos:"))
-            return pos >= st.st_size
-    except (OSError, StopIteration, ValueError):
-        pass
-    return None
-
-
 class ChatInput:
     """The user's lines on rank 0, and the end of input even where mpirun never forwards it."""
 
     def __init__(self, launched: bool, terminal: bool):
         self.launched, self.terminal = launched, terminal
+        self.launcher = stdin.launcher_input() if launched else None  # None: mpirun's input cannot be seen
         self._buf = b""
         self._ended = False
+
+    def _launcher_ended(self) -> bool | None:
+        """Whether mpirun has read all of its input (Open MPI 5.0 never forwards the end); None: cannot tell."""
+        if self.launcher is None or self.launcher.kind == "other":
+            return None
+        return self.launcher.ended()
 
     def readline(self) -> str | None:
         """The next line without its newline, or None at the end of input."""
@@ -130,7 +79,7 @@ class ChatInput:
                 self._ended = not data
                 return
             quiet += IDLE_POLL_S
-            ended = launcher_input_ended()
+            ended = self._launcher_ended()
             if ended or (ended is None and not self.terminal and quiet >= IDLE_END_S):
                 # the launcher has read everything: give what it forwarded a moment to arrive
                 ready, _, _ = select.select([fd], [], [], IDLE_POLL_S)
@@ -190,7 +139,7 @@ class _RankZero:
     def __init__(self, eng, system: str | None, launched: bool):
         if not eng.tok.has_chat_template:
             raise UsageError("--chat needs a model with a chat template; this one has none (use --raw --prompt)")
-        self.terminal = terminal = input_is_terminal(launched)
+        self.terminal = terminal = stdin.is_terminal(launched)
         self.conv = Conversation(eng.tok, eng.max_seq, system)
         self.lines = ChatInput(launched, terminal)
         if terminal:

@@ -11,12 +11,12 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import TpimpiError, UsageError
-from .wire import WIRES, Codec
+from .link import Link
+from .wire import WIRES, WireBuffers
 
 CONCRETE_ALGOS = ("star", "star_bcast", "mpi", "reduce_bcast", "ring", "tree")
 ALLREDUCE_ALGOS = CONCRETE_ALGOS + ("auto",)
@@ -83,32 +83,6 @@ class SerialComm:
         os._exit(code)
 
 
-@dataclass(frozen=True)
-class Link:
-    """An emulated network link (this kernel has no netem): a message waits latency + bytes / bandwidth
-    before it is sent. Zero latency and bandwidth 0 (unlimited) emulate nothing."""
-
-    latency_s: float = 0.0
-    bandwidth_Bps: float = 0.0
-
-    @classmethod
-    def from_cli(cls, latency_ms: float, bandwidth_mbps: float) -> "Link":
-        """From the command line's milliseconds and megabits per second (0 = not emulated)."""
-        if latency_ms < 0 or bandwidth_mbps < 0:
-            raise TpimpiError("--link-latency-ms and --link-bandwidth-mbps must not be negative")
-        return cls(latency_ms / 1e3, bandwidth_mbps * 1e6 / 8)
-
-    @property
-    def active(self) -> bool:
-        return self.latency_s > 0 or self.bandwidth_Bps > 0
-
-    def wait(self, nbytes: int, copies: int = 1, hops: int = 1) -> None:
-        """Sleep for `hops` message latencies plus `copies` messages of nbytes through the link."""
-        t = hops * self.latency_s + (copies * nbytes / self.bandwidth_Bps if self.bandwidth_Bps else 0.0)
-        if t > 0:
-            time.sleep(t)
-
-
 class MPIComm:
     """MPI.COMM_WORLD with the allreduce algorithms on preallocated buffers (star: rank 0 is the hub)."""
 
@@ -122,8 +96,7 @@ class MPIComm:
         self.in_lockstep = False  # set while every rank runs the decode loop
         self.bytes_sent = self.bytes_recv = 0  # what this rank handed to / got from the transport
         self._recv = np.empty((0, 0), dtype=np.float32)
-        self._wbuf = np.empty((0, 0), dtype=np.uint8)  # [rows, wire bytes] encoded partials
-        self._codec = Codec("float32", 0)
+        self._wire = WireBuffers()  # the star's partials and sum as they travel (encoded for --wire)
         self._auto: list[tuple[int, str]] = []  # (largest size, algorithm) from the start-up measurement
         self.timeout = float(os.environ.get("TPIMPI_PEER_TIMEOUT", PEER_TIMEOUT_S))
         self._longest_wait = 0.0
@@ -144,10 +117,7 @@ class MPIComm:
         rows = self.size - 1 if self.rank == 0 else 1  # star: a row per worker; ring, tree: one scratch row
         if self._recv.shape[0] < rows or self._recv.shape[1] < max_elems:
             self._recv = np.empty((rows, max_elems), dtype=np.float32)  # [rows, elems]
-        self._codec = Codec(wire, max_elems)
-        nbytes = self._codec.nbytes(max_elems)
-        if self._wbuf.shape[0] < rows + 1 or self._wbuf.shape[1] < nbytes:
-            self._wbuf = np.empty((rows + 1, nbytes), dtype=np.uint8)  # [rows + own, wire bytes]
+        self._wire.setup(wire, rows, max_elems)
         self.algo, self.wire = algo, wire
         if algo == "auto":
             self._auto = self.measure_auto(max_elems, hidden or max_elems)
@@ -213,31 +183,24 @@ class MPIComm:
         """The star's first hop: every worker's partial, encoded for the wire, to rank 0, which adds them
         to its own in rank order (the sum does not depend on arrival order). Returns the worker's send
         request still in flight (None on rank 0)."""
-        n, link, codec = buf.size, self.link, self._codec
-        nbytes = codec.nbytes(n)
         if self.rank == 0:
-            wire = self._wbuf[: self.size - 1, :nbytes]  # [workers, wire bytes]
+            wire = self._wire.incoming(self.size - 1, buf.size)  # [workers, wire bytes]
             reqs = [self.comm.Irecv(wire[r - 1], source=r, tag=_TAG_STAR) for r in range(1, self.size)]
             self._wait(reqs, [f"rank {r}" for r in range(1, self.size)])
-            self._count(0, (self.size - 1) * nbytes)
-            if link.active:  # the workers' messages share the hub's link: the rest arrive after the first
-                link.wait(nbytes, copies=self.size - 2, hops=0)
-            for r in range(self.size - 1):
-                codec.decode(wire[r], buf, add=True)
-            if self.wire != "float32":  # what the workers will decode, so every rank holds the same values
-                codec.encode(buf, self._wbuf[-1, :nbytes])
-                codec.decode(self._wbuf[-1, :nbytes], buf)
+            self._count(0, wire.size)
+            if self.link.active:  # the workers' messages share the hub's link: the rest arrive after the first
+                self.link.wait(wire.shape[1], copies=self.size - 2, hops=0)
+            self._wire.add_received(wire, buf)
             return None
-        out = self._wbuf[0, :nbytes]
-        codec.encode(buf, out)
-        link.wait(nbytes)
-        self._count(nbytes, 0)
+        out = self._wire.outgoing(buf)
+        self.link.wait(out.nbytes)
+        self._count(out.nbytes, 0)
         return self.comm.Isend(out, dest=0, tag=_TAG_STAR)
 
     def _allreduce_star(self, buf: np.ndarray) -> None:
         """The paper's star: every worker sends its partial to rank 0, rank 0 adds them and sends the sum
         back to each worker with its own non-blocking send: two message latencies at any rank count."""
-        back = self._back(buf)
+        back = self._wire.back(buf)
         if self.rank == 0:
             self._gather_star(buf)
             self.link.wait(back.nbytes, copies=self.size - 1)
@@ -249,14 +212,7 @@ class MPIComm:
             send = self._gather_star(buf)  # (which sends a copy of buf, so buf is free to receive)
             self._wait([send, recv], ["rank 0", "rank 0"])
             self._count(0, back.nbytes)
-            if self.wire != "float32":
-                self._codec.decode(back, buf)
-
-    def _back(self, buf: np.ndarray) -> np.ndarray:
-        """The bytes of the sum on its way back from rank 0: buf itself, or its encoding for the wire."""
-        if self.wire == "float32":
-            return buf.view(np.uint8)
-        return self._wbuf[-1, : self._codec.nbytes(buf.size)]
+            self._wire.take_back(back, buf)
 
     def _allreduce_star_bcast(self, buf: np.ndarray) -> None:
         """The star with MPI's Ibcast for the way back (a binomial tree above 4 ranks in Open MPI, so
@@ -264,15 +220,15 @@ class MPIComm:
         send = self._gather_star(buf)
         if send is not None:
             self._wait([send], ["rank 0"])
-        back = self._back(buf)
+        back = self._wire.back(buf)
         if self.rank == 0:
             self.link.wait(back.nbytes, copies=self.size - 1)
             self._count((self.size - 1) * back.nbytes, 0)
         else:
             self._count(0, back.nbytes)
         self._wait([self.comm.Ibcast(back, root=0)], "rank 0's broadcast")
-        if self.rank and self.wire != "float32":
-            self._codec.decode(back, buf)
+        if self.rank:
+            self._wire.take_back(back, buf)
 
     def _sendrecv(self, send, dest, recv, source, tag) -> None:
         """Send and/or receive one message (either may be None), through the link and the watchdog."""

@@ -9,40 +9,23 @@ cpu.max), starts the command in it, waits and removes the cgroup. Combine with t
 device short of both (`cpulimit --cpu 0.3 -- python -m tpimpi.lowmem --limit 600M -- ...`). Needs root
 or a delegated cgroup; where the controller is not writable it says so and exits 2.
 
-Only the standard library is imported here, as in tpimpi.lowmem (whose process runner it shares).
+Only the standard library is imported here; the cgroup code is tpimpi.cgroup's, shared with tpimpi.lowmem.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from .lowmem import _rank, _run_in, remove_cgroup
+from . import cgroup
 
 PERIOD_US = 10_000  # a short period, so a throttled rank pauses for milliseconds, not a tenth of a second
 
 
 def own_cpu_cgroup() -> tuple[str, Path] | None:
     """('v1' or 'v2', directory) of this process's CPU cgroup, or None when no cpu controller is mounted."""
-    mounts = {}
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        pre, _, post = line.partition(" - ")
-        f, tail = pre.split(), post.split()
-        if len(f) >= 5 and len(tail) >= 3:
-            if tail[0] == "cgroup" and "cpu" in tail[2].split(","):
-                mounts.setdefault("v1", (f[3], Path(f[4])))
-            elif tail[0] == "cgroup2" and (Path(f[4]) / "cpu.max").parent.exists():
-                mounts.setdefault("v2", (f[3], Path(f[4])))
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, ctrl, path = line.split(":", 2)
-        kind = "v1" if "cpu" in ctrl.split(",") else "v2" if ctrl == "" else None
-        if kind in mounts:
-            root, mount = mounts[kind]
-            rel = os.path.relpath(path, root) if root != "/" else path.lstrip("/")
-            return kind, (mount / rel) if rel not in ("", ".") else mount
-    return None
+    return cgroup.own("cpu")
 
 
 def make_cpu_cgroup(cores: float) -> Path:
@@ -51,19 +34,12 @@ def make_cpu_cgroup(cores: float) -> Path:
     if cg is None:
         raise OSError("no cpu cgroup controller is mounted")
     kind, parent = cg
-    d = parent / f"tpimpi-cpu-r{_rank()}-{os.getpid()}"
-    d.mkdir()
+    cgroup.remove_stale(parent, "tpimpi-cpu")
     quota = max(1000, int(cores * PERIOD_US))
-    try:
-        if kind == "v1":
-            (d / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-            (d / "cpu.cfs_quota_us").write_text(str(quota))
-        else:
-            (d / "cpu.max").write_text(f"{quota} {PERIOD_US}")
-    except OSError:
-        d.rmdir()
-        raise
-    return d
+    files = ([("cpu.cfs_period_us", str(PERIOD_US)), ("cpu.cfs_quota_us", str(quota))] if kind == "v1"
+             else [("cpu.max", f"{quota} {PERIOD_US}")])
+    return cgroup.make_child(kind, "cpu", cgroup.mounts("cpu")[kind][1], parent, cgroup.child_name("tpimpi-cpu"),
+                             files)
 
 
 def parse_cores(text: str, rank: int) -> float:
@@ -82,7 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
-    rank = _rank()
+    rank = cgroup.rank()
     say = (lambda msg: print(f"tpimpi.cpulimit: {msg}", file=sys.stderr, flush=True))
     if not cmd:
         if rank == "0":
@@ -102,10 +78,10 @@ def main(argv=None) -> int:
                 f"and a writable cpu controller")
         return 2
     try:
-        status = _run_in(d, cmd)
+        status = cgroup.run_in(d, cmd, "tpimpi.cpulimit")
     finally:
-        remove_cgroup(d)
-    return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        cgroup.remove(d)
+    return cgroup.exit_code(status)
 
 
 if __name__ == "__main__":

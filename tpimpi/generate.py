@@ -211,7 +211,7 @@ def _chat_mode(comm, args) -> bool:
     flag = np.zeros(1, dtype=np.int64)
     if comm.rank == 0:
         flag[0] = args.chat or (args.prompt is None and args.prompt_file is None and not args.json
-                                and chat_mod.input_is_terminal(comm_mod.launched()))
+                                and stdin.is_terminal(comm_mod.launched()))
     comm.bcast_(flag)
     return bool(flag[0])
 

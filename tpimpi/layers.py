@@ -129,26 +129,24 @@ def attention(x, w, cache_k, cache_v, pos, cos, sin, kv_of_q, cfg: ModelConfig, 
         out.zero_()
         return
     T = x.shape[0]
-    qkv = linear(rms_norm(x, w["norm"], cfg.norm_eps), w["wqkv"], w.get("bqkv"))  # [T, (q+2kv)*hd]
-    q = qkv[:, : n_q * hd].view(T, n_q, hd).transpose(0, 1)  # [q, T, hd]
-    k = qkv[:, n_q * hd : (n_q + n_kv) * hd].view(T, n_kv, hd).transpose(0, 1)  # [kv, T, hd]
-    v = qkv[:, (n_q + n_kv) * hd :].view(T, n_kv, hd).transpose(0, 1)  # [kv, T, hd]
+    q, k, v = project_qkv(x, w, n_q, n_kv, cfg)  # [q, T, hd], [kv, T, hd], [kv, T, hd]
     c, s = cos[pos : pos + T], sin[pos : pos + T]
     q = apply_rope(q, c, s)
     cache_k[:, pos : pos + T] = apply_rope(k, c, s)
     cache_v[:, pos : pos + T] = v
-    L = pos + T
-    k0 = max(0, L - T - window + 1) if window else 0  # no query of this call sees a key before k0
-    scale = 1.0 / math.sqrt(hd)
-    if T == 1 and group:  # decode with whole groups: q heads of a KV head side by side, the cache not copied
-        scores = torch.bmm(q.reshape(n_kv, group, hd), cache_k[:, k0:L].transpose(1, 2)).mul_(scale)  # [kv, g, L-k0]
-        o = torch.bmm(torch.softmax(scores, -1), cache_v[:, k0:L]).view(n_q, 1, hd)  # [q, 1, hd]
-    else:
-        keys = cache_k[:, k0:L].index_select(0, kv_of_q)  # [q, L-k0, hd]
-        vals = cache_v[:, k0:L].index_select(0, kv_of_q)  # [q, L-k0, hd]
-        o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=attention_mask(T, pos, k0, window),
-                                           scale=scale)  # [q, T, hd]
+    o = attend(q, cache_k, cache_v, pos, kv_of_q, group, window)  # [q, T, hd]
     out.copy_(linear(o.transpose(0, 1).reshape(T, n_q * hd), w["wo"]))
+
+
+def project_qkv(x, w, n_q: int, n_kv: int, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows x [T, h], normed, through wqkv (and bqkv): q [q, T, hd], k [kv, T, hd], v [kv, T, hd] (views
+    of one [T, (q+2kv)*hd] product)."""
+    T, hd = x.shape[0], cfg.head_dim
+    qkv = linear(rms_norm(x, w["norm"], cfg.norm_eps), w["wqkv"], w.get("bqkv"))  # [T, (q+2kv)*hd]
+    q = qkv[:, : n_q * hd].view(T, n_q, hd).transpose(0, 1)  # [q, T, hd]
+    k = qkv[:, n_q * hd : (n_q + n_kv) * hd].view(T, n_kv, hd).transpose(0, 1)  # [kv, T, hd]
+    v = qkv[:, (n_q + n_kv) * hd :].view(T, n_kv, hd).transpose(0, 1)  # [kv, T, hd]
+    return q, k, v
 
 
 def mlp(x, w, cfg: ModelConfig, out) -> None:
@@ -179,10 +177,7 @@ def attention_batch(x, w, cache_k, cache_v, segments, pos_rows, cos, sin, kv_of_
         out.zero_()
         return
     T = x.shape[0]
-    qkv = linear(rms_norm(x, w["norm"], cfg.norm_eps), w["wqkv"], w.get("bqkv"))  # [T, (q+2kv)*hd]
-    q = qkv[:, : n_q * hd].view(T, n_q, hd).transpose(0, 1)  # [q, T, hd]
-    k = qkv[:, n_q * hd : (n_q + n_kv) * hd].view(T, n_kv, hd).transpose(0, 1)  # [kv, T, hd]
-    v = qkv[:, (n_q + n_kv) * hd :].view(T, n_kv, hd).transpose(0, 1)  # [kv, T, hd]
+    q, k, v = project_qkv(x, w, n_q, n_kv, cfg)  # [q, T, hd], [kv, T, hd], [kv, T, hd]
     c, s = cos.index_select(0, pos_rows), sin.index_select(0, pos_rows)  # [T, hd] each
     q, k = apply_rope(q, c, s), apply_rope(k, c, s)  # [q, T, hd], [kv, T, hd]
     o = torch.empty(T, n_q, hd)  # [T, q, hd]

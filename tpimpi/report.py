@@ -259,46 +259,60 @@ def _model_family(r: dict) -> str:
     return name[:-len(suffix)] if name.endswith(suffix) else name
 
 
-def _natural(text: str) -> list:
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text)]
+BASELINES = {"transformers": "transformers, in memory", "accelerate": "Accelerate, disk offload"}
 
 
 def _ranks_plots(plt, rows: list[dict]) -> list:
-    """Decode latency and peak RSS (largest rank) against ranks, one line per model and memory mode:
-    one colour per memory mode, one marker and line style per model."""
-    tp = [r for r in rows if r.get("system") == "tpimpi" and "s_per_token" in r]
-    if not tp:
+    """Two plots of the generation benchmark (jobs/bench_generate.sh), each answering one question for the
+    model the baselines ran on: how decode latency, and how the largest rank's peak memory, change with
+    the number of ranks, tpimpi's float32 store resident and under a memory budget, beside transformers
+    and Accelerate (one process each: horizontal lines). Medians over every run of a point, as in the
+    generation table; other models, dtypes and windows are in the tables."""
+    base_rows = [r for r in rows if r.get("system") in BASELINES and "s_per_token" in r]
+    if not base_rows:
         return []
-    pick = latest(tp, lambda r: (_model_family(r), _dtype(r.get("dtype", ""), r.get("compute", "")),
-                                 mode_label(r), r.get("ranks", 1)))
-    series: dict[tuple, dict[int, dict]] = defaultdict(dict)
-    for (*k, n), r in pick.items():
-        series[tuple(k)][n] = r
-    modes = sorted({k[2] for k in series}, key=_natural)
-    models = sorted({k[:2] for k in series})
-    colour = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(modes)}
-    style = {m: dict(marker="osD^vP"[i % 6], ls=("-", "--", ":", "-.")[i % 4]) for i, m in enumerate(models)}
-    ns = sorted({n for by_n in series.values() for n in by_n})
+    model = statistics.mode(r.get("model", "default") for r in base_rows)
+    series: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.get("system") != "tpimpi" or "s_per_token" not in r or r.get("model", "default") != model \
+                or r.get("dtype", "float32") != "float32" or r.get("compute", "float32") != "float32" \
+                or r.get("ratios") not in (None, [1.0] * r.get("ranks", 1)) or r.get("io", "cache") != "cache":
+            continue
+        mode = memory_mode(r)
+        if mode is None:
+            continue
+        kind = RESIDENT if mode[1] == 0 else "memory budget" if mode[1] < mode[2] else None
+        if kind:
+            series[f"tpimpi, {kind}"][r.get("ranks", 1)].append(r)
     made = []
     for name, value, ylabel, title in (
-            ("latency_vs_ranks", lambda r: r["s_per_token"] * 1e3, "decode latency, ms/token",
-             "Decode latency against ranks"),
+            ("latency_vs_ranks", lambda r: r["s_per_token"] * 1e3, "decode latency, ms/token (median)",
+             f"Decode latency against ranks ({Path(model).name} model)"),
             ("memory_vs_ranks", lambda r: max(r["peak_rss_bytes"]) / MiB, "peak RSS of the largest rank, MiB",
-             "Peak memory against ranks, by memory mode")):
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for (model, dtype, mode), by_n in sorted(series.items(), key=lambda kv: (kv[0][:2], _natural(kv[0][2]))):
+             f"Peak memory per device against ranks ({Path(model).name} model)")):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        ns = sorted({n for by_n in series.values() for n in by_n} | {1})
+        for i, (label, by_n) in enumerate(sorted(series.items())):
             x = sorted(by_n)
-            ax.plot(x, [value(by_n[n]) for n in x], color=colour[mode], **style[(model, dtype)],
-                    label=f"{model} {dtype}, {mode}")
-        _log_axes(ax, ns, [str(n) for n in ns], xlabel="ranks (MPI processes)", ylabel=ylabel, title=title)
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+            ax.plot(x, [statistics.median(value(r) for r in by_n[n]) for n in x], marker="os"[i % 2],
+                    color=("tab:blue", "tab:green")[i % 2], label=label)
+        for (system, label), ls in zip(BASELINES.items(), ("--", ":")):
+            got = [value(r) for r in base_rows if r["system"] == system and r.get("model", "default") == model]
+            if got:
+                ax.axhline(statistics.median(got), color=("tab:red", "tab:purple")[ls == ":"], ls=ls, label=label)
+        _log_axes(ax, ns, [str(n) for n in ns], xlabel="ranks (MPI processes on one machine)", ylabel=ylabel,
+                  title=title)
+        ax.legend(fontsize=8)
         made.append((f"{name}.png", fig))
     return made
 
 
 def _window_plots(plt, sweep: dict) -> list:
     """Decode latency and peak RSS against W, one colour per (model, ranks, dtype); the resident run is
-    the rightmost point. Cold-cache (io direct) lines dash-dotted; memory: predicted dashed."""
+    the rightmost point; memory: predicted dashed. Only sweeps (two windows or more) through the page
+    cache, so that each plot answers what a window costs against resident: single points and other I/O
+    modes are in the window table."""
+    sweep = {k: (res, {"cache": lines["cache"]}) for k, (res, lines) in sweep.items() if len(lines.get("cache", {})) > 1}
     if not sweep:
         return []
     from matplotlib.lines import Line2D
@@ -358,29 +372,28 @@ def _log_axes(ax, xticks: list, xlabels: list[str], **labels) -> None:
 
 
 def _allreduce_plot(plt, rows: list[dict]) -> list:
-    """Median allreduce latency against message size, one panel per emulated link latency: one colour
-    per algorithm, one marker and line style per rank count."""
+    """Does the star beat MPI's own Allreduce and the ring? Median latency against message size at the
+    largest rank count measured, one panel per emulated link latency, one line per algorithm, MPI's
+    Allreduce (the baseline) in black. Smaller rank counts are in the allreduce table."""
     ar = latest([r for r in rows if r.get("system") == "allreduce"], _allreduce_key)
     if not ar:
         return []
-    from matplotlib.lines import Line2D
-
-    algos, ranks, lats, sizes = (sorted({k[i] for k in ar}) for i in range(4))
-    colour = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(algos)}
-    style = {n: dict(marker="osD^vP"[i % 6], ls=("-", "--", ":", "-.")[i % 4]) for i, n in enumerate(ranks)}
-    fig, axes = plt.subplots(1, len(lats), figsize=(3.6 * len(lats) + 1.8, 4.2), squeeze=False)
-    for algo, n, lat in sorted({k[:3] for k in ar}):
-        x = [e for e in sizes if (algo, n, lat, e) in ar]
-        axes[0][lats.index(lat)].plot(x, [ar[(algo, n, lat, e)]["median_s"] * 1e3 for e in x], color=colour[algo],
-                                      **style[n])
+    n = max(k[1] for k in ar)
+    ar = {k: r for k, r in ar.items() if k[1] == n}
+    algos, lats, sizes = (sorted({k[i] for k in ar}) for i in (0, 2, 3))
+    others = iter(plt.get_cmap("tab10").colors)
+    colour = {a: "black" if a == "mpi" else next(others) for a in algos}
+    fig, axes = plt.subplots(1, len(lats), figsize=(3.8 * len(lats) + 1.8, 4.2), squeeze=False)
     for ax, lat in zip(axes[0], lats):
+        for algo in algos:
+            x = [e for e in sizes if (algo, n, lat, e) in ar]
+            ax.plot(x, [ar[(algo, n, lat, e)]["median_s"] * 1e3 for e in x], color=colour[algo], marker="o",
+                    ls="--" if algo == "mpi" else "-", label="MPI Allreduce (baseline)" if algo == "mpi" else algo)
         _log_axes(ax, sizes, [str(e) for e in sizes], xlabel="floats per allreduce", ylabel="median latency, ms",
                   title=f"emulated link latency {lat} ms")
         ax.tick_params(axis="x", labelrotation=45, labelsize=8)
-    handles = [Line2D([], [], color=colour[a], label=a) for a in algos] + [
-        Line2D([], [], color="0.3", **style[n], label=f"{n} ranks") for n in ranks]
-    axes[0][-1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle("Allreduce latency against message size")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(f"Allreduce latency against message size, {n} ranks")
     return [("allreduce_vs_size.png", fig)]
 
 

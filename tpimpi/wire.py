@@ -1,6 +1,6 @@
 """How partial sums travel: float32 as they are, bfloat16 (half the bytes), or q8 — blocks of 32 values as
 one float16 scale and 32 signed bytes (34 bytes for 128; distributed-llama's Q80 idea). Pure numpy on
-preallocated buffers; comm.py sends the bytes and rank 0 adds the decoded partials in float32."""
+preallocated buffers; comm.py sends the bytes (WireBuffers) and rank 0 adds the decoded partials in float32."""
 
 from __future__ import annotations
 
@@ -89,3 +89,55 @@ class Codec:
             out += vals
         else:
             out[:] = vals
+
+
+class WireBuffers:
+    """The star allreduce's bytes for one wire format: a row per message received (rank 0: one per worker;
+    a worker: its own partial) and one for the sum on its way back; all preallocated. comm.py moves them;
+    this says what they hold."""
+
+    def __init__(self):
+        self.codec = Codec("float32", 0)
+        self.rows = np.empty((0, 0), dtype=np.uint8)  # [messages + 1, wire bytes]
+
+    def setup(self, wire: str, messages: int, max_elems: int) -> None:
+        """Room for `messages` encoded partials of up to max_elems floats, and the sum, as `wire`."""
+        self.codec = Codec(wire, max_elems)
+        nbytes = self.codec.nbytes(max_elems)
+        if self.rows.shape[0] < messages + 1 or self.rows.shape[1] < nbytes:
+            self.rows = np.empty((messages + 1, nbytes), dtype=np.uint8)  # [messages + sum, wire bytes]
+
+    @property
+    def compressed(self) -> bool:
+        return self.codec.wire != "float32"
+
+    def incoming(self, messages: int, n: int) -> np.ndarray:
+        """[messages, wire bytes] rows for the partials of n floats to be received into."""
+        return self.rows[:messages, : self.codec.nbytes(n)]
+
+    def outgoing(self, buf: np.ndarray) -> np.ndarray:
+        """This rank's partial buf [n] encoded, ready to send."""
+        out = self.rows[0, : self.codec.nbytes(buf.size)]
+        self.codec.encode(buf, out)
+        return out
+
+    def add_received(self, received: np.ndarray, buf: np.ndarray) -> None:
+        """Rank 0: buf += every decoded partial, in row (rank) order; then, on a compressed wire, buf rounded
+        as the workers will decode it, so every rank holds the same values."""
+        for row in received:
+            self.codec.decode(row, buf, add=True)
+        if self.compressed:
+            back = self.back(buf)
+            self.codec.encode(buf, back)
+            self.codec.decode(back, buf)
+
+    def back(self, buf: np.ndarray) -> np.ndarray:
+        """The bytes of the sum on its way back from rank 0: buf itself, or its encoding for the wire."""
+        if not self.compressed:
+            return buf.view(np.uint8)
+        return self.rows[-1, : self.codec.nbytes(buf.size)]
+
+    def take_back(self, back: np.ndarray, buf: np.ndarray) -> None:
+        """A worker: the sum received as `back` into buf (decoded where the wire is compressed)."""
+        if self.compressed:
+            self.codec.decode(back, buf)

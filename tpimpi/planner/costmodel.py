@@ -19,7 +19,7 @@ Communication. One allreduce of n bytes among k ranks, with the slowest link's l
     star  2 L + 2 (k-1) n / B           every worker to the hub and back; the hub's link carries k-1 each way
     ring  2 (k-1) (L + n / (k B))       reduce-scatter and allgather of 1/k of the message per step
     tree, mpi, reduce_bcast  2 ceil(log2 k) (L + n / B)
-which is also how comm.Link emulates a link, so emulated runs check the model.
+which is also how link.Link emulates a link, so emulated runs check the model.
 
 Memory is memory.py's model, through resources.memory_plan: nothing is re-derived here.
 """

@@ -3,8 +3,10 @@
     mpirun -np 2 python -m tpimpi.serve --port 8000
 
 Rank 0 alone listens, reads requests and writes answers; every rank runs the batched step loop
-(batcher.py). Stop it with SIGTERM (or Ctrl-C) to rank 0's process: it stops taking requests, lets the
-running ones finish for up to --shutdown-timeout seconds, and every rank exits 0.
+(batcher.py). Stopping (see StopSignals): SIGTERM to rank 0's process (--pid-file) stops taking requests,
+lets the running ones finish for up to --shutdown-timeout seconds, and every rank exits 0. SIGTERM or
+Ctrl-C to mpirun, or a rank that dies, gives no such time: Open MPI ends every rank within half a second,
+so rank 0 answers what runs with 503 at once and every rank exits 0 before it is killed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import ipaddress
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 from .. import comm as comm_mod
@@ -25,6 +29,11 @@ from ..planner.planfile import apply_to_args, check_store
 from ..shard import parse_ratios
 
 KEY_ENV = "TPIMPI_API_KEY"
+# Open MPI 5's mpirun ends a job (SIGTERM or SIGINT to mpirun, or a rank that died) by sending every rank
+# SIGCONT, then SIGTERM 0.25 s later, then SIGKILL 0.25 s after that (measured with 5.0's prterun; no MCA
+# parameter changes the delays). A SIGTERM this soon after a SIGCONT is that sequence.
+MPIRUN_KILL_WINDOW_S = 1.0
+ANSWER_S = 0.15  # of the 0.25 s before SIGKILL: the time in-flight requests' 503 answers get to go out
 
 
 def build_parser(rank: int = 0):
@@ -120,15 +129,13 @@ def run(comm, argv=None) -> int:
 
     if comm.rank == 0:
         batcher = front.batcher
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: batcher.drain())
+        StopSignals(batcher.drain, lambda: _answer_and_exit(front, args.pid_file))
         host, port = front.address
         print(f"tpimpi: serving {front.limits.model} on http://{host}:{port}/ ({comm.size} ranks, "
               f"{args.max_batch} slots of {eng.max_seq} tokens; {eng.plan.describe()})", file=sys.stderr, flush=True)
     else:
         batcher = None
-        for sig in (signal.SIGTERM, signal.SIGINT):  # rank 0 decides when to stop, and tells every rank
-            signal.signal(sig, signal.SIG_IGN)
+        StopSignals(lambda: None, _exit_now)  # a drain is rank 0's to decide: it tells every rank
     step_loop(comm, eng.model, batcher)
     if comm.rank == 0:
         front.stop()
@@ -137,6 +144,51 @@ def run(comm, argv=None) -> int:
         print("tpimpi: server stopped", file=sys.stderr, flush=True)
     eng.close()
     return 0
+
+
+class StopSignals:
+    """SIGTERM and SIGINT on one rank. From a user (to rank 0: --pid-file, serve.sbatch's trap, Ctrl-C
+    without mpirun): drain. From mpirun ending the job (a SIGCONT came just before; SIGKILL follows in
+    0.25 s): end now."""
+
+    def __init__(self, drain, end_now):
+        self.drain, self.end_now = drain, end_now
+        self.t_cont = float("-inf")
+        signal.signal(signal.SIGCONT, self._cont)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._stop)
+
+    def _cont(self, *_) -> None:
+        self.t_cont = time.monotonic()
+
+    def _stop(self, *_) -> None:
+        if time.monotonic() - self.t_cont < MPIRUN_KILL_WINDOW_S:
+            self.end_now()
+        else:
+            self.drain()
+
+
+def _exit_now() -> None:
+    """Exit 0 before mpirun's SIGKILL (the job is ending; a worker holds nothing to save)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _answer_and_exit(front, pid_file: str | None) -> None:
+    """Rank 0, mpirun ending the job: every waiting and running request is answered 503 at once, then exit 0.
+    In a thread of its own: the signal may have stopped the main thread inside the batcher's lock, which the
+    HTTP thread needs to finish its answers."""
+    threading.Thread(target=_answer_all_and_exit, args=(front, pid_file), daemon=True).start()
+
+
+def _answer_all_and_exit(front, pid_file: str | None) -> None:
+    front.batcher.cancel_all("the server stopped before this request finished (mpirun ended the job: it was "
+                             "interrupted, or a rank failed)")
+    front.wait_answered(ANSWER_S)
+    if pid_file:
+        Path(pid_file).unlink(missing_ok=True)
+    _exit_now()
 
 
 def _start_front(args, eng, key, max_body, path):

@@ -152,6 +152,14 @@ class Batcher:
         if self.draining_since is None:
             self.draining_since = time.monotonic()
 
+    def cancel_all(self, message: str) -> None:
+        """Stop taking requests and answer every waiting and running one with a 503 error now (the process is
+        about to end: the slots are not given back)."""
+        with self.cond:
+            self.draining_since = self.draining_since or time.monotonic()
+            for seq in [*self.waiting, *self.active]:
+                seq.emit("error", 503, message)
+
     def load(self) -> dict:
         return {"running": len(self.active), "waiting": len(self.waiting), "free_slots": len(self.free),
                 "steps": self.steps, "rows": self.rows_total}

@@ -7,6 +7,7 @@ import asyncio
 import hmac
 import json
 import threading
+import time
 from importlib import resources
 
 from aiohttp import web
@@ -37,6 +38,7 @@ class HttpFront:
         self.created = api.now()
         self.loop = self.thread = self.runner = None
         self.address = ("", 0)
+        self.open = 0  # requests taken by the batcher whose answer has not ended yet (the loop thread counts)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body)
@@ -86,6 +88,12 @@ class HttpFront:
             pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout)
+
+    def wait_answered(self, timeout: float) -> None:
+        """Wait (at most timeout) until every request taken has had its answer written to the end."""
+        deadline = time.monotonic() + timeout
+        while self.open and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     # ---- routes ---------------------------------------------------------------------------------------
     def _check_key(self, request: web.Request) -> None:
@@ -169,16 +177,18 @@ class HttpFront:
         except ShuttingDown:
             return _error(api.ApiError(503, "the server is shutting down", type_="server_error",
                                        code="shutting_down", headers={"Retry-After": str(RETRY_AFTER_S)}))
+        self.open += 1
         try:
             if req.stream:
                 return await self._stream(request, req, seq, events)
-            return await self._whole(req, seq, events)
+            return await self._whole(request, req, seq, events)
         finally:
+            self.open -= 1
             if not seq.cancelled:
                 seq.cancel()  # finished already (a no-op), or the client went away: free the slot next step
             self.batcher.wake()
 
-    async def _whole(self, req: api.GenRequest, seq: Sequence, events: asyncio.Queue) -> web.Response:
+    async def _whole(self, request, req: api.GenRequest, seq: Sequence, events: asyncio.Queue) -> web.Response:
         rid, created, parts = api.new_id(req), api.now(), []
         while True:
             kind, *rest = await events.get()
@@ -187,8 +197,11 @@ class HttpFront:
             elif kind == "done":
                 finish, pt, ct = rest
                 return web.json_response(api.response(req, rid, created, "".join(parts), finish, api.usage(pt, ct)))
-            else:
-                return _error(api.ApiError(rest[0], rest[1], type_="server_error"))
+            else:  # written here, not after returning: the process may be about to end (wait_answered)
+                resp = _error(api.ApiError(rest[0], rest[1], type_="server_error"))
+                await resp.prepare(request)
+                await resp.write_eof()
+                return resp
 
     async def _stream(self, request, req: api.GenRequest, seq: Sequence, events: asyncio.Queue):
         rid, created = api.new_id(req), api.now()
