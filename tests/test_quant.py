@@ -53,11 +53,17 @@ def test_kernel_dequantizes_exactly_as_gguf_does(fmt):
     ref = qf.dequantize(t)
     out = torch.empty(37, 160)
     kernels.dequantize_into(fmt, rec, out, torch.empty(37 * 80, dtype=torch.uint8))
-    assert np.array_equal(out.numpy(), ref)
+    assert np.array_equal(out.view(torch.int32).numpy(), ref.view(np.int32))  # bit for bit, zeros' signs too
+    if fmt != "q8_0":  # the planar candidate: the same values, each row's low nibbles first
+        raw = torch.cat([torch.zeros(37, 2, dtype=torch.uint8), rec], 1)[:, 2:]  # rows off 4-byte boundaries
+        kernels.dequantize_planar(fmt, raw, out, *kernels._SCRATCH.planar(37 * 160))
+        planar = kernels.planar_order(torch.from_numpy(ref))
+        assert np.array_equal(out.view(torch.int32).numpy(), planar.view(torch.int32).numpy())
     for T in (1, 5):
         x = torch.from_numpy(rng.standard_normal((T, 160)).astype(np.float32))
         y = kernels.matmul(x, kernels.Packed(fmt, rec, (37, 160)))
         assert rel_err(y.numpy(), x.numpy() @ ref.T) < 1e-6
+        assert rel_err(kernels.matmul(x, kernels.Packed(fmt, rec, (37, 160)), planar=True).numpy(), y.numpy()) < 1e-6
 
 
 def test_kernel_works_a_slice_at_a_time_and_on_empty_matrices(monkeypatch):
@@ -80,6 +86,65 @@ def test_bfloat16_weights_in_float32_use_a_bounded_slice():
     x = torch.randn(3, 64)
     y = kernels.matmul(x, kernels.Packed("bfloat16", w, (300, 64)))
     assert torch.allclose(y, x @ w.float().T, rtol=1e-5, atol=1e-5)
+
+
+def test_q8_0_planes_hold_its_integers_exactly():
+    """q8_0 under --compute bfloat16: q = 16 * hi + lo for every int8, and through torch's int4 kernel
+    (scales 1, zeros 0 and 8 in place of 16d/0 and d/8d) the packed planes give back q exactly."""
+    every = torch.arange(-128, 128, dtype=torch.int8)
+    hi, lo = kernels.q8_planes(every)
+    assert hi.min() >= 0 and hi.max() <= 15 and lo.min() >= 0 and lo.max() <= 15
+    assert torch.equal(16 * (hi - 8) + lo, every.to(torch.int32))
+    q = torch.cat([every, every.flip(0)]).view(16, 32)  # [16, 32]: every int8 twice, -128 included
+    rec = torch.cat([q.view(torch.uint8), torch.ones(16, 1, dtype=torch.float16).view(torch.uint8)], 1)
+    w = kernels.int4pack(kernels.Packed("q8_0", rec, (16, 32)))
+    assert w.planes == 2 and w.packed.shape == (2, 16, 16)
+    assert kernels.int4pack_nbytes("q8_0", (16, 32)) == w.packed.numel() + w.scales_zeros.numel() * 2 == 16 * 40
+    eye = torch.eye(32).bfloat16()
+    hi, lo = (torch.ops.aten._weight_int4pack_mm_for_cpu(eye, w.packed[p], 32,
+                                                         torch.tensor([[[1.0, zero]] * 16]).bfloat16()).T.float()
+              for p, zero in ((0, 0.0), (1, 8.0)))  # [16, 32] each: scale 1 gives the integers
+    assert torch.equal(16 * hi + lo, q.float())
+
+
+@pytest.mark.parametrize("fmt", QUANTS)
+def test_int4_kernel_matches_the_exact_product_within_bfloat16(fmt):
+    rng = np.random.default_rng(2)
+    a = (rng.standard_normal((80, 160)) * rng.uniform(0.01, 3, (80, 1))).astype(np.float32)  # 2 x 80 rows: not tiles of 64
+    t = qf.quantize(a, fmt)
+    w = kernels.int4pack(kernels.Packed(fmt, _record_tensor(t), (80, 160)))
+    assert w.planes == (2 if fmt == "q8_0" else 1)
+    assert w.packed.numel() + 2 * w.scales_zeros.numel() == kernels.int4pack_nbytes(fmt, (80, 160))
+    x = torch.from_numpy(rng.standard_normal((3, 160)).astype(np.float32))
+    ref = x.numpy() @ qf.dequantize(t).T
+    err = rel_err(kernels.matmul(x, w).numpy(), ref)
+    assert 0 < err < 1e-2  # bfloat16 activations, scales and results: about 3 significant digits
+
+
+def test_float32_products_by_row_count_agree_and_fill_a_view():
+    """layers.matmul_f32 takes numpy at T = 1, torch at T = 2..7, numpy's W @ x.T from 8: all the product."""
+    from tpimpi.layers import TORCH_ROWS, matmul_f32
+
+    w = torch.randn(100, 64)
+    for T in (1, TORCH_ROWS.start, TORCH_ROWS.stop - 1, TORCH_ROWS.stop, 33):
+        x = torch.randn(T, 64)
+        y = matmul_f32(x, w)
+        assert y.shape == (T, 100) and y.is_contiguous()
+        assert rel_err(y.numpy(), x.double().numpy() @ w.double().numpy().T) < 1e-6
+        logits = torch.zeros(T, 300)
+        matmul_f32(x, w, out=logits[:, 50:150])  # a column range of a wider buffer, as the head fills
+        assert torch.equal(logits[:, 50:150], y) and not logits[:, :50].any() and not logits[:, 150:].any()
+
+
+def test_memory_plan_counts_resident_blocks_as_repacked_under_bfloat16_compute():
+    from tpimpi.store import BlockLayout, Part
+
+    head = Part("w", (1024, 576), 0, "q8_0")  # a chunk of the default model's tied Q8_0 head
+    lay = BlockLayout((head,), head.nbytes)
+    assert kernels.resident_nbytes(lay, "float32") == lay.nbytes == 1024 * 18 * 34
+    assert kernels.resident_nbytes(lay, "bfloat16") == 1024 * 18 * 40  # two planes of nibbles, scales, zeros
+    odd = Part("w", (1000, 576), 0, "q8_0")  # rows not a multiple of 16: not repacked, kept as stored
+    assert kernels.resident_nbytes(BlockLayout((odd,), odd.nbytes), "bfloat16") == odd.nbytes
 
 
 def test_format_specs_round_trip():
@@ -336,20 +401,27 @@ def test_default_model_kept_in_q4_1_matches_transformers(tmp_path, prompt_ids):
     logits, tokens = ThreadGroup(2).run(lambda c: run_store(path, c, prompt_ids, 8))[0]
     assert rel_err(logits, ref_logits) < 1e-4
     assert tokens == ref_tokens
+    # --compute bfloat16: the Q4_1 layers and the Q8_0 tied head (two planes) on torch's int4 kernel
+    mem = MemoryOptions(resident=True, compute="bfloat16")
+    logits, tokens = ThreadGroup(2).run(lambda c: run_store(path, c, prompt_ids, 8, mem=mem))[0]
+    assert rel_err(logits, ref_logits) < 0.05 and tokens == ref_tokens
 
 
-def test_bfloat16_compute_runs_resident_q4_blocks_on_torchs_int4_kernel(mixed_n2, mixed_ref, prompt_ids):
-    """--compute bfloat16: resident q4_0/q4_1 blocks repacked for torch's int4 kernel (their buffers
-    freed), the rest as before; about bfloat16's precision, as a bfloat16 store gives."""
+def test_bfloat16_compute_runs_resident_quantized_blocks_on_torchs_int4_kernel(mixed_n2, mixed_ref, prompt_ids):
+    """--compute bfloat16: resident q8_0/q4_0/q4_1 blocks and head chunks repacked for torch's int4 kernel
+    (q8_0 as two planes; their buffers freed), the rest as before; about bfloat16's precision, as a
+    bfloat16 store gives."""
     def run(c):
         mem = MemoryOptions(resident=True, compute="bfloat16")
         from tpimpi.engine import Engine
 
         eng = Engine(c, mixed_n2, max_seq=64, mem=mem).load()
-        kinds = {type(eng.blocks.get(b)["wgu"]).__name__ for b in (3, 5)}  # the q4_0 and q4_1 layers' MLPs
+        mats = [eng.blocks.get(b)["wgu"] for b in (1, 3, 5)]  # the q8_0, q4_0 and q4_1 layers' MLPs
+        mats += [eng.blocks.get(b)["w"] for b in (eng.head.chunks if c.rank == 0 else ())]  # q4_1 head
+        kinds = ({type(m).__name__ for m in mats}, [getattr(m, "planes", 0) for m in mats[:3]])
         eng.close()
         return kinds, run_store(mixed_n2, c, prompt_ids, 1, mem=mem)[0]
 
     (kinds, logits), _ = ThreadGroup(2).run(run)
-    assert kinds == {"Int4Packed"}
+    assert kinds == ({"Int4Packed"}, [2, 1, 1])
     assert rel_err(logits, mixed_ref[0]) < 0.05 and np.argmax(logits) == np.argmax(mixed_ref[0])

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .errors import StoreError
-from .layers import rms_norm
+from .layers import matmul_f32, rms_norm
 from .quant import formats as qf
 from .quant import kernels
 from .scheduler import TORCH_DTYPES
@@ -63,7 +63,7 @@ class Head:
             if isinstance(w, (kernels.Packed, kernels.Int4Packed)):
                 out[:, r0:r1] = kernels.matmul(xn, w)
             elif w.dtype == torch.float32:
-                out[:, r0:r1] = torch.from_numpy(np.matmul(xn.numpy(), w.numpy().T))  # BLAS, as in logits
+                matmul_f32(xn, w, out=out[:, r0:r1])  # as in layers.linear
             else:
                 out[:, r0:r1] = (xn.to(w.dtype) @ w.T).float()
             self.blocks.release(b)
@@ -111,8 +111,10 @@ class Head:
         for b in self.chunks:
             w = self.blocks.get(b)["w"]  # [rows, h]
             r1 = r0 + w.shape[0]
-            if w.dtype == torch.float32:
-                np.matmul(xn.numpy(), w.numpy().T, out=out[:, r0:r1].numpy())  # [n, rows], BLAS
+            if isinstance(w, (kernels.Packed, kernels.Int4Packed)):  # quantized, or bf16/f16 in float32
+                kernels.matmul(xn, w, out=out[:, r0:r1])
+            elif w.dtype == torch.float32:
+                matmul_f32(xn, w, out=out[:, r0:r1])  # [n, rows], as in layers.linear
             else:
                 out[:, r0:r1] = torch.nn.functional.linear(xn.to(w.dtype), w).float()
             self.blocks.release(b)

@@ -19,17 +19,45 @@ from .quant import kernels
 def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ w[out, in].T (+ b): in float32, or in the weights' dtype (bfloat16) with a float32 result.
 
-    Float32 products go to numpy's BLAS (OpenBLAS in the numpy wheels): on one token its matrix-vector
-    kernel streams the weights about twice as fast as torch's CPU kernel (BENCHMARKS.md), and decode
-    is nothing but streaming the weights. A `Packed` weight (quantized, or bf16/f16 computed in float32)
-    goes through the sliced kernel of tpimpi.quant, which never holds more than a slice in float32."""
+    Float32 products go to `matmul_f32`. A `Packed` weight (quantized, or bf16/f16 computed in float32)
+    goes through the sliced kernel of tpimpi.quant, which never holds more than a slice in float32; an
+    `Int4Packed` one (resident q4/q8 under --compute bfloat16) through torch's int4 kernel."""
     if isinstance(w, (kernels.Packed, kernels.Int4Packed)):
         y = kernels.matmul(x, w)
         return y if b is None else y.add_(b)
     if w.dtype == torch.float32 and x.dtype == torch.float32:
-        y = torch.from_numpy(np.matmul(x.numpy(), w.numpy().T))
+        y = matmul_f32(x, w)
         return y if b is None else y.add_(b)
     return F.linear(x.to(w.dtype), w, b).float()
+
+
+TORCH_ROWS = range(2, 8)  # row counts T for which torch's matmul beats numpy's (measured, BENCHMARKS.md)
+
+
+def matmul_f32(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in] @ w[out, in].T in float32 -> [T, out] (into out if given), by the kernel measured fastest
+    for T on one thread (BENCHMARKS.md, "Kernels for quantized blocks"; the default model's qkv, gate+up
+    and down, measured under load as thread CPU time, Intel Xeon):
+      T = 1     numpy's BLAS, x @ W.T: OpenBLAS's matrix-vector kernel (0.076 / 0.291 / 0.152 ms) beat
+                torch.mm (0.109 / 0.330 / 0.190); decode is nothing but streaming the weights
+      T = 2..7  torch.mm: at T = 2 about its own T = 1 time (0.111 / 0.331 / 0.177) where numpy's x @ W.T
+                (OpenBLAS's small-M gemm) took 3.5-4.4x its T = 1 time and W @ x.T 1.9-2.5x; even at T = 4
+      T >= 8    numpy's BLAS as W @ x.T: at T = 8 0.224 / 0.847 / 0.340 against x @ W.T's 0.368 / 1.299 /
+                0.608 and torch's 0.223 / 0.981 / 0.433
+    The choice depends on T alone, so the same rows give the same bits through forward and forward_batch."""
+    T = x.shape[0]
+    if T in TORCH_ROWS:
+        return torch.mm(x, w.T, out=out)
+    xn, wn = x.numpy(), w.numpy()
+    if T == 1:
+        y = np.matmul(xn, wn.T, out=None if out is None else out.numpy())
+    else:
+        y = np.matmul(wn, xn.T).T  # [T, out], a transposed view of BLAS's [out, T]
+        if out is not None:
+            out.numpy()[...] = y
+            return out
+        y = np.ascontiguousarray(y)
+    return out if out is not None else torch.from_numpy(y)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

@@ -122,14 +122,17 @@ def plan_memory(specs: list[BlockSpec], fixed: dict[str, int], *, dtype: str, co
     small for the fixed part and one streamed block raises BudgetTooSmall naming both."""
     from .scheduler import evenly_spaced
 
+    from .quant.kernels import resident_nbytes
+
     n = len(specs)
     sizes = [sp.layout.nbytes for sp in specs]
+    held_resident = [resident_nbytes(sp.layout, compute) for sp in specs]  # q8_0 repacked for bf16: 40/34
     parts = dict(fixed, scratch=_scratch_bytes(specs, compute))
 
     def make(resident: set[int], w: int) -> MemoryPlan:
         streamed = [sizes[b] for b in range(n) if b not in resident]
         w = min(w, len(streamed))
-        held = sum(sizes[b] for b in resident) + w * (max(streamed) if streamed else 0)
+        held = sum(held_resident[b] for b in resident) + w * (max(streamed) if streamed else 0)
         return MemoryPlan(frozenset(resident), w, n, dict(parts, weights=held))
 
     if window is not None and budget is None:

@@ -168,8 +168,9 @@ class BlockScheduler:
             store.read_into(specs[b].offset, memoryview(mm))
             views = block_views(arr, specs[b].layout, compute)
             if compute == "bfloat16" and all(kernels.can_int4pack(v) for k, v in views.items() if k.startswith("w")):
-                # resident q4 blocks under --compute bfloat16: repacked once for torch's int4 kernel; the
-                # block's buffer goes, only the small norm and bias are copied out of it
+                # resident q4_0/q4_1/q8_0 blocks (output head chunks too) under --compute bfloat16: repacked
+                # once for torch's int4 kernel (q8_0 as two 4-bit planes); the block's buffer goes, only the
+                # small norm and bias are copied out of it
                 packed = {k: kernels.int4pack(v) if k.startswith("w") else v.clone() for k, v in views.items()}
                 del views, arr
                 mm.close()

@@ -4,15 +4,23 @@
 
 For each matrix of a layer (fused qkv, o, fused gate+up, down; and the output head) and each count of
 tokens, the median time of x [T, in] @ W.T by:
-  float32-blas        numpy's BLAS on float32 weights (what float32 stores run)
-  bfloat16-torch      torch's F.linear, bfloat16 weights and activations (--compute bfloat16)
-  q8_0/q4_0/q4_1      tpimpi.quant.kernels: the stored GGUF blocks dequantized a slice at a time into a
-                      float32 scratch, then BLAS; results equal the gguf package's dequantized weights
-  int4pack-bf16       torch's _weight_int4pack_mm_for_cpu, groups of 32 (what torchao's CPU int4 layout
-                      calls): bfloat16 activations, scales, zero points and output
-  int4pack-f32        the same op with float32 activations, scales and zero points
+  float32-blas        numpy's BLAS on float32 weights, x @ W.T
+  float32-blas-wx     numpy's BLAS as W @ x.T (a different OpenBLAS kernel when T > 1)
+  float32-torch       torch.mm on float32 weights
+  float32-tpimpi      layers.matmul_f32: the one of the three chosen for T (what float32 stores run)
+  bfloat16-torch      torch's F.linear, bfloat16 weights and activations (--compute bfloat16, bf16 store)
+  q8_0/q4_0/q4_1      tpimpi.quant.kernels' exact kernel: the stored GGUF blocks dequantized a slice at a
+                      time into a float32 scratch, then BLAS; weights bit-identical to the gguf package's
+  q4_0/q4_1-planar    a candidate exact kernel: a q4 row unpacked as its low nibbles then its high ones,
+                      4 bytes at a time into contiguous memory, x permuted to that order once per call
+  q4_1-int4pack-bf16  what --compute bfloat16 runs for a resident q4_1 matrix (kernels.int4pack): torch's
+                      _weight_int4pack_mm_for_cpu, groups of 32, bfloat16 activations, scales and output
+  q8_0-planes-bf16    the same for a q8_0 matrix: two exact 4-bit planes, one call each, added
+  q8_0-planes1-bf16   the two planes stacked as one [2 out, in] matrix: one call, the halves added
+  int4pack-f32        torch's int4 op with float32 activations, scales and zero points (a reference loop)
   int8pack-bf16       torch's _weight_int8pack_mm: int8 weights with one scale per row (not per group)
-Threads: one (as each rank runs with cores / local ranks). Prints a Markdown table; rank 0 alone.
+Threads: one (as each rank runs with cores / local ranks). The candidates of one matrix and T are timed
+in turn, round after round. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -39,36 +47,52 @@ def _shapes(name: str) -> list[tuple[str, int, int]]:
             ("down", c.hidden, c.ffn), ("head", c.vocab, c.hidden)]
 
 
-def _median_ms(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+def _medians_ms(fns: dict, repeat: int, slow: dict) -> dict:
+    """name -> median ms of fns[name](), the candidates timed in turn within each round (so a change of
+    load or clock speed during the run touches them all alike); slow[name] rounds instead of repeat."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up: first-touch allocation, packing caches
+    for i in range(repeat):
+        for name, fn in fns.items():
+            if i < slow.get(name, repeat):
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
 def candidates(n: int, k: int, T: int, rng) -> dict:
     """name -> (function, bytes of weights it reads)."""
+    from ..layers import matmul_f32
+
     w = (rng.standard_normal((n, k), dtype=np.float32) * 0.05).astype(np.float32)
     x = torch.from_numpy(rng.standard_normal((T, k), dtype=np.float32))
-    xn, out = x.numpy(), {}
+    xn, wt, out = x.numpy(), torch.from_numpy(w), {}
     out["float32-blas"] = (lambda: np.matmul(xn, w.T), w.nbytes)
-    wb, xb = torch.from_numpy(w).bfloat16(), x.bfloat16()
+    out["float32-blas-wx"] = (lambda: np.matmul(w, xn.T), w.nbytes)
+    out["float32-torch"] = (lambda: torch.mm(x, wt.T), w.nbytes)
+    out["float32-tpimpi"] = (lambda: matmul_f32(x, wt), w.nbytes)
+    wb, xb = wt.bfloat16(), x.bfloat16()
     out["bfloat16-torch"] = (lambda: torch.nn.functional.linear(xb, wb), wb.numel() * 2)
+    packed = {}
     for fmt in qf.QUANTS:
         rec = torch.from_numpy(np.frombuffer(qf.to_bytes(qf.quantize(w, fmt), fmt), np.uint8).reshape(n, -1).copy())
-        p = kernels.Packed(fmt, rec, (n, k))
+        packed[fmt] = p = kernels.Packed(fmt, rec, (n, k))
         out[fmt] = (lambda p=p: kernels.matmul(x, p), rec.numel())
+        if fmt != "q8_0":
+            out[f"{fmt}-planar"] = (lambda p=p: kernels.matmul(x, p, planar=True), rec.numel())
+    for fmt, name in (("q4_1", "q4_1-int4pack-bf16"), ("q8_0", "q8_0-planes-bf16")):
+        p4 = kernels.int4pack(packed[fmt])
+        out[name] = (lambda p4=p4: kernels.matmul(x, p4), kernels.int4pack_nbytes(fmt, (n, k)))
+    p8, mm = kernels.int4pack(packed["q8_0"]), torch.ops.aten._weight_int4pack_mm_for_cpu
+    both = p8.packed.view(2 * n, k // 2), torch.cat(list(p8.scales_zeros), 1).contiguous()  # [2 out, ...]
+    out["q8_0-planes1-bf16"] = (lambda: (lambda y: y[:, :n].float().add_(y[:, n:]))(mm(xb, both[0], 32, both[1])),
+                                kernels.int4pack_nbytes("q8_0", (n, k)))
     q = torch.randint(0, 16, (n, k), dtype=torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    packed4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     sz = torch.rand(k // 32, n, 2)
-    sz_b = sz.bfloat16()
-    out["int4pack-bf16"] = (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, 32, sz_b),
-                            packed.numel() + sz_b.numel() * 2)
-    out["int4pack-f32"] = (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz),
-                           packed.numel() + sz.numel() * 4)
+    out["int4pack-f32"] = (lambda: mm(x, packed4, 32, sz), packed4.numel() + sz.numel() * 4)
     w8, s8 = torch.randint(-128, 127, (n, k), dtype=torch.int8), torch.rand(n).bfloat16()
     out["int8pack-bf16"] = (lambda: torch.ops.aten._weight_int8pack_mm(xb, w8, s8), w8.numel() + n * 2)
     return out
@@ -84,9 +108,11 @@ def run(shapes: list[str], tokens: list[int], repeat: int, slow_repeat: int) -> 
         for shape in shapes:
             for mat, n, k in _shapes(shape):
                 for T in tokens:
-                    for name, (fn, nbytes) in candidates(n, k, T, rng).items():
-                        r = slow_repeat if name == "int4pack-f32" else repeat
-                        ms = _median_ms(fn, r)
+                    cands = candidates(n, k, T, rng)
+                    medians = _medians_ms({name: fn for name, (fn, _) in cands.items()}, repeat,
+                                          {"int4pack-f32": slow_repeat})
+                    for name, (_, nbytes) in cands.items():
+                        ms = medians[name]
                         rows.append({"shape": shape, "matrix": mat, "out": n, "in": k, "tokens": T, "kernel": name,
                                      "ms": round(ms, 4), "weight_GBps": round(nbytes / ms / 1e6, 2)})
                         print(f"{shape:14s} {mat:8s} [{n}x{k}] T={T:<3d} {name:15s} {ms:9.3f} ms", file=sys.stderr)

@@ -9,6 +9,8 @@ transformers computes from a GGUF): every product d*q is exact in float32 and q4
 Why this kernel: BENCHMARKS.md ("Kernels for quantized blocks") measures the candidates. torch's fused
 int4/int8 weight-only kernels are fast only with bfloat16 activations, scales and outputs, which cannot
 hold GGUF's float16 scales exactly; with float32 activations they fall back to slow reference loops.
+So they serve `--compute bfloat16` only: `int4pack` repacks a resident q4_0/q4_1 matrix, or a q8_0 one
+as two exact 4-bit planes, for torch's int4 kernel (the second half of this module).
 """
 
 from __future__ import annotations
@@ -52,13 +54,22 @@ class _Scratch(threading.local):
             self.u8 = torch.empty(self.f32.numel() // 2, dtype=torch.uint8)  # [elements / 2] nibbles
         return self.f32, self.u8
 
+    def planar(self, elems: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The planar candidate's extra scratch: uint8 [1.5 * elements], float32 [2 * elements / GROUP]."""
+        have = getattr(self, "u8p", None)
+        if have is None or have.numel() < elems * 3 // 2:
+            self.u8p = torch.empty(elems * 3 // 2, dtype=torch.uint8)
+            self.dm = torch.empty(2 * (elems // GROUP))
+        return self.u8p, self.dm
+
 
 _SCRATCH = _Scratch()
 
 
 def dequantize_into(fmt: str, rec: torch.Tensor, out: torch.Tensor, tmp: torch.Tensor) -> None:
-    """out [n, in] float32 <- the weights of n row records uint8 [n, row bytes] in fmt (formats.py).
-    tmp: uint8 scratch of at least n * in / 2 elements."""
+    """out [n, in] float32 <- the weights of n row records uint8 [n, row bytes] in fmt (formats.py), in
+    GGUF's order, bit-identical to the gguf package's dequantization. tmp: uint8 scratch of at least
+    n * in / 2 elements."""
     n, k = out.shape
     g = k // GROUP
     q = k if fmt == "q8_0" else k // 2  # bytes of quants per row
@@ -81,18 +92,44 @@ def dequantize_into(fmt: str, rec: torch.Tensor, out: torch.Tensor, tmp: torch.T
         w.mul_(d).add_(rec[:, q + 2 * g :].view(torch.float16).unsqueeze(-1))  # d * q + m, as gguf does
 
 
-def to_float32(w: Packed, rows: slice, out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    """out [r, in] <- rows of w as float32 (dequantized or upcast); returns out."""
-    if w.fmt in QUANTS:
-        dequantize_into(w.fmt, w.data[rows], out, tmp)
+# A candidate measured against dequantize_into (tpimpi.quant.bench, "-planar"), not faster on the machine
+# measured so far (BENCHMARKS.md): a q4 row's weights in two halves, the low nibbles of all its bytes then
+# the high ones, unpacked 4 bytes at a time into contiguous memory, with x permuted to that order once per
+# call (each weight keeps its exact value; a dot product does not care about the order of its terms).
+
+
+def planar_order(x: torch.Tensor) -> torch.Tensor:
+    """x [T, in] -> a copy with its columns in the planar order of a q4 row (low nibbles, then high)."""
+    T, k = x.shape
+    return x.view(T, k // GROUP, 2, 16).transpose(1, 2).reshape(T, k)  # [T, low/high * groups * 16]
+
+
+def dequantize_planar(fmt: str, rec: torch.Tensor, out: torch.Tensor, u8: torch.Tensor, dm: torch.Tensor) -> None:
+    """out [n, in] float32 <- the q4_0/q4_1 weights of rec in planar order, each exactly the gguf package's.
+    Scratch: u8 uint8 [>= 1.5 * n * in], dm float32 [>= 2 * n * in / GROUP]."""
+    n, k = out.shape
+    g, qb = k // GROUP, k // 2
+    nd = 2 * g if fmt == "q4_1" else g  # float16 scales (and minimums) per row, after the quants
+    scales = dm[: n * nd].view(n, nd)
+    scales.copy_(rec[:, qb : qb + 2 * nd].view(torch.float16))  # [n, d's (then m's)]
+    qs = rec[:, :qb]
+    if qs.stride(0) % 4 or qs.storage_offset() % 4:  # rows not on 4-byte boundaries (q4_0, odd groups)
+        qs = u8[n * k : n * k + n * qb].view(n, qb).copy_(qs)
+    words = qs.view(torch.int32)  # [n, in / 8]: 4 bytes of nibbles each
+    halves = u8[: n * k].view(n, 2, qb).view(torch.int32)  # [n, low/high, in / 8]
+    torch.bitwise_and(words, 0x0F0F0F0F, out=halves[:, 0])
+    torch.bitwise_right_shift(words, 4, out=halves[:, 1]).bitwise_and_(0x0F0F0F0F)
+    out.copy_(u8[: n * k].view(n, k))
+    w, d = out.view(n, 2, g, 16), scales[:, :g].view(n, 1, g, 1)  # [n, low/high, groups, 16]
+    if fmt == "q4_0":
+        w.sub_(8).mul_(d)
     else:
-        out.copy_(w.data[rows])
-    return out
+        w.mul_(d).add_(scales[:, g:].view(n, 1, g, 1))
 
 
-def matmul(x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
+def matmul(x: torch.Tensor, w, out: torch.Tensor | None = None, planar: bool = False) -> torch.Tensor:
     """x [T, in] float32 @ w.T -> [T, out] float32: a Packed w a slice of rows at a time through the
-    scratch, an Int4Packed one through torch's int4 kernel."""
+    scratch, an Int4Packed one through torch's int4 kernel. planar: the planar q4 candidate (benchmarks)."""
     if isinstance(w, Int4Packed):
         y = int4_matmul(x, w)
         return y if out is None else out.copy_(y)
@@ -102,12 +139,27 @@ def matmul(x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
         return y.zero_()
     f32, u8 = _SCRATCH.get(k)
     step = max(1, f32.numel() // k)
-    xn, yn = x.numpy(), y.numpy()
+    planar = planar and w.fmt in ("q4_0", "q4_1")
+    u8p, dm = _SCRATCH.planar(f32.numel()) if planar else (None, None)
+    xn, yn = (planar_order(x) if planar else x).numpy(), y.numpy()
     for r0 in range(0, n_out, step):
         r1 = min(n_out, r0 + step)
-        ws = to_float32(w, slice(r0, r1), f32[: (r1 - r0) * k].view(r1 - r0, k), u8)  # [r, in]
+        ws = f32[: (r1 - r0) * k].view(r1 - r0, k)  # [r, in]
+        if planar:
+            dequantize_planar(w.fmt, w.data[r0:r1], ws, u8p, dm)
+        else:
+            to_float32(w, slice(r0, r1), ws, u8)
         np.matmul(xn, ws.numpy().T, out=yn[:, r0:r1])
     return y
+
+
+def to_float32(w: Packed, rows: slice, out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """out [r, in] <- rows of w as float32 (dequantized or upcast); returns out."""
+    if w.fmt in QUANTS:
+        dequantize_into(w.fmt, w.data[rows], out, tmp)
+    else:
+        out.copy_(w.data[rows])
+    return out
 
 
 def rows_to_float32(fmt: str, raw: torch.Tensor, out: torch.Tensor) -> None:
@@ -125,21 +177,34 @@ assert set(FLOATS) == set(TORCH_FLOATS)
 
 
 # ---------------------------------------------------------------------------------------------------
-# --compute bfloat16: torch's fused int4 kernel for resident q4_0/q4_1 matrices (fast, approximate)
+# --compute bfloat16: torch's fused int4 kernel for resident q4_0/q4_1/q8_0 matrices (fast, approximate)
 
 PACK_ROWS = 64  # rows packed at a time: torch's CPU int4 packing works in tiles of up to 64 rows
+INT4_FORMATS = ("q4_0", "q4_1", "q8_0")
 
 
 @dataclass(frozen=True)
 class Int4Packed:
-    """A q4_0/q4_1 matrix [out, in] repacked for torch's _weight_int4pack_mm_for_cpu: the same 4-bit
-    integers, with scales and zero points [in / 32, out, 2] in bfloat16 (w = (q - 8) * scale + zero:
-    q4_0's d and 0, q4_1's d and m + 8d, rounded to bfloat16). Products take bfloat16 activations and
-    give bfloat16 results: about 3 significant digits, like a bfloat16 store."""
+    """A q4_0/q4_1/q8_0 matrix [out, in] repacked for torch's _weight_int4pack_mm_for_cpu, which computes
+    w = (nibble - 8) * scale + zero per group of 32 with bfloat16 scales and zeros.
 
-    packed: torch.Tensor
-    scales_zeros: torch.Tensor
+    q4_0/q4_1 (one plane): the same nibbles; scale d and zero 0 (q4_0) or m + 8d (q4_1), rounded to
+    bfloat16. 20 bytes per group of 32 weights, as Q4_1 (Q4_0: 18).
+    q8_0 (two planes): q = 16 * hi + lo exactly, with hi = q >> 4 in -8..7 and lo = q & 15 in 0..15. Plane
+    0 holds hi + 8 with scale 16d and zero 0 (giving 16 d hi), plane 1 lo with scale d and zero 8d (giving
+    d lo); y = plane 0's product + plane 1's. The integers are exact, d is rounded to bfloat16 (16d and 8d
+    are then exact too). 2 x 16 bytes of nibbles + 2 x 4 bytes of scales and zeros = 40 bytes per group
+    of 32 weights (Q8_0: 34, so 1.18x).
+    Products take bfloat16 activations and give bfloat16 results (each plane's, for q8_0, added in
+    float32): about 3 significant digits, like a bfloat16 store."""
+
+    packed: torch.Tensor  # uint8 [planes, out, in / 2]
+    scales_zeros: torch.Tensor  # bfloat16 [planes, in / 32, out, 2]
     shape: tuple[int, int]
+
+    @property
+    def planes(self) -> int:
+        return self.packed.shape[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,30 +216,77 @@ def _int4_tiles_are_row_local() -> bool:
     return torch.equal(whole, torch.cat(parts))
 
 
+def _packable(fmt: str, shape: tuple[int, ...]) -> bool:
+    return fmt in INT4_FORMATS and len(shape) == 2 and shape[0] % 16 == 0 and shape[0] > 0 and shape[1] > 0
+
+
 def can_int4pack(w) -> bool:
-    return isinstance(w, Packed) and w.fmt in ("q4_0", "q4_1") and w.shape[0] % 16 == 0 and w.shape[0] > 0 \
-        and w.shape[1] > 0
+    return isinstance(w, Packed) and _packable(w.fmt, w.shape)
+
+
+def int4pack_nbytes(fmt: str, shape: tuple[int, int]) -> int:
+    """Bytes of a matrix of `shape` in fmt once repacked by `int4pack`."""
+    planes = 2 if fmt == "q8_0" else 1
+    return planes * shape[0] * (shape[1] // 2 + shape[1] // GROUP * 4)
+
+
+def resident_nbytes(layout, compute: str) -> int:
+    """Bytes a resident block (a store.BlockLayout) holds: under --compute bfloat16, when all its matrices
+    can be repacked for the int4 kernel, their repacked bytes (BlockScheduler frees the stored buffer);
+    else its stored bytes."""
+    mats = [p for p in layout.parts if p.name.startswith("w")]
+    if compute != "bfloat16" or not mats or not all(_packable(p.fmt, p.shape) for p in mats):
+        return layout.nbytes
+    return sum(int4pack_nbytes(p.fmt, p.shape) if p.name.startswith("w") else p.nbytes for p in layout.parts)
+
+
+def q8_planes(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q8_0's integers q (int8 [..]) -> the two 4-bit planes int32 (hi + 8 in 0..15, lo in 0..15), with
+    q = 16 * (hi + 8 - 8) + lo exactly for every int8 (GGUF's quantizer writes -127..127)."""
+    q = q.to(torch.int32)
+    return (q >> 4) + 8, q & 15
+
+
+def _plane_rows(w: Packed, plane: int, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows [r0, r1) of one 4-bit plane of w: (nibbles int32 [r, in], scales, zeros float32 [r, in / 32])."""
+    k = w.shape[1]
+    g, qb = k // GROUP, (k if w.fmt == "q8_0" else k // 2)
+    rec = w.data[r0:r1]
+    d = rec[:, qb : qb + 2 * g].view(torch.float16).float()  # [rows, groups]
+    if w.fmt == "q8_0":
+        hi, lo = q8_planes(rec[:, :k].view(torch.int8))
+        return (hi, 16 * d, torch.zeros_like(d)) if plane == 0 else (lo, d, 8 * d)
+    ints = torch.empty(rec.shape[0], g, 2, 16, dtype=torch.int32)  # [rows, groups, low/high, 16]
+    qs = rec[:, :qb].reshape(-1, g, 16)
+    ints[:, :, 0] = qs & 15
+    ints[:, :, 1] = qs >> 4
+    zero = torch.zeros_like(d) if w.fmt == "q4_0" else rec[:, qb + 2 * g :].view(torch.float16).float() + 8 * d
+    return ints.view(-1, k), d, zero
 
 
 def int4pack(w: Packed) -> Int4Packed:
-    """Repack a resident q4_0/q4_1 matrix for torch's int4 kernel, PACK_ROWS rows at a time."""
+    """Repack a resident q4_0/q4_1/q8_0 matrix for torch's int4 kernel, PACK_ROWS rows at a time (the
+    transient is a tile of int32 nibbles, never the matrix)."""
     n, k = w.shape
-    g, q = k // GROUP, k // 2
+    planes = 2 if w.fmt == "q8_0" else 1
     step = PACK_ROWS if _int4_tiles_are_row_local() else n
-    packed = torch.empty(n, k // 2, dtype=torch.uint8)
-    for r0 in range(0, n, step):
-        rec = w.data[r0 : r0 + step]
-        ints = torch.empty(rec.shape[0], g, 2, 16, dtype=torch.int32)  # [rows, groups, low/high, 16]
-        qs = rec[:, :q].reshape(-1, g, 16)
-        ints[:, :, 0] = qs & 15
-        ints[:, :, 1] = qs >> 4
-        packed[r0 : r0 + step] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(ints.view(-1, k), 1)
-    d = w.data[:, q : q + 2 * g].view(torch.float16).float()  # [out, groups]
-    zero = torch.zeros_like(d) if w.fmt == "q4_0" else w.data[:, q + 2 * g :].view(torch.float16).float() + 8 * d
-    sz = torch.stack([d.T, zero.T], dim=-1).to(torch.bfloat16).contiguous()  # [groups, out, 2]
+    packed = torch.empty(planes, n, k // 2, dtype=torch.uint8)
+    sz = torch.empty(planes, k // GROUP, n, 2, dtype=torch.bfloat16)  # [planes, groups, rows, scale/zero]
+    for plane in range(planes):
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            ints, scale, zero = _plane_rows(w, plane, r0, r1)
+            packed[plane, r0:r1] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(ints, 1)
+            sz[plane, :, r0:r1, 0] = scale.T
+            sz[plane, :, r0:r1, 1] = zero.T
     return Int4Packed(packed, sz, w.shape)
 
 
 def int4_matmul(x: torch.Tensor, w: Int4Packed) -> torch.Tensor:
-    """x [T, in] @ w.T -> [T, out] float32, through torch's fused int4 kernel in bfloat16."""
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), w.packed, GROUP, w.scales_zeros).float()
+    """x [T, in] @ w.T -> [T, out] float32, through torch's fused int4 kernel in bfloat16, one call per
+    plane (two calls measured faster than one on the planes stacked as [2 out, in]: BENCHMARKS.md)."""
+    xb, mm = x.to(torch.bfloat16), torch.ops.aten._weight_int4pack_mm_for_cpu
+    y = mm(xb, w.packed[0], GROUP, w.scales_zeros[0]).float()  # [T, out]
+    for p in range(1, w.planes):
+        y.add_(mm(xb, w.packed[p], GROUP, w.scales_zeros[p]))  # q8_0: 16 d hi + d lo
+    return y
