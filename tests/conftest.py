@@ -28,6 +28,15 @@ def tiny_gguf(tiny_hf, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_source(tiny_gguf):
+    """The tiny GGUF opened once, for convert() in place of its path (as test_failures' long_stores does):
+    parsing the file's 49k-token vocabulary is most of the time of a tiny model's conversion."""
+    from tpimpi.sources import open_source
+
+    return open_source(tiny_gguf)
+
+
+@pytest.fixture(scope="session")
 def tiny_ref(tiny_gguf, prompt_ids):
     """Reference logits and 8 greedy tokens from transformers on the tiny GGUF."""
     from tinymodels import hf_greedy, hf_last_logits, hf_model
@@ -47,3 +56,19 @@ def one_thread():
     with threadpool_limits(1, user_api="blas"):
         yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """One TPIMPI_CACHE for the tests that run the default model from the command line (test_lowmem, test_model,
+    test_readme, test_scheduler, test_slurm): each of its conversions, about ten seconds of CPU, is made by the
+    first test that needs it and reused by the others. Fresh for each run of pytest."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def default_hf():
+    """The default model in transformers (float32, eval mode), loaded once for the tests that compare with it."""
+    from tinymodels import default_gguf_path, hf_model
+
+    return hf_model(default_gguf_path())

@@ -22,8 +22,8 @@ MAX_SEQ = 128
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_gguf, tmp_path_factory):
-    store = convert(tiny_gguf, tmp_path_factory.mktemp("chat") / "s1", 1, quiet=True)
+def engine(tiny_source, tmp_path_factory):
+    store = convert(tiny_source, tmp_path_factory.mktemp("chat") / "s1", 1, quiet=True)
     eng = Engine(SerialComm(), store, max_seq=MAX_SEQ, mem=MemoryOptions(resident=True)).load()
     yield eng
     eng.close()

@@ -91,12 +91,12 @@ def test_a_store_against_itself_and_against_a_perturbed_one(qtiny, text_ids, tmp
 
 
 @pytest.mark.slow
-def test_default_model_perplexity_equals_transformers(tmp_path):
+def test_default_model_perplexity_equals_transformers(tmp_path, default_hf):
     src = tm.default_gguf_path()
     path = convert(src, tmp_path / "s", 1, dtype="auto", quiet=True)
     ids = ev.text_ids(Tokenizer.load(path), ev.builtin_text(), 48)
     got = evaluate(path, 1, ids, ctx=48)["perplexity"]
-    want = hf_perplexity(tm.hf_model(src), ids, 48)
+    want = hf_perplexity(default_hf, ids, 48)
     assert abs(got / want - 1) < 1e-4, (got, want)
 
 

@@ -35,9 +35,9 @@ json_values = st.recursive(
 
 
 @pytest.fixture(scope="module")
-def base(tiny_gguf, tmp_path_factory):
+def base(tiny_source, tmp_path_factory):
     """A real 2-rank store, its manifest, and the scratch directory the examples damage copies in."""
-    st_dir = convert(tiny_gguf, tmp_path_factory.mktemp("fuzz") / "s2", 2, quiet=True)
+    st_dir = convert(tiny_source, tmp_path_factory.mktemp("fuzz") / "s2", 2, quiet=True)
     return st_dir, json.loads((st_dir / store.MANIFEST).read_text())
 
 

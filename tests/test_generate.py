@@ -150,24 +150,24 @@ def test_prompt_longer_than_context(env, tiny_gguf):
                            "--max-seq-len 16 leaves no room")
 
 
-def test_store_split_for_another_rank_count(env, tiny_gguf, tmp_path):
-    st = convert(tiny_gguf, tmp_path / "s3", 3, quiet=True)
+def test_store_split_for_another_rank_count(env, tiny_source, tmp_path):
+    st = convert(tiny_source, tmp_path / "s3", 3, quiet=True)
     assert_one_clear_error(generate(env, "--model", st, "--prompt", "x", np=2),
                            "split for 3 ranks, launched with 2; split it for 2 with: python -m tpimpi.convert")
 
 
-def test_damaged_worker_file(env, tiny_gguf, tmp_path):
-    st = convert(tiny_gguf, tmp_path / "s2", 2, quiet=True)
+def test_damaged_worker_file(env, tiny_source, tmp_path):
+    st = convert(tiny_source, tmp_path / "s2", 2, quiet=True)
     f = st / "rank001.safetensors"
     os.truncate(f, f.stat().st_size - 1)
     assert_one_clear_error(generate(env, "--model", st, "--prompt", "x", np=2), "rank 1: ")
     assert "rank001.safetensors" in errors(generate(env, "--model", st, "--prompt", "x", np=2))[0]
 
 
-def test_conversion_options_are_refused_for_a_ready_store(env, tiny_gguf, tmp_path):
+def test_conversion_options_are_refused_for_a_ready_store(env, tiny_source, tmp_path):
     """--dtype and --ratios choose how a source is converted; a store holding something else is not silently
     run as it is."""
-    st = convert(tiny_gguf, tmp_path / "s2", 2, quiet=True)
+    st = convert(tiny_source, tmp_path / "s2", 2, quiet=True)
     p = generate(env, "--model", st, "--dtype", "bfloat16", "--ratios", "2,1", np=2, stdin=b"hi")
     assert_one_clear_error(p, "--dtype bfloat16 (it holds float32) and --ratios 2,1 (it was split 1,1) cannot apply "
                               f"to the ready store '{st}'")

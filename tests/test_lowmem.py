@@ -39,25 +39,31 @@ def run(env, *args, limit=None, np=2, timeout=180):
 
 
 @pytest.fixture(scope="module")
-def unlimited(env):
+def default_env(env, model_cache):
+    """The command line's environment with the session's cache of default-model stores."""
+    return dict(env, TPIMPI_CACHE=str(model_cache))
+
+
+@pytest.fixture(scope="module")
+def unlimited(default_env):
     """The reference run without a limit (it also converts the model for 2 ranks, outside any cgroup)."""
-    p = run(env, "--resident")
+    p = run(default_env, "--resident")
     assert p.returncode == 0, p.stderr.decode()
     return json.loads(p.stdout.decode().strip().splitlines()[-1])
 
 
 @needs_cgroups
-def test_resident_slices_do_not_fit_and_the_oom_killer_says_so(env, unlimited):
+def test_resident_slices_do_not_fit_and_the_oom_killer_says_so(default_env, unlimited):
     assert min(unlimited["peak_rss_bytes"]) > LIMIT  # the premise: every rank's resident slice is too big
-    p = run(env, "--resident", limit=LIMIT)
+    p = run(default_env, "--resident", limit=LIMIT)
     err = p.stderr.decode(errors="replace")
     assert p.returncode != 0
     assert "OOM killer ended the command" in err and "does not fit in 440 MiB" in err, err
 
 
 @needs_cgroups
-def test_default_plan_streams_under_the_limit_with_the_same_tokens(env, unlimited):
-    p = run(env, limit=LIMIT)
+def test_default_plan_streams_under_the_limit_with_the_same_tokens(default_env, unlimited):
+    p = run(default_env, limit=LIMIT)
     assert p.returncode == 0, p.stderr.decode()
     r = json.loads(p.stdout.decode().strip().splitlines()[-1])
     assert r["token_ids"] == unlimited["token_ids"]

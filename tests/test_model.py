@@ -24,8 +24,8 @@ def _run(store, world, prompt_ids, n_new=8):
 @pytest.mark.parametrize("world,ratios", [(1, None), (2, None), (3, None), (4, None), (5, None), (8, None),
                                           (9, None), (12, None), (16, None), (2, "3,1"), (3, "1,2,4"),
                                           (4, "1,1,1,5"), (8, "2,1,1,1,1,1,1,3")])
-def test_tiny_gguf_matches_transformers(tiny_gguf, tiny_ref, prompt_ids, tmp_path, world, ratios):
-    store = convert(tiny_gguf, tmp_path / "s", world, ratios, quiet=True)
+def test_tiny_gguf_matches_transformers(tiny_source, tiny_ref, prompt_ids, tmp_path, world, ratios):
+    store = convert(tiny_source, tmp_path / "s", world, ratios, quiet=True)
     logits, tokens = _run(store, world, prompt_ids)
     ref_logits, ref_tokens = tiny_ref
     assert rel_err(logits, ref_logits) < TOL
@@ -55,14 +55,14 @@ def test_hf_bfloat16_checkpoint_is_read_exactly(tmp_path, prompt_ids):
 
 
 @pytest.mark.slow
-def test_default_model_matches_transformers(tmp_path, prompt_ids):
-    from tinymodels import default_gguf_path, hf_greedy, hf_last_logits, hf_model
+def test_default_model_matches_transformers(default_hf, model_cache, monkeypatch, prompt_ids):
+    from tinymodels import hf_greedy, hf_last_logits
+    from tpimpi.models import prepare
 
-    m = hf_model(default_gguf_path())
-    ref_logits, ref_tokens = hf_last_logits(m, prompt_ids), hf_greedy(m, prompt_ids, 8)
-    del m
+    ref_logits, ref_tokens = hf_last_logits(default_hf, prompt_ids), hf_greedy(default_hf, prompt_ids, 8)
+    monkeypatch.setenv("TPIMPI_CACHE", str(model_cache))  # the stores the command line makes, shared
     for world in (1, 3):
-        store = convert(default_gguf_path(), tmp_path / f"s{world}", world, quiet=True)
+        store = prepare(None, world, quiet=True)
         logits, tokens = _run(store, world, prompt_ids)
         assert rel_err(logits, ref_logits) < TOL
         assert tokens == ref_tokens

@@ -2,8 +2,10 @@
 the same logits and greedy tokens as transformers, with both allreduce algorithms and with ratios,
 and the worker ranks see nothing but hidden-state floats and control words."""
 
+import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +14,13 @@ import torch
 from harness import rel_err, run_store
 from tpimpi import comm as comm_mod
 from tpimpi.convert import convert
+from tpimpi.sources import open_source
 
 pytestmark = pytest.mark.mpi(min_size=2)
 TOL = 1e-4
+# Set by tests/run.sh to one directory for every rank count it runs: the tiny GGUF and transformers'
+# reference on it (seconds of rank 0's time, the same at every size) are made at the first size, read after.
+KEEP = os.environ.get("TPIMPI_TEST_SHARED")
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +45,9 @@ def stores(comm, tiny_gguf_shared):
     root = _shared_dir(comm)
     ratios = ",".join(str(1 + r % 3) for r in range(comm.size))
     if comm.rank == 0:
-        convert(tiny_gguf_shared, f"{root}/eq", comm.size, quiet=True)
-        convert(tiny_gguf_shared, f"{root}/ratios", comm.size, ratios, quiet=True)
+        src = open_source(tiny_gguf_shared)  # the file parsed once for both
+        convert(src, f"{root}/eq", comm.size, quiet=True)
+        convert(src, f"{root}/ratios", comm.size, ratios, quiet=True)
     comm.barrier()
     yield {"eq": f"{root}/eq", "ratios": f"{root}/ratios"}
     comm.barrier()
@@ -49,29 +56,42 @@ def stores(comm, tiny_gguf_shared):
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf_shared(comm, tmp_path_factory):
-    """One tiny GGUF for all ranks (rank 0 writes it where everyone can read it)."""
-    root = _shared_dir(comm)
-    if comm.rank == 0:
+def tiny_gguf_shared(comm):
+    """One tiny GGUF for all ranks (rank 0 writes it where everyone can read it, whole or not at all)."""
+    root = KEEP or _shared_dir(comm)
+    gguf = Path(root) / "tiny.gguf"
+    if comm.rank == 0 and not gguf.exists():
         from tinymodels import make_tiny_gguf, make_tiny_hf
 
-        hf = make_tiny_hf(f"{root}/hf", seed=1)
-        make_tiny_gguf(f"{root}/tiny.gguf", hf_dir=hf)
+        build = Path(tempfile.mkdtemp(prefix="build-", dir=root))
+        make_tiny_gguf(build / "tiny.gguf", hf_dir=make_tiny_hf(build / "hf", seed=1))
+        os.replace(build / "tiny.gguf", gguf)
+        shutil.rmtree(build)
     comm.barrier()
-    yield f"{root}/tiny.gguf"
+    yield str(gguf)
     comm.barrier()
-    if comm.rank == 0:
+    if comm.rank == 0 and not KEEP:
         shutil.rmtree(root)
 
 
 @pytest.fixture(scope="module")
 def reference(comm, tiny_gguf_shared, prompt_ids):
+    """transformers' last logits and 8 greedy tokens (rank 0; kept beside the GGUF, in .npz without pickles)."""
     if comm.rank != 0:
         return None, None
+    saved = Path(tiny_gguf_shared).with_name("reference.npz")
+    if saved.exists():
+        with np.load(saved) as z:
+            if z["prompt"].tolist() == prompt_ids:
+                return z["logits"], z["tokens"].tolist()
     from tinymodels import hf_greedy, hf_last_logits, hf_model
 
     m = hf_model(tiny_gguf_shared)
-    return hf_last_logits(m, prompt_ids), hf_greedy(m, prompt_ids, 8)
+    logits, tokens = hf_last_logits(m, prompt_ids), hf_greedy(m, prompt_ids, 8)
+    with open(f"{saved}.tmp", "wb") as f:
+        np.savez(f, prompt=np.array(prompt_ids), logits=logits, tokens=np.array(tokens))
+    os.replace(f"{saved}.tmp", saved)
+    return logits, tokens
 
 
 @pytest.mark.parametrize("split", ["eq", "ratios"])

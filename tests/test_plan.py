@@ -159,12 +159,12 @@ def test_profile_file_is_checked(tmp_path):
         load_profile(path)
 
 
-def test_a_store_split_otherwise_is_refused(tiny_gguf, tmp_path):
+def test_a_store_split_otherwise_is_refused(tiny_source, tmp_path):
     from tpimpi.convert import convert
     from tpimpi.planner.planfile import check_store
     from tpimpi.store import load_manifest
 
-    store = convert(tiny_gguf, tmp_path / "s2", 2, ratios="1,1", quiet=True)
+    store = convert(tiny_source, tmp_path / "s2", 2, ratios="1,1", quiet=True)
     cfg = load_manifest(store)["config"]
     for ratios, ok in (([1, 1], True), ([30, 30], True), ([40, 20], False)):
         plan = make_plan(cfg, Profile((dev(1.0), dev(1.0))), Settings(max_seq=64), explain=False, ratios=ratios)
@@ -176,7 +176,7 @@ def test_a_store_split_otherwise_is_refused(tiny_gguf, tmp_path):
             with pytest.raises(UsageError, match="split it with: python -m tpimpi.convert SOURCE --plan-file"):
                 check_store(p, str(store))
     with pytest.raises(UsageError, match="is for 2 ranks"):
-        check_store(load_plan(write_one(tmp_path, cfg)), str(convert(tiny_gguf, tmp_path / "s1", 1, quiet=True)))
+        check_store(load_plan(write_one(tmp_path, cfg)), str(convert(tiny_source, tmp_path / "s1", 1, quiet=True)))
 
 
 def write_one(tmp_path, cfg) -> str:

@@ -65,8 +65,8 @@ def secret():
 
 
 @pytest.fixture(scope="module")
-def store(tiny_gguf, tmp_path_factory):
-    return convert(tiny_gguf, tmp_path_factory.mktemp("privacy") / f"n{NP}", NP, quiet=True)
+def store(tiny_source, tmp_path_factory):
+    return convert(tiny_source, tmp_path_factory.mktemp("privacy") / f"n{NP}", NP, quiet=True)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 
 Each block runs as one bash script (`set -euo pipefail`, so a failing line fails the block), in a
 scratch directory that links to the checkout's files (files a command writes stay out of the
-checkout), with a fresh model cache. The only change made to a command: a small token count
+checkout), with the session's model cache (tests/conftest.py: empty at the start of each pytest run and
+shared with the other tests that run the default model, so each conversion of it is made once). The only change made to a command: a small token count
 (tpimpi.generate gets --max-new-tokens 2, tpimpi.bench --new-tokens 2 --repeat 1 --warmup 0), so the
 whole file runs in tens of seconds. Commands that cannot run inside a test are listed in SKIP with the
 reason; an entry that matches no README line fails the test, so the list stays current.
@@ -96,16 +97,16 @@ def test_the_readme_has_commands_and_the_skip_list_is_current():
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, model_cache):
     """A scratch directory with the checkout's entries linked in (data/ copied: commands write results
-    there), and a fresh model cache."""
+    there), and the session's model cache."""
     d = tmp_path_factory.mktemp("readme")
     for entry in ROOT.iterdir():
         if entry.name == "data":
             shutil.copytree(entry, d / entry.name)
         elif entry.name != ".git":
             (d / entry.name).symlink_to(entry)
-    env = dict(os.environ, TPIMPI_CACHE=str(tmp_path_factory.mktemp("readme-cache")), HF_HUB_OFFLINE="1",
+    env = dict(os.environ, TPIMPI_CACHE=str(model_cache), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1")
     env.pop("OMPI_COMM_WORLD_SIZE", None)
     return d, env

@@ -17,7 +17,7 @@ import pytest
 import slurm_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
-JOB_TIMEOUT_S = 300  # the first job also converts the default model for its rank count
+JOB_TIMEOUT_S = 300  # the first job may also convert the default model for its rank count
 
 pytestmark = [
     pytest.mark.slow,
@@ -38,11 +38,11 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def job_env(cluster, tmp_path_factory):
+def job_env(cluster, model_cache):
     """What the jobs inherit (sbatch exports the submitter's environment): this interpreter first on
-    PATH, a model cache of their own."""
+    PATH, the session's model cache (its store for 2 ranks is made by the first test that needs it)."""
     path = os.path.dirname(sys.executable) + os.pathsep + cluster.env["PATH"]
-    return dict(cluster.env, PATH=path, PYTHON=sys.executable, TPIMPI_CACHE=str(tmp_path_factory.mktemp("cache")))
+    return dict(cluster.env, PATH=path, PYTHON=sys.executable, TPIMPI_CACHE=str(model_cache))
 
 
 def sbatch_wait(cluster, env, script: str, *args: str, log: Path) -> tuple[dict, str]:

@@ -138,9 +138,9 @@ def test_tiny_dir_tokenizer_is_the_default_models(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_model_knows_the_capital_of_france():
+def test_default_model_knows_the_capital_of_france(default_hf):
     path = tm.default_gguf_path()
-    tokenizer, model = tm.hf_tokenizer(path), tm.hf_model(path)
+    tokenizer, model = tm.hf_tokenizer(path), default_hf
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(prompt).input_ids

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def store(tiny_gguf, tmp_path_factory):
-    return convert(tiny_gguf, tmp_path_factory.mktemp("trace") / "s", 1, quiet=True)
+def store(tiny_source, tmp_path_factory):
+    return convert(tiny_source, tmp_path_factory.mktemp("trace") / "s", 1, quiet=True)
 
 
 def _run(store, prompt_ids, n_new, tracing):
