@@ -22,3 +22,19 @@ def test_bench_appends_under_the_cache_not_to_the_committed_results(env, tiny_gg
     assert len(lines) == 1 and json.loads(lines[0])["system"] == "tpimpi"
     assert str(cache / "results" / "bench.jsonl") in p.stdout.decode()
     assert (committed.read_bytes() if committed.exists() else None) == before
+
+
+def test_llama_cpp_baseline_runs_with_the_default_context(env, tiny_gguf, tmp_path):
+    """--baseline llama.cpp without --max-seq-len: llama.cpp gets the context tpimpi's runs get (it was
+    handed None and failed inside llama-cpp-python). Needs llama-cpp-python, an optional install that
+    builds llama.cpp from source (jobs/bench_quant.sh installs it; CI does not)."""
+    import pytest
+
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (optional: jobs/bench_quant.sh)")
+    out = tmp_path / "r.jsonl"
+    p = subprocess.run([sys.executable, "-m", "tpimpi.bench", "--baseline", "llama.cpp", "--model", str(tiny_gguf),
+                        "--new-tokens", "3", "--repeat", "1", "--warmup", "0", "--out", str(out)], cwd=ROOT,
+                       env=dict(env, TPIMPI_CACHE=str(tmp_path / "cache")), capture_output=True, timeout=300)
+    assert p.returncode == 0, p.stderr.decode()
+    row = json.loads(out.read_text())
+    assert row["system"] == "llama.cpp" and row["repeat"] == 1 and row["s_per_token"] > 0

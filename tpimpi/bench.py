@@ -272,8 +272,12 @@ def bench_llama_cpp(args) -> dict:
 
     threads = set_threads(args.threads, "torch")
     src = Path(args.model) if args.model else default_model_path()
-    llm = load_llama_cpp(src, args.max_seq_len, threads)  # refused before any conversion if it cannot run
+    n_ctx = args.max_seq_len or 1024  # the context tpimpi's runs get (bench_tpimpi)
+    llm = load_llama_cpp(src, n_ctx, threads)  # refused before any conversion if it cannot run
     ids = prompt_ids(args, src)
+    if len(ids) + args.new_tokens > n_ctx:
+        raise UsageError(f"{len(ids)} prompt tokens and {args.new_tokens} new ones do not fit a context of {n_ctx}: "
+                         "raise --max-seq-len")
     load_peak = peak_rss()
     reset_peak_rss()
     runs = []
