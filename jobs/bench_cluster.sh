@@ -86,7 +86,8 @@ ar = [r for r in rows if r.get("system") == "allreduce"]
 for (n, e) in sorted({(r["ranks"], r["elems"]) for r in ar}):
     t = {r["algo"]: r["median_s"] for r in ar if (r["ranks"], r["elems"]) == (n, e)}
     lat, bw = float(ar[0]["delay_ms"]) / 1e3, float(ar[0]["rate_mbps"]) * 1e6 / 8
-    model = 2 * lat + 4 * e / bw  # the paper's star: two hops of latency plus the bytes over the link
+    # the star: two hops of latency plus the bytes through the hub's one link, N-1 partials in, then N-1 sums out
+    model = 2 * lat + 2 * (n - 1) * 4 * e / bw
     best = min(v for a, v in t.items() if a != "auto")
     print(f"{n} ranks, {e} floats: " + ", ".join(f"{a} {v * 1e3:.2f}" for a, v in t.items()) + " ms; "
           f"star/ring {t['star'] / t['ring']:.2f}, star/model {t['star'] / model:.2f}, auto/best {t['auto'] / best:.2f}")

@@ -8,6 +8,7 @@
 # with equal shares, or with given modes), run tpimpi.bench with the plan file under the same emulation
 # (the plan's prediction is recorded beside the measurement), then tabulate predicted against measured.
 # Needs root (cgroups). SMALL=1: two clusters, few tokens (a check that the job runs, not figures).
+# ONLY="third veryslow equal2 slow2": those clusters only (eight configurations).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source jobs/mpi-env.sh
@@ -34,6 +35,9 @@ CLUSTERS=(
   "lowmem4|0.45,0.45,0.45,0.45|450M|0"
 )
 [ "$SMALL" = 1 ] && CLUSTERS=("${CLUSTERS[@]:0:2}")
+if [ -n "${ONLY:-}" ]; then  # ONLY="third veryslow": just those clusters, by name
+  keep=(); for c in "${CLUSTERS[@]}"; do [[ " $ONLY " == *" ${c%%|*} "* ]] && keep+=("$c"); done; CLUSTERS=("${keep[@]}")
+fi
 
 launch() {  # launch CORES MEM LINK NP -- COMMAND...: NP ranks under the cluster's emulation
   local cores=$1 mem=$2 np=$4; shift 5
