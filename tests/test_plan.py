@@ -194,3 +194,16 @@ def test_report_puts_the_prediction_beside_the_measurement():
     table = plan_table([row, {"system": "tpimpi", "s_per_token": 1.0}])
     assert table.count("\n") == 2  # header, rule, one run: the run without a plan is not in it
     assert "| x | 2 | 2,1 | resident,window:2 | 0.6000 | 0.5000 | +20% | 0.900 | 1.000 | 100 / 110 | -9% |" in table
+
+
+def test_describe_names_a_rank_without_heads():
+    """Kept in by hand, a very slow device gets FFN columns but no query heads; the plan says so
+    (it printed an empty range, "heads 9-8 (0)")."""
+    plan = make_plan(CFG, Profile((dev(1.0), dev(1.0), dev(0.01))), ST, devices_in=[0, 1, 2])
+    text = describe(plan, CFG)
+    spans = [r["heads"] for r in plan["ranks"]]
+    assert any(h1 == h0 for h0, h1 in spans), spans  # the case under test arises
+    assert text.count("no heads") == sum(h1 == h0 for h0, h1 in spans)
+    for h0, h1 in spans:
+        if h1 > h0:
+            assert f"heads {h0}-{h1 - 1} ({h1 - h0})" in text

@@ -158,8 +158,8 @@ def describe(plan: dict, cfg) -> str:
              + (f"; greedy cross-check: {p['greedy_s_per_token']:.4f})" if p["greedy_s_per_token"] else ")")]
     for r in plan["ranks"]:
         lines.append(
-            f"rank {r['rank']} = device {r['device']} ({r['host']}): ratio {r['ratio']:g}, heads {r['heads'][0]}-"
-            f"{r['heads'][1] - 1} ({r['heads'][1] - r['heads'][0]}), FFN {r['ffn'][1] - r['ffn'][0]}; "
+            f"rank {r['rank']} = device {r['device']} ({r['host']}): ratio {r['ratio']:g}, {_heads(r['heads'])}, "
+            f"FFN {r['ffn'][1] - r['ffn'][0]}; "
             f"{_mode(r['mode'])}, peak {r['predicted_peak_bytes'] / MiB:.0f} of {r['mem_bytes'] / MiB:.0f} MiB; per "
             f"token compute {r['compute_s'] * 1e3:.1f} ms, I/O wait {r['io_wait_s'] * 1e3:.1f} ms, allreduce "
             f"{r['allreduce_s'] * 1e3:.1f} ms; in: {r['reason']}")
@@ -168,6 +168,12 @@ def describe(plan: dict, cfg) -> str:
     lines.append(f"run it with exactly these ranks: {plan['mpirun']} python -m tpimpi.generate "
                  f"--plan-file PLAN --model MODEL ...")
     return "\n".join(lines)
+
+
+def _heads(span: list[int]) -> str:
+    """A rank's query heads as "heads 5-8 (4)", or "no heads" for a rank that takes FFN columns only."""
+    h0, h1 = span
+    return f"heads {h0}-{h1 - 1} ({h1 - h0})" if h1 > h0 else "no heads"
 
 
 def _mode(m: dict) -> str:
