@@ -145,3 +145,16 @@ def test_the_report_tables_serving_runs_against_one_client():
     assert len(lines) == 5  # header, rule, one row per point (the older run of a point is not shown)
     assert "| m | 1 | batch | 8 | 90.0 | 4.50 x | 100 / 200 | 80.0 / 160.0 | 1.60 x |" in table
     assert lines[-1].startswith("| m | 1 | target-1.5x | 8 | 70.0 | 3.50 x")
+
+
+def test_latency_model_admits_on_its_tail_not_its_mean():
+    """One step in ten runs 1.5x its line (a prefill, a scheduling hiccup): the tail factor learns it, so
+    admission keeps the 99th percentile, which the latency target is on, under the target."""
+    lm = LatencyModel()
+    assert lm.tail() == 1.0
+    for i in range(120):
+        rows = 1 + i % 8
+        lm.add(rows, (0.040 + 0.001 * rows) * (1.5 if i % 10 == 9 else 1.0))
+    assert lm.tail() == pytest.approx(1.5, rel=0.1)
+    assert lm.predict_tail(4) == pytest.approx(lm.predict(4) * lm.tail())
+    assert lm.predict_tail(4) > 1.3 * 0.044

@@ -53,14 +53,22 @@ def unpack(ctrl: np.ndarray) -> list[tuple[int, int, int]] | None:
 
 class LatencyModel:
     """Step time as a + b * rows, fitted by least squares with exponential forgetting (DFTSP's cost model:
-    decode is memory-bound, so a step's time grows slowly with its rows)."""
+    decode is memory-bound, so a step's time grows slowly with its rows), and how much slower than that
+    line the slow steps run: the target is on the 99th percentile of per-token latency, not the mean, so
+    admission compares the line times that tail factor against it (`predict_tail`)."""
 
-    def __init__(self, forget: float = 0.97):
+    TAIL_QUANTILE = 0.99
+
+    def __init__(self, forget: float = 0.97, tail_window: int = 128):
         self.forget = forget
         self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
         self.rows_seen: set[int] = set()
+        self.ratios: collections.deque[float] = collections.deque(maxlen=tail_window)  # measured / predicted
 
     def add(self, rows: int, seconds: float) -> None:
+        predicted = self.predict(rows)
+        if predicted is not None and predicted > 0:
+            self.ratios.append(seconds / predicted)
         f = self.forget
         self.n, self.sx, self.sy = f * self.n + 1, f * self.sx + rows, f * self.sy + seconds
         self.sxx, self.sxy = f * self.sxx + rows * rows, f * self.sxy + rows * seconds
@@ -76,6 +84,15 @@ class LatencyModel:
         b = max(0.0, (self.n * self.sxy - self.sx * self.sy) / det)
         a = (self.sy - b * self.sx) / self.n
         return a + b * rows
+
+    def tail(self) -> float:
+        """The TAIL_QUANTILE of recent steps' measured / predicted time (at least 1; 1 before any)."""
+        return max(1.0, float(np.quantile(self.ratios, self.TAIL_QUANTILE))) if self.ratios else 1.0
+
+    def predict_tail(self, rows: int) -> float | None:
+        """Seconds that all but the slowest 1% of steps of `rows` rows should stay under."""
+        p = self.predict(rows)
+        return None if p is None else p * self.tail()
 
 
 @dataclass(eq=False)
@@ -200,7 +217,7 @@ class Batcher:
     def _admit(self) -> None:
         while self.waiting and self.free:
             if self.target is not None and self.active:  # DFTSP: measured, and predicted with one more
-                predicted = self.latency.predict(len(self.active) + 1)
+                predicted = self.latency.predict_tail(len(self.active) + 1)
                 if (self.recent_s or 0.0) > self.target or (predicted is not None and predicted > self.target):
                     return
             seq = self.waiting.popleft()
@@ -217,7 +234,7 @@ class Batcher:
         budget = self.chunk
         if self.target is not None and decode_rows:
             while budget > 1:
-                predicted = self.latency.predict(decode_rows + budget)
+                predicted = self.latency.predict_tail(decode_rows + budget)
                 if predicted is None or predicted <= self.target:
                     break
                 budget //= 2
