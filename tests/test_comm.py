@@ -113,6 +113,27 @@ def test_auto_with_a_compressed_wire_picks_a_star(comm):
 
 
 @pytest.mark.mpi(min_size=2)
+def test_netbench_times_auto_at_every_size_it_reports(comm, tmp_path, monkeypatch):
+    """auto measures from the smallest size asked up to the largest (as a model does from its hidden
+    size), so its pick for a small message is timed at that size; netbench used to time only the largest."""
+    import json
+
+    from tpimpi import netbench
+
+    out = tmp_path / "ar.jsonl"  # only rank 0 writes
+    monkeypatch.setattr(comm_mod, "world", lambda *a, **k: comm)  # netbench's communicator is this one
+    try:
+        assert netbench.main(["--sizes", "64,4096", "--reps", "1", "--algos", "star,auto", "--out", str(out)]) == 0
+        assert [n for n, _ in comm._auto] == [64, 256, 1024, 4096]
+        if comm.rank == 0:
+            picks = {r["elems"]: r["auto_pick"] for r in map(json.loads, out.read_text().splitlines())
+                     if r["algo"] == "auto"}
+            assert picks == {64: dict(comm._auto)[64], 4096: dict(comm._auto)[4096]}
+    finally:
+        comm.setup(5000, "star", "float32")
+
+
+@pytest.mark.mpi(min_size=2)
 def test_a_silent_peer_in_the_decode_loop_is_named(comm):
     """Rank 0 waits on rank 1, which stays silent past the peer timeout: rank 0 raises, naming it."""
     buf = np.zeros(4, dtype=np.float32)

@@ -57,7 +57,9 @@ def main(argv=None) -> int:
         if comm.rank == 0:
             print(f"tpimpi.netbench: error: {e}", file=sys.stderr)
         return 2
-    comm.setup(max(sizes), "auto" if "auto" in algos else "star", args.wire)  # auto: its start-up timings
+    # auto: its start-up timings, at every size from the smallest asked up to the largest (as a model
+    # measures from one token's hidden state up); without hidden it timed only the largest size
+    comm.setup(max(sizes), "auto" if "auto" in algos else "star", args.wire, hidden=min(sizes))
     picks = dict(comm._auto)
     rows = []
     for n in sizes:
