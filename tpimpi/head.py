@@ -54,48 +54,11 @@ class Head:
     def logits_rows(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, h] hidden states -> logits [T, V] of every position, in one pass over the head's chunks
         (tpimpi.eval scores every position of a text; generation needs only the last, in logits)."""
-        xn = rms_norm(x, self.norm, self.cfg.norm_eps)  # [T, h]
-        out = torch.empty(x.shape[0], self.cfg.vocab)  # [T, V]
-        r0 = 0
-        for b in self.chunks:
-            w = self.blocks.get(b)["w"]  # [rows, h]
-            r1 = r0 + w.shape[0]
-            if isinstance(w, (kernels.Packed, kernels.Int4Packed)):
-                out[:, r0:r1] = kernels.matmul(xn, w)
-            elif w.dtype == torch.float32:
-                matmul_f32(xn, w, out=out[:, r0:r1])  # as in layers.linear
-            else:
-                out[:, r0:r1] = (xn.to(w.dtype) @ w.T).float()
-            self.blocks.release(b)
-            r0 = r1
-        if not math.isfinite(out[:, : self.n_tokens].sum()):
-            raise StoreError(f"{self.store.path}: the logits are not finite (NaN or infinity) although the hidden "
-                             f"state is: rank 0's output head or final norm is damaged; run again with --verify "
-                             f"to check every file against the manifest")
-        out[:, self.n_tokens :] = float("-inf")
-        return out
+        return self._logits_into(x, torch.empty(x.shape[0], self.cfg.vocab))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [h] last hidden state -> logits [V] (a buffer the next call reuses)."""
-        xn = rms_norm(x.unsqueeze(0), self.norm, self.cfg.norm_eps)[0]  # [h]
-        r0 = 0
-        for b in self.chunks:
-            w = self.blocks.get(b)["w"]  # [rows, h]
-            r1 = r0 + w.shape[0]
-            if isinstance(w, (kernels.Packed, kernels.Int4Packed)):  # quantized, or bf16/f16 in float32
-                kernels.matmul(xn.unsqueeze(0), w, out=self.logits_buf[r0:r1].unsqueeze(0))
-            elif w.dtype == torch.float32:
-                np.matmul(w.numpy(), xn.numpy(), out=self.logits_buf[r0:r1].numpy())  # BLAS, as in layers.linear
-            else:
-                self.logits_buf[r0:r1] = torch.mv(w, xn.to(w.dtype))
-            self.blocks.release(b)
-            r0 = r1
-        if not math.isfinite(self.logits_buf[: self.n_tokens].sum()):
-            raise StoreError(f"{self.store.path}: the logits are not finite (NaN or infinity) although the hidden "
-                             f"state is: rank 0's output head or final norm is damaged; run again with --verify "
-                             f"to check every file against the manifest")
-        self.logits_buf[self.n_tokens :] = float("-inf")
-        return self.logits_buf
+        return self._logits_into(x.unsqueeze(0), self.logits_buf.unsqueeze(0))[0]
 
     def logits_batch(self, x: torch.Tensor) -> torch.Tensor:
         """x [n, h] last hidden states of n sequences -> logits [n, V] in one pass over the head (a buffer the
@@ -105,8 +68,13 @@ class Head:
             return self.logits(x[0]).unsqueeze(0)
         if self.batch_buf.shape[0] < n:
             self.batch_buf = torch.empty(n, self.cfg.vocab)  # [n, V]
-        out = self.batch_buf[:n]  # [n, V]
-        xn = rms_norm(x, self.norm, self.cfg.norm_eps)  # [n, h]
+        return self._logits_into(x, self.batch_buf[:n])
+
+    def _logits_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out [T, V] <- logits of hidden states x [T, h]: the final norm, then the head a chunk at a time
+        through the kernel its format takes (as in layers.linear); padding columns past the tokenizer's
+        vocabulary at -inf. Non-finite logits from finite hidden states mean a damaged head or norm."""
+        xn = rms_norm(x, self.norm, self.cfg.norm_eps)  # [T, h]
         r0 = 0
         for b in self.chunks:
             w = self.blocks.get(b)["w"]  # [rows, h]
@@ -114,14 +82,14 @@ class Head:
             if isinstance(w, (kernels.Packed, kernels.Int4Packed)):  # quantized, or bf16/f16 in float32
                 kernels.matmul(xn, w, out=out[:, r0:r1])
             elif w.dtype == torch.float32:
-                matmul_f32(xn, w, out=out[:, r0:r1])  # [n, rows], as in layers.linear
+                matmul_f32(xn, w, out=out[:, r0:r1])  # [T, rows]
             else:
                 out[:, r0:r1] = torch.nn.functional.linear(xn.to(w.dtype), w).float()
             self.blocks.release(b)
             r0 = r1
         if not math.isfinite(out[:, : self.n_tokens].sum()):
             raise StoreError(f"{self.store.path}: the logits are not finite (NaN or infinity) although the hidden "
-                             f"states are: rank 0's output head or final norm is damaged; run again with --verify "
-                             f"to check every file against the manifest")
+                             f"state{' is' if x.shape[0] == 1 else 's are'}: rank 0's output head or final norm is "
+                             f"damaged; run again with --verify to check every file against the manifest")
         out[:, self.n_tokens :] = float("-inf")
         return out
