@@ -1,5 +1,5 @@
-"""Batched forward passes, and the serve package's pure parts: the control word, the latency model,
-request checking and the memory model's slots."""
+"""Batched forward passes, and the serve package's pure parts: the control word, request checking and
+the memory model's slots (the latency model: test_serve_latency.py)."""
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ from tpimpi.convert import convert
 from tpimpi.engine import Engine, MemoryOptions
 from tpimpi.memory import fixed_parts
 from tpimpi.serve import api
-from tpimpi.serve.batcher import LatencyModel, control_word, pack, unpack
+from tpimpi.serve.batcher import control_word, pack, unpack
 from tpimpi.shard import plan
 
 PROMPTS = [[1, 9690, 198, 2683, 314, 260, 3575], [1, 520, 9531, 198], [1, 4649, 47, 2, 198, 1, 520, 9531, 198, 42, 7],
@@ -77,14 +77,6 @@ def test_control_word_round_trip():
     assert unpack(ctrl) is None
 
 
-def test_latency_model_learns_a_line():
-    lm = LatencyModel()
-    assert lm.predict(4) is None
-    for rows, t in [(1, 0.041), (2, 0.042), (4, 0.044), (8, 0.048)] * 3:
-        lm.add(rows, t)
-    assert lm.predict(16) == pytest.approx(0.056, rel=1e-6)
-
-
 def test_requests_are_checked_with_their_numbers():
     lim = api.Limits("m", 100, 50)
     r = api.parse_chat({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "stop": "x",
@@ -145,16 +137,3 @@ def test_the_report_tables_serving_runs_against_one_client():
     assert len(lines) == 5  # header, rule, one row per point (the older run of a point is not shown)
     assert "| m | 1 | batch | 8 | 90.0 | 4.50 x | 100 / 200 | 80.0 / 160.0 | 1.60 x |" in table
     assert lines[-1].startswith("| m | 1 | target-1.5x | 8 | 70.0 | 3.50 x")
-
-
-def test_latency_model_admits_on_its_tail_not_its_mean():
-    """One step in ten runs 1.5x its line (a prefill, a scheduling hiccup): the tail factor learns it, so
-    admission keeps the 99th percentile, which the latency target is on, under the target."""
-    lm = LatencyModel()
-    assert lm.tail() == 1.0
-    for i in range(120):
-        rows = 1 + i % 8
-        lm.add(rows, (0.040 + 0.001 * rows) * (1.5 if i % 10 == 9 else 1.0))
-    assert lm.tail() == pytest.approx(1.5, rel=0.1)
-    assert lm.predict_tail(4) == pytest.approx(lm.predict(4) * lm.tail())
-    assert lm.predict_tail(4) > 1.3 * 0.044

@@ -59,6 +59,8 @@ def build_parser(rank: int = 0):
                        "answered 429 (default 64)")
     batch.add_argument("--max-token-latency-ms", type=float, help="admit waiting sequences only while the "
                        "predicted time per token stays under this (default: no target)")
+    batch.add_argument("--step-log", metavar="FILE", help="append one JSON line per step to FILE: its times, decode "
+                       "rows and prompt rows (to see where per-token latency goes; tpimpi.serve.bench --raw)")
     batch.add_argument("--shutdown-timeout", type=float, default=10.0, help="on SIGTERM, seconds running requests "
                        "may take to finish before they are cancelled (default 10)")
     add_engine_args(p)
@@ -139,6 +141,8 @@ def run(comm, argv=None) -> int:
     step_loop(comm, eng.model, batcher)
     if comm.rank == 0:
         front.stop()
+        if batcher.step_log is not None:
+            batcher.step_log.close()
         if args.pid_file:
             Path(args.pid_file).unlink(missing_ok=True)
         print("tpimpi: server stopped", file=sys.stderr, flush=True)
@@ -198,8 +202,9 @@ def _start_front(args, eng, key, max_body, path):
 
     limits = api.Limits(model_name(args, path), eng.max_seq, min(args.max_tokens, eng.max_seq - 1))
     target = args.max_token_latency_ms / 1e3 if args.max_token_latency_ms else None
+    step_log = open(args.step_log, "a", buffering=1 << 16) if args.step_log else None
     batcher = Batcher(eng.head, eng.tok, eng.max_seq, args.max_batch, eng.model.chunk, args.max_queue, target,
-                      args.shutdown_timeout)
+                      args.shutdown_timeout, step_log)
     front = HttpFront(batcher, eng.tok, limits, key, max_body)
     front.start(args.host, args.port)
     if args.pid_file:

@@ -14,6 +14,7 @@ n) per segment]; the others only ever see it and hidden states (no token ids, no
 from __future__ import annotations
 
 import collections
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from ..sampling import SamplingConfig, StopText, sample
+from .latency import LatencyModel, may_admit, prompt_budget
 
 CMD_STOP, CMD_RUN = 0, 1
 CTRL_HEAD = 3  # command, segments, rows
@@ -49,50 +51,6 @@ def unpack(ctrl: np.ndarray) -> list[tuple[int, int, int]] | None:
         return None
     k = int(ctrl[1])
     return [tuple(int(v) for v in ctrl[CTRL_HEAD + 3 * i : CTRL_HEAD + 3 * i + 3]) for i in range(k)]
-
-
-class LatencyModel:
-    """Step time as a + b * rows, fitted by least squares with exponential forgetting (DFTSP's cost model:
-    decode is memory-bound, so a step's time grows slowly with its rows), and how much slower than that
-    line the slow steps run: the target is on the 99th percentile of per-token latency, not the mean, so
-    admission compares the line times that tail factor against it (`predict_tail`)."""
-
-    TAIL_QUANTILE = 0.99
-
-    def __init__(self, forget: float = 0.97, tail_window: int = 128):
-        self.forget = forget
-        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
-        self.rows_seen: set[int] = set()
-        self.ratios: collections.deque[float] = collections.deque(maxlen=tail_window)  # measured / predicted
-
-    def add(self, rows: int, seconds: float) -> None:
-        predicted = self.predict(rows)
-        if predicted is not None and predicted > 0:
-            self.ratios.append(seconds / predicted)
-        f = self.forget
-        self.n, self.sx, self.sy = f * self.n + 1, f * self.sx + rows, f * self.sy + seconds
-        self.sxx, self.sxy = f * self.sxx + rows * rows, f * self.sxy + rows * seconds
-        self.rows_seen.add(rows)
-
-    def predict(self, rows: int) -> float | None:
-        """Predicted seconds of a step of `rows` rows; None until two different row counts were seen."""
-        if len(self.rows_seen) < 2:
-            return None
-        det = self.n * self.sxx - self.sx * self.sx
-        if det <= 1e-12:
-            return None
-        b = max(0.0, (self.n * self.sxy - self.sx * self.sy) / det)
-        a = (self.sy - b * self.sx) / self.n
-        return a + b * rows
-
-    def tail(self) -> float:
-        """The TAIL_QUANTILE of recent steps' measured / predicted time (at least 1; 1 before any)."""
-        return max(1.0, float(np.quantile(self.ratios, self.TAIL_QUANTILE))) if self.ratios else 1.0
-
-    def predict_tail(self, rows: int) -> float | None:
-        """Seconds that all but the slowest 1% of steps of `rows` rows should stay under."""
-        p = self.predict(rows)
-        return None if p is None else p * self.tail()
 
 
 @dataclass(eq=False)
@@ -133,7 +91,7 @@ class Batcher:
     """Rank 0's scheduler: waiting queue, slots, admission under the latency target, sampling, stop rules."""
 
     def __init__(self, head, tok, max_seq: int, slots: int, chunk: int, max_queue: int,
-                 max_token_latency_s: float | None = None, shutdown_timeout_s: float = 10.0):
+                 max_token_latency_s: float | None = None, shutdown_timeout_s: float = 10.0, step_log=None):
         self.head, self.tok, self.max_seq, self.chunk = head, tok, max_seq, chunk
         self.max_queue, self.target = max_queue, max_token_latency_s
         self.shutdown_timeout_s = shutdown_timeout_s
@@ -146,7 +104,8 @@ class Batcher:
         self.draining_since: float | None = None
         self.steps = self.rows_total = 0
         self._step: list[tuple[Sequence, int, int]] = []  # (sequence, first row, rows) of the step running
-        self._t_step, self._step_decodes = 0.0, False
+        self._t_step, self._t_ask, self._step_decodes = 0.0, 0.0, 0
+        self.step_log = step_log  # a text file: one JSON line per step (--step-log), or None
 
     # ---- the HTTP side ----------------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
@@ -184,6 +143,7 @@ class Batcher:
     # ---- the step loop (rank 0) ---------------------------------------------------------------------------
     def next_step(self) -> list[tuple[int, int, int]] | None:
         """Block until there is work; the segments of the next step, or None once drained."""
+        self._t_ask = time.perf_counter()
         with self.cond:
             while True:
                 self._drop_cancelled()
@@ -195,6 +155,7 @@ class Batcher:
                 if self.draining_since is not None:
                     return None
                 self.cond.wait(0.1)
+                self._t_ask = time.perf_counter()  # idle time is no step's
             return self._plan()
 
     def _drop_cancelled(self) -> None:
@@ -216,10 +177,9 @@ class Batcher:
 
     def _admit(self) -> None:
         while self.waiting and self.free:
-            if self.target is not None and self.active:  # DFTSP: measured, and predicted with one more
-                predicted = self.latency.predict_tail(len(self.active) + 1)
-                if (self.recent_s or 0.0) > self.target or (predicted is not None and predicted > self.target):
-                    return
+            if self.target is not None and self.active and not may_admit(
+                    self.target, self.latency.predict_tail(len(self.active) + 1), self.recent_s):
+                return  # DFTSP: one more decoding sequence would take the steps past the target
             seq = self.waiting.popleft()
             seq.slot, seq.pos, seq.pending = self.free.pop(), 0, list(seq.prompt_ids)
             seq.gen = torch.Generator().manual_seed(seq.samp.seed)
@@ -229,21 +189,10 @@ class Batcher:
                 seq.seen = torch.unique(torch.tensor(seq.prompt_ids, dtype=torch.long))
             self.active.append(seq)
 
-    def _prefill_budget(self, decode_rows: int) -> int:
-        """Prompt rows this step may take: a chunk, fewer if the latency target would be missed."""
-        budget = self.chunk
-        if self.target is not None and decode_rows:
-            while budget > 1:
-                predicted = self.latency.predict_tail(decode_rows + budget)
-                if predicted is None or predicted <= self.target:
-                    break
-                budget //= 2
-        return budget
-
     def _plan(self) -> list[tuple[int, int, int]]:
         segments, self._step = [], []
         decoding = self._decoding()
-        budget = self._prefill_budget(len(decoding))
+        budget = prompt_budget(self.target, self.latency, len(decoding), self.chunk)
         row = 0
         for seq in self.active:
             if seq.out_ids:
@@ -256,7 +205,7 @@ class Batcher:
             segments.append((seq.slot, seq.pos, n))
             self._step.append((seq, row, n))
             row += n
-        self._step_decodes = bool(decoding)
+        self._step_decodes = len(decoding)  # decode rows (the rest are prompt rows)
         self._t_step = time.perf_counter()
         return segments
 
@@ -277,17 +226,27 @@ class Batcher:
         rows = [r for _, r in due] or [x.shape[0] - 1]
         logits = self.head.logits_batch(x[torch.tensor(rows)] if len(rows) > 1 else x[rows[0]].unsqueeze(0))
         now = time.perf_counter()
+        # every token sampled before any is handed out: the HTTP thread, woken by the first, then finds
+        # them all at once instead of taking the GIL back and forth with the sampling (http.HttpFront._post)
+        picked = [(seq, sample(logits[j], seq.samp, seq.gen, seq.seen)) for j, (seq, _) in enumerate(due)
+                  if not seq.cancelled]
         with self.cond:
-            for j, (seq, _) in enumerate(due):
-                if not seq.cancelled:
-                    self._advance(seq, sample(logits[j], seq.samp, seq.gen, seq.seen), now)
+            for seq, nxt in picked:
+                self._advance(seq, nxt, now)
         rows_run = sum(n for _, _, n in self._step)
-        if self._step_decodes:  # steps with decoding rows teach the latency model
-            took = now - self._t_step
-            self.latency.add(rows_run, took)
+        end = time.perf_counter()
+        # the whole cycle since the loop asked for this step: the gap a decoding sequence's client sees
+        took, decode = end - self._t_ask, self._step_decodes
+        self.latency.add(decode, rows_run - decode, took)
+        if decode:
             self.recent_s = took if self.recent_s is None else 0.8 * self.recent_s + 0.2 * took
         self.steps += 1
         self.rows_total += rows_run
+        if self.step_log is not None:
+            self.step_log.write(json.dumps(
+                {"step": self.steps, "ask": self._t_ask, "start": self._t_step, "forward": now, "end": end,
+                 "decode": decode, "prefill": rows_run - decode, "active": len(self.active),
+                 "waiting": len(self.waiting)}) + "\n")
 
     def _advance(self, seq: Sequence, nxt: int, now: float) -> None:
         seq.out_ids.append(nxt)

@@ -64,8 +64,9 @@ async def run_load(url: str, concurrency: int, requests: int, max_tokens: int,
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         async def client(c: int) -> list[dict]:
-            return [await one_request(session, url, headers, PROMPTS[(c + i * concurrency) % len(PROMPTS)],
-                                      max_tokens) for i in range(requests)]
+            return [{"client": c, **await one_request(session, url, headers,
+                                                      PROMPTS[(c + i * concurrency) % len(PROMPTS)], max_tokens)}
+                    for i in range(requests)]
 
         async with session.get(url + "/v1/models", headers=headers) as resp:
             model = (await resp.json())["data"][0]["id"]
@@ -99,6 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--label", default="", help="recorded with the result (e.g. the server's options)")
     p.add_argument("--max-token-latency-ms", type=float, help="the server's target, if any (recorded)")
     p.add_argument("--out", default="data/results/serve.jsonl")
+    p.add_argument("--raw", metavar="FILE", help="also append every request's send and chunk arrival times "
+                   "(perf_counter seconds, the server's --step-log clock) to FILE, one JSON line each")
     args = p.parse_args(argv)
     if args.concurrency < 1 or args.requests < 1 or args.max_tokens < 1:
         print("tpimpi.serve.bench: error: --concurrency, --requests and --max-tokens must be at least 1",
@@ -112,6 +115,9 @@ def main(argv=None) -> int:
               **summarize(reqs), "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(sys.argv), "machine": machine()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    if args.raw:
+        with open(args.raw, "a") as f:
+            f.writelines(json.dumps({"concurrency": args.concurrency, "label": args.label, **r}) + "\n" for r in reqs)
     with open(args.out, "a") as f:
         f.write(json.dumps(result) + "\n")
     print(f"serve ranks={args.ranks} clients={args.concurrency}: {result['tokens_per_s']:.1f} tokens/s, TTFT p50 "

@@ -39,6 +39,8 @@ class HttpFront:
         self.loop = self.thread = self.runner = None
         self.address = ("", 0)
         self.open = 0  # requests taken by the batcher whose answer has not ended yet (the loop thread counts)
+        self._posted: list[tuple[asyncio.Queue, tuple]] = []  # events from the decode thread not yet queued
+        self._post_lock = threading.Lock()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body)
@@ -94,6 +96,25 @@ class HttpFront:
         deadline = time.monotonic() + timeout
         while self.open and time.monotonic() < deadline:
             time.sleep(0.005)
+
+    def _post(self, events: asyncio.Queue, event: tuple) -> None:
+        """Hand an event to a response (from the decode thread). The events of one step wake the loop once,
+        not once per token: each wake-up is a write to the loop's pipe and a turn of the loop that takes the
+        GIL from the step that runs next."""
+        with self._post_lock:
+            self._posted.append((events, event))
+            wake = len(self._posted) == 1
+        if wake:
+            try:
+                self.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop has closed: nobody is listening any more
+                pass
+
+    def _deliver(self) -> None:
+        with self._post_lock:
+            posted, self._posted = self._posted, []
+        for events, event in posted:
+            events.put_nowait(event)
 
     # ---- routes ---------------------------------------------------------------------------------------
     def _check_key(self, request: web.Request) -> None:
@@ -158,13 +179,10 @@ class HttpFront:
             max_new = api.budget(req, len(ids), self.limits)
         except api.ApiError as e:
             return _error(e)
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        events = asyncio.Queue()
 
         def emit(*event):  # from the decode thread
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the loop has closed: nobody is listening any more
-                pass
+            self._post(events, event)
 
         seq = Sequence(ids, max_new, SamplingConfig(req.temperature, 0, req.top_p, req.seed, req.repetition_penalty),
                        req.stop, emit)

@@ -1,0 +1,104 @@
+"""The latency target (DFTSP): a step's time predicted from its decode rows and prompt rows, and what
+fits under the target: how many sequences may decode together, how many prompt rows a step may take.
+
+What is modelled is a step's whole cycle on rank 0 (planning, the forward pass, the head, sampling and
+handing the tokens to the HTTP thread): that is the gap every decoding sequence's client sees between two
+tokens. A prompt row and a decode row cost differently (a prompt chunk of k rows runs k positions of
+attention over its own prefix and moves the products from memory-bound towards compute-bound), so each
+has its own coefficient: t = a + b * decode + c * prompt. The target is on the 99th percentile of
+per-token latency, so every decision compares the prediction times the tail factor, the 99th percentile
+of recent steps' measured / predicted time.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import numpy as np
+
+TAIL_QUANTILE = 0.99
+
+
+class LatencyModel:
+    """Step time as a + b * decode + c * prompt rows, least squares with exponential forgetting, and the
+    tail factor of recent steps (`tail`)."""
+
+    def __init__(self, forget: float = 0.97, tail_window: int = 128):
+        self.forget = forget
+        self.xtx = np.zeros((3, 3))  # sum of f^age * x x^T, x = (1, decode, prompt)
+        self.xty = np.zeros(3)  # sum of f^age * x * seconds
+        self.ratios: collections.deque[float] = collections.deque(maxlen=tail_window)  # measured / predicted
+        self.coef: tuple[float, float, float] | None = None  # (a, b, c) once the decode rows have varied
+
+    def add(self, decode: int, prompt: int, seconds: float) -> None:
+        """A step of `decode` decode rows and `prompt` prompt rows took `seconds` (only steps with decode
+        rows count in the tail: a gap between two tokens is theirs)."""
+        predicted = self.predict(decode, prompt)
+        if decode and predicted is not None and predicted > 0:
+            self.ratios.append(seconds / predicted)
+        x = np.array([1.0, decode, prompt])
+        self.xtx = self.forget * self.xtx + np.outer(x, x)
+        self.xty = self.forget * self.xty + x * seconds
+        self.coef = fit(self.xtx, self.xty)
+
+    def predict(self, decode: int, prompt: int = 0) -> float | None:
+        """Predicted seconds of a step; None until steps of two different decode row counts were seen."""
+        if self.coef is None:
+            return None
+        a, b, c = self.coef
+        return a + b * decode + c * prompt
+
+    def tail(self) -> float:
+        """The TAIL_QUANTILE of recent steps' measured / predicted time (at least 1; 1 before any)."""
+        return max(1.0, float(np.quantile(self.ratios, TAIL_QUANTILE))) if self.ratios else 1.0
+
+    def predict_tail(self, decode: int, prompt: int = 0) -> float | None:
+        """Seconds that all but the slowest 1% of such steps should stay under."""
+        p = self.predict(decode, prompt)
+        return None if p is None else p * self.tail()
+
+
+def fit(xtx: np.ndarray, xty: np.ndarray) -> tuple[float, float, float] | None:
+    """(a, b, c) of t = a + b * decode + c * prompt from the normal equations, slopes at least 0. None while
+    the decode rows have not varied. While no prompt rows were seen beside a known decode slope, a prompt
+    row is taken to cost what a decode row costs (c = b): never less, so a first prompt chunk is not
+    waved through on a guess of 0."""
+    n = xtx[0, 0]
+    if n <= 0 or xtx[1, 1] * n - xtx[0, 1] ** 2 <= 1e-9 * max(1.0, n * n):
+        return None
+    prompt_seen = xtx[2, 2] * n - xtx[0, 2] ** 2 > 1e-9 * max(1.0, n * n)
+    free = [0, 1, 2] if prompt_seen else [0, 1]
+    while True:  # drop a slope that comes out negative (noise around a flat cost) and refit the rest
+        coef = np.zeros(3)
+        try:
+            coef[free] = np.linalg.solve(xtx[np.ix_(free, free)], xty[free])
+        except np.linalg.LinAlgError:
+            return None
+        neg = [i for i in free[1:] if coef[i] < 0]
+        if not neg:
+            break
+        free.remove(neg[0])
+    a, b, c = (float(v) for v in coef)
+    return a, b, (c if prompt_seen else b)
+
+
+def may_admit(target: float, predicted_tail: float | None, recent: float | None) -> bool:
+    """Whether one more sequence may join: the prediction (tail included) of a step with it, and the recent
+    measured step time, both within the target. Unknown predictions admit (the model learns from the batch)."""
+    if recent is not None and recent > target:
+        return False
+    return predicted_tail is None or predicted_tail <= target
+
+
+def prompt_budget(target: float | None, model: LatencyModel, decode: int, chunk: int) -> int:
+    """Prompt rows the next step may take beside `decode` decode rows: the most that keep the predicted
+    step (tail included) within the target, between 1 (a prompt always advances) and `chunk`. With no
+    target, no decode rows to protect or no model yet: the whole chunk."""
+    if target is None or decode == 0 or model.coef is None:
+        return chunk
+    a, b, c = model.coef
+    room = target / model.tail() - (a + b * decode)  # seconds left for prompt rows, tail taken out
+    if c <= 0:
+        return chunk if room > 0 else 1
+    return max(1, min(chunk, math.floor(room / c)))
