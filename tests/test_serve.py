@@ -20,8 +20,11 @@ PROMPTS = ["Hello there", "What is the capital of France?", "Count to five.", "T
 
 @pytest.fixture(scope="module", params=[1, 3], ids=["np1", "np3"])
 def server(request, env, tiny_gguf, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"serve{request.param}")
+    # a target far above any step: the latency model runs (admission, prompt rows) without holding anyone back
     srv = serve_harness.start(env, tiny_gguf, request.param, "--max-batch", 8, "--prefill-chunk", 16,
-                              tmp=tmp_path_factory.mktemp(f"serve{request.param}"))
+                              "--max-token-latency-ms", 60000, "--step-log", tmp / "steps.jsonl", tmp=tmp)
+    srv.step_log = tmp / "steps.jsonl"
     yield srv
     srv.terminate()
     assert srv.wait(30) == 0, srv.stderr
@@ -104,3 +107,23 @@ def test_eight_concurrent_clients_get_what_they_get_alone(client, server):
     assert together == alone
     rows, steps = after["rows"] - before["rows"], after["steps"] - before["steps"]
     assert rows / steps > 3, (rows, steps)  # the sequences shared forward passes
+
+
+def test_the_step_log_and_the_bench_clients_times_join(server, tmp_path):
+    """Every chunk a bench client read is matched with the step that produced it: the step log's times and
+    the client's share one clock, a step's times are in order, and a gap is at least its server cycle's
+    share of the delivery (tpimpi.serve.tail)."""
+    import asyncio
+
+    from tpimpi.serve import bench, tail
+
+    _, reqs = asyncio.run(bench.run_load(server.url, 3, 1, 6, None))
+    steps = [json.loads(line) for line in server.step_log.read_text().splitlines()]
+    assert steps and all(s["ask"] <= s["start"] <= s["forward"] <= s["end"] for s in steps)
+    assert all(s["decode"] + s["prefill"] >= 1 and s["active"] >= 0 for s in steps)
+    gaps = tail.gaps(steps, reqs)
+    assert len(gaps) >= len(reqs) * 3
+    for g in gaps:
+        assert g["steps"] >= 1 and g["server"] > 0 and g["lag_a"] >= 0 and g["lag_b"] >= 0
+        assert g["gap"] == pytest.approx(g["server"] + g["lag_b"] - g["lag_a"], abs=1e-9)
+    assert "gaps over" in tail.report(steps, reqs)

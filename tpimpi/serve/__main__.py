@@ -202,7 +202,7 @@ def _start_front(args, eng, key, max_body, path):
 
     limits = api.Limits(model_name(args, path), eng.max_seq, min(args.max_tokens, eng.max_seq - 1))
     target = args.max_token_latency_ms / 1e3 if args.max_token_latency_ms else None
-    step_log = open(args.step_log, "a", buffering=1 << 16) if args.step_log else None
+    step_log = open(args.step_log, "a", buffering=1) if args.step_log else None  # a line a step: readable as it runs
     batcher = Batcher(eng.head, eng.tok, eng.max_seq, args.max_batch, eng.model.chunk, args.max_queue, target,
                       args.shutdown_timeout, step_log)
     front = HttpFront(batcher, eng.tok, limits, key, max_body)

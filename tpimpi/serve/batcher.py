@@ -242,7 +242,8 @@ class Batcher:
             self.recent_s = took if self.recent_s is None else 0.8 * self.recent_s + 0.2 * took
         self.steps += 1
         self.rows_total += rows_run
-        if self.step_log is not None:
+        if self.step_log is not None:  # times in perf_counter seconds (one clock for every process here);
+            # active and waiting: sequences holding a slot and waiting for one after the step
             self.step_log.write(json.dumps(
                 {"step": self.steps, "ask": self._t_ask, "start": self._t_step, "forward": now, "end": end,
                  "decode": decode, "prefill": rows_run - decode, "active": len(self.active),
