@@ -63,6 +63,7 @@ class Sequence:
     samp: SamplingConfig
     stops: tuple[str, ...]
     emit: object
+    rid: str = ""  # the response's id (the step log names a step's sequences by it)
     t_submit: float = field(default_factory=time.perf_counter)
     cancelled: bool = False  # set by the HTTP side when the client goes away
     slot: int = -1
@@ -105,6 +106,7 @@ class Batcher:
         self.steps = self.rows_total = 0
         self._step: list[tuple[Sequence, int, int]] = []  # (sequence, first row, rows) of the step running
         self._t_step, self._t_ask, self._step_decodes = 0.0, 0.0, 0
+        self._texts: list[str] = []  # rid of every text event this step handed out, in order
         self.step_log = step_log  # a text file: one JSON line per step (--step-log), or None
 
     # ---- the HTTP side ----------------------------------------------------------------------------------
@@ -247,7 +249,8 @@ class Batcher:
             self.step_log.write(json.dumps(
                 {"step": self.steps, "ask": self._t_ask, "start": self._t_step, "forward": now, "end": end,
                  "decode": decode, "prefill": rows_run - decode, "active": len(self.active),
-                 "waiting": len(self.waiting)}) + "\n")
+                 "waiting": len(self.waiting), "texts": self._texts}) + "\n")
+        self._texts = []
 
     def _advance(self, seq: Sequence, nxt: int, now: float) -> None:
         seq.out_ids.append(nxt)
@@ -258,7 +261,7 @@ class Batcher:
         if not eos:
             out = seq.text.add(seq.stream.push(nxt))
             if out:
-                seq.emit("text", out)
+                self._text(seq, out)
         finish = None
         if eos or seq.text.stopped:
             finish = "stop"
@@ -269,9 +272,13 @@ class Batcher:
             return
         out = seq.text.add(seq.stream.flush()) + seq.text.finish()
         if out:
-            seq.emit("text", out)
+            self._text(seq, out)
         seq.emit("done", finish, len(seq.prompt_ids), len(seq.out_ids))
         self._release(seq)
+
+    def _text(self, seq: Sequence, out: str) -> None:
+        seq.emit("text", out)
+        self._texts.append(seq.rid)
 
     def _release(self, seq: Sequence) -> None:
         """The slot goes back at once; the next step no longer has the sequence."""

@@ -38,7 +38,7 @@ async def one_request(session, url: str, headers: dict, prompt: str, max_tokens:
     """One streamed chat completion: its send time, the arrival time of every chunk with text, its usage."""
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
-    t0, times, usage = time.perf_counter(), [], None
+    t0, times, usage, rid = time.perf_counter(), [], None, None
     async with session.post(url + "/v1/chat/completions", json=body, headers=headers) as resp:
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
@@ -48,11 +48,12 @@ async def one_request(session, url: str, headers: dict, prompt: str, max_tokens:
             ev = json.loads(line[6:])
             if "error" in ev:
                 raise RuntimeError(ev["error"]["message"])
+            rid = rid or ev.get("id")
             if ev.get("usage"):
                 usage = ev["usage"]
             if ev["choices"] and ev["choices"][0].get("delta", {}).get("content"):
                 times.append(time.perf_counter())
-    return {"t0": t0, "times": times, "tokens": usage["completion_tokens"] if usage else len(times)}
+    return {"id": rid, "t0": t0, "times": times, "tokens": usage["completion_tokens"] if usage else len(times)}
 
 
 async def run_load(url: str, concurrency: int, requests: int, max_tokens: int,

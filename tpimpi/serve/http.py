@@ -185,7 +185,7 @@ class HttpFront:
             self._post(events, event)
 
         seq = Sequence(ids, max_new, SamplingConfig(req.temperature, 0, req.top_p, req.seed, req.repetition_penalty),
-                       req.stop, emit)
+                       req.stop, emit, rid=api.new_id(req))
         try:
             self.batcher.submit(seq)
         except QueueFull:
@@ -207,7 +207,7 @@ class HttpFront:
             self.batcher.wake()
 
     async def _whole(self, request, req: api.GenRequest, seq: Sequence, events: asyncio.Queue) -> web.Response:
-        rid, created, parts = api.new_id(req), api.now(), []
+        rid, created, parts = seq.rid, api.now(), []
         while True:
             kind, *rest = await events.get()
             if kind == "text":
@@ -222,7 +222,7 @@ class HttpFront:
                 return resp
 
     async def _stream(self, request, req: api.GenRequest, seq: Sequence, events: asyncio.Queue):
-        rid, created = api.new_id(req), api.now()
+        rid, created = seq.rid, api.now()
         resp = web.StreamResponse(headers=SSE_HEADERS)
         await resp.prepare(request)
         if req.chat:

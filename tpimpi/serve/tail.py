@@ -4,7 +4,7 @@
 
 steps.jsonl is `tpimpi.serve --step-log`, raw.jsonl `tpimpi.serve.bench --raw`; both hold perf_counter
 times, one clock for every process on the machine. Each chunk a client received is matched with the
-step that produced it (the last step whose tokens were handed over before it arrived). A gap between two
+step that produced it (the step log names the responses each step handed text to). A gap between two
 chunks is then: the server's cycle between those two steps (one step, or several when a token gave no
 text), plus the change in delivery delay (step handed over -> client read it: the HTTP thread, the
 socket and the client's own loop). Gaps over the threshold (default: the client-side p99) are counted
@@ -14,7 +14,6 @@ by cause: a step that prefilled prompt rows, more than one step, a slow delivery
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
 import sys
 
@@ -26,20 +25,22 @@ def load(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def step_of(ends: list[float], t: float) -> int:
-    """Index of the last step whose tokens were handed over at or before t (-1: none)."""
-    return bisect.bisect_right(ends, t) - 1
-
-
 def gaps(steps: list[dict], reqs: list[dict]) -> list[dict]:
-    """Every client gap with its server side: the steps of both chunks, the server's cycle, the delivery
-    delays, and the later step's prompt rows and decode rows."""
-    ends = [s["end"] for s in steps]
+    """Every client gap with its server side: the steps of both chunks, the server's cycle between them,
+    the delivery delays, and the later step's prompt rows, decode rows and phases. A request's k-th chunk
+    is the k-th text its id got in the step log's "texts"."""
+    steps = sorted(steps, key=lambda s: s["end"])
+    of_id: dict[str, list[int]] = {}
+    for i, s in enumerate(steps):
+        for rid in s["texts"]:
+            of_id.setdefault(rid, []).append(i)
     out = []
     for r in reqs:
-        idx = [step_of(ends, t) for t in r["times"]]
+        idx = of_id.get(r["id"], [])
+        if len(idx) != len(r["times"]):  # the log does not cover this request
+            continue
         for (ta, tb), (a, b) in zip(zip(r["times"], r["times"][1:]), zip(idx, idx[1:])):
-            if a < 0 or b <= a:  # no step matched (the log missed it) or both chunks from one step
+            if b == a:  # two chunks from one step (the last token's text and the held-back rest)
                 continue
             sb = steps[b]
             out.append({"gap": tb - ta, "server": sb["end"] - steps[a]["end"], "steps": b - a,
@@ -104,7 +105,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     reqs = [r for r in load(args.raw) if (args.label is None or r.get("label") == args.label)
             and (args.concurrency is None or r.get("concurrency") == args.concurrency)]
-    print(report(load(args.steps), reqs, args.over_ms))
+    if not reqs:
+        print("tpimpi.serve.tail: error: no requests in --raw match", file=sys.stderr)
+        return 2
+    first, last = min(r["t0"] for r in reqs), max(t for r in reqs for t in r["times"][-1:])
+    steps = [s for s in load(args.steps) if first <= s["end"] <= last]  # the steps of these requests' run
+    print(report(steps, reqs, args.over_ms))
     return 0
 
 
