@@ -202,7 +202,12 @@ def _start_front(args, eng, key, max_body, path):
 
     limits = api.Limits(model_name(args, path), eng.max_seq, min(args.max_tokens, eng.max_seq - 1))
     target = args.max_token_latency_ms / 1e3 if args.max_token_latency_ms else None
-    step_log = open(args.step_log, "a", buffering=1) if args.step_log else None  # a line a step: readable as it runs
+    step_log = None
+    if args.step_log:  # a line a step, readable as it runs; open until the server stops (run() closes it)
+        try:
+            step_log = open(args.step_log, "a", buffering=1)  # noqa: SIM115
+        except OSError as e:
+            raise UsageError(f"--step-log {args.step_log}: cannot write it ({e.strerror})") from None
     batcher = Batcher(eng.head, eng.tok, eng.max_seq, args.max_batch, eng.model.chunk, args.max_queue, target,
                       args.shutdown_timeout, step_log)
     front = HttpFront(batcher, eng.tok, limits, key, max_body)

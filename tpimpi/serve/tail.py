@@ -14,6 +14,7 @@ by cause: a step that prefilled prompt rows, more than one step, a slow delivery
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 
@@ -39,7 +40,7 @@ def gaps(steps: list[dict], reqs: list[dict]) -> list[dict]:
         idx = of_id.get(r["id"], [])
         if len(idx) != len(r["times"]):  # the log does not cover this request
             continue
-        for (ta, tb), (a, b) in zip(zip(r["times"], r["times"][1:]), zip(idx, idx[1:])):
+        for (ta, tb), (a, b) in zip(itertools.pairwise(r["times"]), itertools.pairwise(idx)):
             if b == a:  # two chunks from one step (the last token's text and the held-back rest)
                 continue
             sb = steps[b]
@@ -70,12 +71,14 @@ def report(steps: list[dict], reqs: list[dict], over_ms: float | None = None) ->
         return "no gaps matched a step"
     client = [g["gap"] for g in gs]
     over = over_ms / 1e3 if over_ms else percentile(client, 99)
-    ms = lambda v: f"{v * 1e3:.1f}"  # noqa: E731
+    def ms(v: float) -> str:
+        return f"{v * 1e3:.1f}"
+
+    server, lag = [g["server"] for g in gs], [g["lag_b"] for g in gs]
     lines = [f"{len(gs)} gaps from {len(reqs)} requests over {len(steps)} steps",
-             f"client gap p50 {ms(percentile(client, 50))} p99 {ms(percentile(client, 99))} ms; server cycle p50 "
-             f"{ms(percentile([g['server'] for g in gs], 50))} p99 {ms(percentile([g['server'] for g in gs], 99))} ms;"
-             f" delivery delay p50 {ms(percentile([g['lag_b'] for g in gs], 50))} p99 "
-             f"{ms(percentile([g['lag_b'] for g in gs], 99))} ms"]
+             (f"client gap p50 {ms(percentile(client, 50))} p99 {ms(percentile(client, 99))} ms; server cycle "
+              f"p50 {ms(percentile(server, 50))} p99 {ms(percentile(server, 99))} ms; delivery delay p50 "
+              f"{ms(percentile(lag, 50))} p99 {ms(percentile(lag, 99))} ms")]
     decode_only = [s for s in steps if s["decode"] and not s["prefill"]]
     with_prefill = [s for s in steps if s["decode"] and s["prefill"]]
     for name, ss in (("decode-only steps", decode_only), ("decode steps with prompt rows", with_prefill)):
