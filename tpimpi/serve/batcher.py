@@ -14,6 +14,7 @@ n) per segment]; the others only ever see it and hidden states (no token ids, no
 from __future__ import annotations
 
 import collections
+import gc
 import json
 import threading
 import time
@@ -108,6 +109,9 @@ class Batcher:
         self._t_step, self._t_ask, self._step_decodes = 0.0, 0.0, 0
         self._texts: list[str] = []  # rid of every text event this step handed out, in order
         self.step_log = step_log  # a text file: one JSON line per step (--step-log), or None
+        self.gc_s, self._gc_t0 = 0.0, 0.0  # seconds the garbage collector ran (any thread) since the last step
+        if step_log is not None:
+            gc.callbacks.append(self._gc_clock)
 
     # ---- the HTTP side ----------------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
@@ -249,8 +253,8 @@ class Batcher:
             self.step_log.write(json.dumps(
                 {"step": self.steps, "ask": self._t_ask, "start": self._t_step, "forward": now, "end": end,
                  "decode": decode, "prefill": rows_run - decode, "active": len(self.active),
-                 "waiting": len(self.waiting), "texts": self._texts}) + "\n")
-        self._texts = []
+                 "waiting": len(self.waiting), "texts": self._texts, "gc": self.gc_s}) + "\n")
+        self._texts, self.gc_s = [], 0.0
 
     def _advance(self, seq: Sequence, nxt: int, now: float) -> None:
         seq.out_ids.append(nxt)
@@ -275,6 +279,12 @@ class Batcher:
             self._text(seq, out)
         seq.emit("done", finish, len(seq.prompt_ids), len(seq.out_ids))
         self._release(seq)
+
+    def _gc_clock(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        else:
+            self.gc_s += time.perf_counter() - self._gc_t0
 
     def _text(self, seq: Sequence, out: str) -> None:
         seq.emit("text", out)

@@ -8,7 +8,8 @@ step that produced it (the step log names the responses each step handed text to
 chunks is then: the server's cycle between those two steps (one step, or several when a token gave no
 text), plus the change in delivery delay (step handed over -> client read it: the HTTP thread, the
 socket and the client's own loop). Gaps over the threshold (default: the client-side p99) are counted
-by cause: a step that prefilled prompt rows, more than one step, a slow delivery, or a slow decode step.
+by cause: garbage collection, more than one step, a step that prefilled prompt rows, a slow delivery,
+time between steps, or a slow decode step.
 """
 
 from __future__ import annotations
@@ -47,13 +48,17 @@ def gaps(steps: list[dict], reqs: list[dict]) -> list[dict]:
             out.append({"gap": tb - ta, "server": sb["end"] - steps[a]["end"], "steps": b - a,
                         "lag_a": ta - steps[a]["end"], "lag_b": tb - sb["end"], "prefill": sb["prefill"],
                         "decode": sb["decode"], "forward": sb["forward"] - sb["start"],
-                        "between": sb["start"] - steps[b - 1]["end"], "emit": sb["end"] - sb["forward"]})
+                        "between": sb["start"] - steps[b - 1]["end"], "emit": sb["end"] - sb["forward"],
+                        "gc": sum(s.get("gc", 0.0) for s in steps[a + 1 : b + 1])})
     return out
 
 
 def cause(g: dict, over: float) -> str:
-    """Why a gap is over `over` seconds, first matching: several steps, a prompt chunk in the step, the
-    delivery (the client read it late), time between steps (sampling, scheduling, the GIL), a slow step."""
+    """Why a gap is over `over` seconds, first matching: the garbage collector ran for a quarter of it,
+    several steps, a prompt chunk in the step, the delivery (the client read it late), time between steps
+    (sampling, scheduling, the GIL), a slow step."""
+    if g["gc"] > 0.25 * g["server"]:
+        return "garbage collection"
     if g["steps"] > 1:
         return "several steps (a token without text)"
     if g["prefill"]:
