@@ -152,9 +152,10 @@ def test_netbench_times_auto_at_every_size_it_reports(comm, tmp_path, monkeypatc
         assert netbench.main(["--sizes", "64,4096", "--reps", "1", "--algos", "star,auto", "--out", str(out)]) == 0
         assert [n for n, _ in comm._auto] == [64, 256, 1024, 4096]
         if comm.rank == 0:
-            picks = {r["elems"]: r["auto_pick"] for r in map(json.loads, out.read_text().splitlines())
-                     if r["algo"] == "auto"}
-            assert picks == {64: dict(comm._auto)[64], 4096: dict(comm._auto)[4096]}
+            autos = [r for r in map(json.loads, out.read_text().splitlines()) if r["algo"] == "auto"]
+            assert {r["elems"]: r["auto_pick"] for r in autos} == {64: dict(comm._auto)[64], 4096: dict(comm._auto)[4096]}
+            for r in autos:  # what the start-up measurement saw, beside the benchmark's own medians
+                assert set(r["auto_seen_ms"]) == set(comm_mod.CONCRETE_ALGOS)
     finally:
         comm.setup(5000, "star", "float32")
 

@@ -103,6 +103,7 @@ class MPIComm:
         self._recv = np.empty((0, 0), dtype=np.float32)
         self._wire = WireBuffers()  # the star's partials and sum as they travel (encoded for --wire)
         self._auto: list[tuple[int, str]] = []  # (largest size, algorithm) from the start-up measurement
+        self.auto_seen: dict[int, dict[str, float]] = {}  # size -> each candidate's median seconds (rank 0's)
         self.timeout = float(os.environ.get("TPIMPI_PEER_TIMEOUT", PEER_TIMEOUT_S))
         self._longest_wait = 0.0
         name = np.zeros(HOST_BYTES, dtype=np.uint8)
@@ -158,7 +159,8 @@ class MPIComm:
             if len(close) > 1:  # near-ties: more rounds of those only, before choosing
                 for a, t in self.time_rounds(close, buf, AUTO_MORE_ROUNDS, AUTO_REPS).items():
                     times[a] += t
-            pick = self._from_root(cands, [pick_fastest({a: float(np.median(times[a])) for a in close})])
+            self.auto_seen[n] = _medians(times)
+            pick = self._from_root(cands, [pick_fastest({a: self.auto_seen[n][a] for a in close})])
             table.append((n, pick[0]))
         return table
 

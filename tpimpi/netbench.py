@@ -62,7 +62,6 @@ def main(argv=None) -> int:
     # auto: its start-up timings, at every size from the smallest asked up to the largest (as a model
     # measures from one token's hidden state up); without hidden it timed only the largest size
     comm.setup(max(sizes), "auto" if "auto" in algos else "star", args.wire, hidden=min(sizes))
-    picks = dict(comm._auto)
     rows = []
     rounds = min(args.rounds, args.reps)
     for n in sizes:
@@ -73,8 +72,7 @@ def main(argv=None) -> int:
                          "median_s": float(np.median(times[algo])), "link_latency_ms": args.link_latency_ms,
                          "link_bandwidth_mbps": args.link_bandwidth_mbps, "reps": len(times[algo]),
                          "rounds": rounds, "wire": args.wire, "hosts": len(set(comm.hosts)), **notes,
-                         **({"auto_pick": next(a for m, a in sorted(picks.items()) if n <= m or m == max(picks))}
-                            if algo == "auto" else {})})
+                         **(auto_fields(comm, n) if algo == "auto" else {})})
     if comm.rank == 0:
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -89,6 +87,13 @@ def main(argv=None) -> int:
         for n in sizes:
             print(f"{n:<9}" + "".join(f"{r['median_s'] * 1e6:14.1f}" for r in rows if r["elems"] == n))
     return 0
+
+
+def auto_fields(comm, n: int) -> dict:
+    """What auto chose for n floats, and the medians its start-up measurement saw at that size, ms."""
+    m = next(m for m, _ in comm._auto if n <= m or m == comm._auto[-1][0])
+    return {"auto_pick": dict(comm._auto)[m], "auto_seen_size": m,
+            "auto_seen_ms": {a: round(t * 1e3, 3) for a, t in comm.auto_seen.get(m, {}).items()}}
 
 
 if __name__ == "__main__":
