@@ -30,10 +30,10 @@ HOST_BYTES = 64  # fixed-size slot for one rank's host name
 # the wait allowed grows to 10x the longest wait seen, so slow disks and large blocks do not trip it.
 PEER_TIMEOUT_S = 5.0
 # auto's start-up measurement (MPIComm.measure_auto): AUTO_ROUNDS interleaved rounds of AUTO_REPS calls of
-# every algorithm; AUTO_MORE_ROUNDS more for those within AUTO_CLOSE of the fastest median; among those
+# every algorithm; AUTO_MORE_ROUNDS more for those within AUTO_CLOSE of the fastest (median round); among those
 # within AUTO_TIE of the fastest then, the first in CONCRETE_ALGOS order (the stars first: two hops at any
 # rank count, and the peer watchdog covers them), as a difference that small is below what rounds resolve.
-AUTO_ROUNDS, AUTO_REPS, AUTO_MORE_ROUNDS, AUTO_CLOSE, AUTO_TIE = 2, 3, 4, 1.15, 1.02
+AUTO_ROUNDS, AUTO_REPS, AUTO_MORE_ROUNDS, AUTO_CLOSE, AUTO_TIE = 3, 3, 3, 1.15, 1.02
 
 
 class RankFailure(TpimpiError):
@@ -141,7 +141,7 @@ class MPIComm:
         """For sizes hidden .. max_elems (x4 steps), the fastest concrete algorithm, as rank 0 timed it.
 
         The candidates are timed in interleaved rounds (`time_rounds`), so the machine's and the links'
-        drift falls on all of them alike, and compared by their median call: AUTO_ROUNDS rounds of
+        drift falls on all of them alike, and compared by their median round: AUTO_ROUNDS rounds of
         AUTO_REPS calls each, then AUTO_MORE_ROUNDS more for those within AUTO_CLOSE of the fastest,
         and among those within AUTO_TIE of the fastest after that the first in CONCRETE_ALGOS order
         (`pick_fastest`)."""
@@ -171,11 +171,13 @@ class MPIComm:
         return [a for a, m in zip(cands, mask) if m]
 
     def time_rounds(self, algos, buf: np.ndarray, rounds: int, reps: int) -> dict[str, list[float]]:
-        """Seconds of each of `reps` back-to-back allreduces of buf with each of algos, on this rank,
-        timed in interleaved rounds (collective): every round runs each algorithm in turn, in an order
-        that rotates from round to round, each after a barrier and one untimed call (which also absorbs
-        the ranks' skew after the barrier). Drift over the rounds (other load, the links' queues) then
-        falls on every algorithm alike. "auto" times what setup's measurement chose for this size."""
+        """Seconds per allreduce of buf with each of algos, one figure a round, on this rank, timed in
+        interleaved rounds (collective): every round runs each algorithm in turn, in an order that rotates
+        from round to round, each after a barrier and one untimed call (which also absorbs the ranks' skew
+        after the barrier), then `reps` calls back to back, timed together: one call alone on one rank
+        alternates between near zero (the peers' data already there) and a whole round trip. Drift over
+        the rounds (other load, the links' queues) falls on every algorithm alike. "auto" times what
+        setup's measurement chose for this size."""
         algos = list(algos)
         times: dict[str, list[float]] = {a: [] for a in algos}
         for r in range(rounds):
@@ -183,10 +185,10 @@ class MPIComm:
                 fn = self.allreduce_ if a == "auto" else getattr(self, f"_allreduce_{a}")
                 self.comm.Barrier()
                 fn(buf)
+                t = self.MPI.Wtime()
                 for _ in range(reps):
-                    t = self.MPI.Wtime()
                     fn(buf)
-                    times[a].append(self.MPI.Wtime() - t)
+                times[a].append((self.MPI.Wtime() - t) / reps)
         return times
 
     def time_allreduce(self, algo: str, buf: np.ndarray, reps: int, warmup: int = 2) -> float:

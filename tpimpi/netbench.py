@@ -64,13 +64,14 @@ def main(argv=None) -> int:
     comm.setup(max(sizes), "auto" if "auto" in algos else "star", args.wire, hidden=min(sizes))
     rows = []
     rounds = min(args.rounds, args.reps)
+    per_round = -(-args.reps // rounds)
     for n in sizes:
         buf = np.zeros(n, dtype=np.float32)  # zeros: repeated in-place sums cannot overflow
-        times = comm.time_rounds(algos, buf, rounds, -(-args.reps // rounds))
+        times = comm.time_rounds(algos, buf, rounds, per_round)  # seconds per call, a figure per round
         for algo in algos:
             rows.append({"system": "allreduce", "algo": algo, "ranks": comm.size, "elems": n,
                          "median_s": float(np.median(times[algo])), "link_latency_ms": args.link_latency_ms,
-                         "link_bandwidth_mbps": args.link_bandwidth_mbps, "reps": len(times[algo]),
+                         "link_bandwidth_mbps": args.link_bandwidth_mbps, "reps": rounds * per_round,
                          "rounds": rounds, "wire": args.wire, "hosts": len(set(comm.hosts)), **notes,
                          **(auto_fields(comm, n) if algo == "auto" else {})})
     if comm.rank == 0:
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
         where = " ".join(f"{k}={v}" for k, v in notes.items())
         print(f"{comm.size} ranks on {len(set(comm.hosts))} hosts{', ' + where if where else ''}; emulated link "
               f"{args.link_latency_ms} ms / {args.link_bandwidth_mbps or 'unlimited'} Mbps; wire {args.wire}; "
-              "median microseconds:")
+              "median over the rounds of the mean call, microseconds:")
         print("floats   " + "".join(f"{a:>14}" for a in algos))
         for n in sizes:
             print(f"{n:<9}" + "".join(f"{r['median_s'] * 1e6:14.1f}" for r in rows if r["elems"] == n))
