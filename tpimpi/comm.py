@@ -33,7 +33,7 @@ PEER_TIMEOUT_S = 5.0
 # every algorithm; AUTO_MORE_ROUNDS more for those within AUTO_CLOSE of the fastest (median round); among those
 # within AUTO_TIE of the fastest then, the first in CONCRETE_ALGOS order (the stars first: two hops at any
 # rank count, and the peer watchdog covers them), as a difference that small is below what rounds resolve.
-AUTO_ROUNDS, AUTO_REPS, AUTO_MORE_ROUNDS, AUTO_CLOSE, AUTO_TIE = 3, 3, 3, 1.15, 1.02
+AUTO_ROUNDS, AUTO_REPS, AUTO_MORE_ROUNDS, AUTO_CLOSE, AUTO_TIE = 3, 2, 3, 1.15, 1.02
 
 
 class RankFailure(TpimpiError):
