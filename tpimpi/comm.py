@@ -31,8 +31,9 @@ HOST_BYTES = 64  # fixed-size slot for one rank's host name
 PEER_TIMEOUT_S = 5.0
 # auto's start-up measurement (MPIComm.measure_auto): AUTO_ROUNDS interleaved rounds of AUTO_REPS calls of
 # every algorithm; AUTO_MORE_ROUNDS more for those within AUTO_CLOSE of the fastest (median round); among those
-# within AUTO_TIE of the fastest then, the first in CONCRETE_ALGOS order (the stars first: two hops at any
-# rank count, and the peer watchdog covers them), as a difference that small is below what rounds resolve.
+# within AUTO_TIE of the fastest then, the first in CONCRETE_ALGOS order (the stars first: the paper's
+# algorithm, and the peer watchdog covers them, not MPI's blocking collectives), as a difference that small
+# is below what the rounds resolve.
 AUTO_ROUNDS, AUTO_REPS, AUTO_MORE_ROUNDS, AUTO_CLOSE, AUTO_TIE = 3, 2, 3, 1.15, 1.02
 
 
@@ -103,7 +104,7 @@ class MPIComm:
         self._recv = np.empty((0, 0), dtype=np.float32)
         self._wire = WireBuffers()  # the star's partials and sum as they travel (encoded for --wire)
         self._auto: list[tuple[int, str]] = []  # (largest size, algorithm) from the start-up measurement
-        self.auto_seen: dict[int, dict[str, float]] = {}  # size -> each candidate's median seconds (rank 0's)
+        self.auto_seen: dict[int, dict[str, float]] = {}  # size -> each candidate's median round, s/call (rank 0's)
         self.timeout = float(os.environ.get("TPIMPI_PEER_TIMEOUT", PEER_TIMEOUT_S))
         self._longest_wait = 0.0
         name = np.zeros(HOST_BYTES, dtype=np.uint8)
