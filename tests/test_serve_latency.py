@@ -30,17 +30,25 @@ def test_the_model_learns_decode_and_prompt_rows_apart():
     assert lm.tail() == pytest.approx(1.0)  # every step on its line
 
 
-def test_unseen_prompt_rows_cost_a_decode_row_and_slopes_are_not_negative():
+def sums(steps):
     xtx, xty = np.zeros((3, 3)), np.zeros(3)
-    for d in (1, 2, 4, 8):
-        x = np.array([1.0, d, 0.0])
-        xtx, xty = xtx + np.outer(x, x), xty + x * line(d, 0)
-    assert fit(xtx, xty) == pytest.approx((0.030, 0.002, 0.002), rel=1e-6)
-    xtx, xty = np.zeros((3, 3)), np.zeros(3)
-    for d, t in [(1, 0.050), (2, 0.049), (4, 0.047)]:  # faster with more rows: noise, not a negative cost
-        x = np.array([1.0, d, 0.0])
+    for d, p, t in steps:
+        x = np.array([1.0, d, p])
         xtx, xty = xtx + np.outer(x, x), xty + x * t
-    a, b, c = fit(xtx, xty)
+    return xtx, xty
+
+
+def test_until_prompt_rows_are_told_apart_they_cost_a_decode_row():
+    assert fit(*sums([(4, 0, 0.038)] * 3)) is None  # one row count: nothing to fit
+    assert fit(*sums([(d, 0, line(d, 0)) for d in (1, 2, 4, 8)])) == pytest.approx((0.030, 0.002, 0.002), rel=1e-6)
+    # a server's first steps: a prompt alone (30 rows, 50 ms), then its decode steps (1 row, 32 ms): two
+    # equations for three unknowns, so one line through the rows: 32 + (50 - 32) / 29 ms per row
+    b = 0.018 / 29
+    assert fit(*sums([(0, 30, 0.050), (1, 0, 0.032), (1, 0, 0.032)])) == pytest.approx((0.032 - b, b, b), rel=1e-6)
+
+
+def test_slopes_are_not_negative():
+    a, b, c = fit(*sums([(1, 0, 0.050), (2, 0, 0.049), (4, 0, 0.047)]))  # faster with more rows: noise
     assert (b, c) == (0.0, 0.0) and a == pytest.approx(0.146 / 3, rel=1e-9)
 
 

@@ -29,7 +29,7 @@ class LatencyModel:
         self.xtx = np.zeros((3, 3))  # sum of f^age * x x^T, x = (1, decode, prompt)
         self.xty = np.zeros(3)  # sum of f^age * x * seconds
         self.ratios: collections.deque[float] = collections.deque(maxlen=tail_window)  # measured / predicted
-        self.coef: tuple[float, float, float] | None = None  # (a, b, c) once the decode rows have varied
+        self.coef: tuple[float, float, float] | None = None  # (a, b, c) once the rows have varied
 
     def add(self, decode: int, prompt: int, seconds: float) -> None:
         """A step of `decode` decode rows and `prompt` prompt rows took `seconds` (only steps with decode
@@ -43,7 +43,7 @@ class LatencyModel:
         self.coef = fit(self.xtx, self.xty)
 
     def predict(self, decode: int, prompt: int = 0) -> float | None:
-        """Predicted seconds of a step; None until steps of two different decode row counts were seen."""
+        """Predicted seconds of a step; None until steps of two different row counts were seen."""
         if self.coef is None:
             return None
         a, b, c = self.coef
@@ -60,27 +60,34 @@ class LatencyModel:
 
 
 def fit(xtx: np.ndarray, xty: np.ndarray) -> tuple[float, float, float] | None:
-    """(a, b, c) of t = a + b * decode + c * prompt from the normal equations, slopes at least 0. None while
-    the decode rows have not varied. While no prompt rows were seen beside a known decode slope, a prompt
-    row is taken to cost what a decode row costs (c = b): never less, so a first prompt chunk is not
-    waved through on a guess of 0."""
-    n = xtx[0, 0]
-    if n <= 0 or xtx[1, 1] * n - xtx[0, 1] ** 2 <= 1e-9 * max(1.0, n * n):
+    """(a, b, c) of t = a + b * decode + c * prompt from the normal equations, slopes at least 0. Until the
+    steps tell decode rows and prompt rows apart (a few steps of each mix; the first ones cannot: a
+    prompt-only step and a decode step give two equations for three unknowns), a prompt row is taken to
+    cost what a decode row costs: one line through all rows, c = b. None while the rows have not varied."""
+    coef = _solve(xtx, xty)
+    if coef is not None:
+        return coef
+    rows = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])  # (1, decode, prompt) -> (1, decode + prompt)
+    line = _solve(rows @ xtx @ rows.T, rows @ xty)
+    return None if line is None else (line[0], line[1], line[1])
+
+
+def _solve(xtx: np.ndarray, xty: np.ndarray, max_cond: float = 1e8) -> tuple[float, ...] | None:
+    """Least squares from the normal equations, a slope that comes out negative (noise around a flat
+    cost) fixed at 0 and the rest refitted; None when the system is too ill-conditioned to trust."""
+    free = list(range(len(xty)))
+    if np.linalg.cond(xtx) > max_cond:
         return None
-    prompt_seen = xtx[2, 2] * n - xtx[0, 2] ** 2 > 1e-9 * max(1.0, n * n)
-    free = [0, 1, 2] if prompt_seen else [0, 1]
-    while True:  # drop a slope that comes out negative (noise around a flat cost) and refit the rest
-        coef = np.zeros(3)
+    while True:
+        coef = np.zeros(len(xty))
         try:
             coef[free] = np.linalg.solve(xtx[np.ix_(free, free)], xty[free])
         except np.linalg.LinAlgError:
             return None
         neg = [i for i in free[1:] if coef[i] < 0]
         if not neg:
-            break
+            return tuple(float(v) for v in coef)
         free.remove(neg[0])
-    a, b, c = (float(v) for v in coef)
-    return a, b, (c if prompt_seen else b)
 
 
 def may_admit(target: float, predicted_tail: float | None, recent: float | None) -> bool:
