@@ -57,8 +57,9 @@ def build_parser(rank: int = 0):
                        "cache of --max-seq-len (default 8)")
     batch.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more are "
                        "answered 429 (default 64)")
-    batch.add_argument("--max-token-latency-ms", type=float, help="admit waiting sequences only while the "
-                       "predicted time per token stays under this (default: no target)")
+    batch.add_argument("--max-token-latency-ms", type=float, help="a target on the 99th percentile of the time "
+                       "between two tokens of an answer: admit waiting sequences, and feed prompt rows beside "
+                       "decoding ones, only while the predicted step stays under it (default: no target)")
     batch.add_argument("--step-log", metavar="FILE", help="append one JSON line per step to FILE: its times, decode "
                        "rows and prompt rows (to see where per-token latency goes; tpimpi.serve.bench --raw)")
     batch.add_argument("--shutdown-timeout", type=float, default=10.0, help="on SIGTERM, seconds running requests "
