@@ -20,9 +20,9 @@ from tpimpi.shard import plan as split_plan
 from tpimpi.synth import shape_config
 
 
-def dev(matvec=1e9, overhead=0.0, mem=8 << 30, direct=1e8, cached=1e9, lat=0.0, bw=math.inf):
+def dev(matvec=1e9, overhead=0.0, mem=8 << 30, direct=1e8, cached=1e9, lat=0.0, bw=math.inf, token=0.0):
     return Device("h", {"float32": matvec, "bfloat16": matvec / 2}, {"float32": 1e12, "bfloat16": 1e12},
-                  overhead, overhead, mem, direct, cached, lat, bw)
+                  overhead, overhead, mem, direct, cached, lat, bw, token_overhead_s=token)
 
 
 def test_allreduce_message_patterns():
@@ -103,6 +103,19 @@ def test_predict_one_resident_device_by_hand():
     by_hand = 2 * (1e-3 + 4 * attn / 1e9) + 2 * (1e-3 + 4 * mlp / 1e9) + 4 * head / 1e9
     assert pred.s_per_token == pytest.approx(by_hand)
     assert pred.ttft_s == pytest.approx(by_hand)  # one prompt position: one pass
+    # rank 0's work per token besides the head (norm, sampling) adds to every pass, once
+    slow = predict(cfg, [dev(matvec=1e9, overhead=1e-3, token=2e-3)], [1], [Mode("resident")], prompt_tokens=1,
+                   new_tokens=5, max_seq=64)
+    assert slow.s_per_token == pytest.approx(by_hand + 2e-3) and slow.ranks[0].compute_s == pytest.approx(by_hand + 2e-3)
+
+
+def test_token_overhead_is_rank_0s_and_the_workers_wait_for_it():
+    cfg = shape_config("smollm2-135m", layers=2)
+    base = predict(cfg, [dev(), dev()], [1, 1], [Mode("resident")] * 2, prompt_tokens=1, new_tokens=4, max_seq=64)
+    t = predict(cfg, [dev(token=5e-3), dev(token=7e-3)], [1, 1], [Mode("resident")] * 2, prompt_tokens=1,
+                new_tokens=4, max_seq=64)
+    assert t.s_per_token == pytest.approx(base.s_per_token + 5e-3)  # rank 0's figure; a worker's is not used
+    assert t.ranks[1].compute_s == pytest.approx(base.ranks[1].compute_s)
 
 
 def test_predict_two_ranks_adds_the_allreduces():

@@ -5,8 +5,12 @@ A configuration is: the devices taking part (in rank order; rank 0 is the master
 the split (ratios, through shard.py), each rank's memory mode, the storage dtype and the allreduce.
 
 Time. Every rank runs the same cycle of blocks (attention and MLP of each layer; rank 0 then the output
-head in chunks) and all ranks meet at the allreduce after every layer block. One block on one rank takes
+head in chunks, and its per-token work besides them: the final norm, sampling) and all ranks meet at the
+allreduce after every layer block. One block on one rank takes
     overhead(kind) + max(weight bytes / matvec rate, 2 x params x T / gemm rate)      (T positions)
+where the overhead is the block's work besides its products (norm, rope, attention, the loop's Python)
+and the matvec rate was measured streaming the rank's share of the weights with every rank of the node
+at work (tpimpi.profile): what caches and the shared memory bus give a run.
 A streamed block must also have been read: one reader thread per rank reads blocks in cycle order, block
 b+W starting when block b is released (W = window), so reading overlaps the compute and the allreduces
 of the W-1 blocks in between. `simulate` plays this out event by event, the allreduce after each layer
@@ -280,6 +284,8 @@ def predict(cfg: ModelConfig, devices, ratios, modes, dtype: str = "float32", al
         for i, T in enumerate(steps):
             compute[i].append([block_seconds(dev, dtype, kind, _params(sp.layout), 1 if kind == "head" else T)
                                for kind, sp in zip(kinds, specs)])
+            if r == 0:  # rank 0's norm and sampling after the head's products
+                compute[i][0][-1] += dev.token_overhead_s
     ar = [allreduce_seconds(algo, T * cfg.hidden * F32, k, L, B) for T in steps]
     bc = [bcast_seconds(CTRL_BYTES, k, L, B) + bcast_seconds(T * cfg.hidden * F32, k, L, B) for T in steps]
     times = simulate(compute, read_s, windows, 2 * cfg.n_layers, ar, bc, events)
