@@ -35,15 +35,13 @@ from dataclasses import dataclass
 
 from ..config import ModelConfig
 from ..resources import MemoryOptions, memory_plan
-from ..shard import plan as split_plan
-from ..store import DTYPES
+from ..store import DTYPES, split_plan, store_formats
 from .devices import Device
 
 CTRL_BYTES = 24  # the control word rank 0 broadcasts every step: 3 int64
 F32 = 4
 # bytes per weight of each storage format; GGUF's blocks of 32: q8_0 a 2-byte scale + 32 bytes, q4_0 a scale
-# + 16 bytes, q4_1 a scale and a minimum + 16 bytes. Formats store.py does not lay out are costed as float16
-# blocks scaled to their size (layout_dtype).
+# + 16 bytes, q4_1 a scale and a minimum + 16 bytes (tpimpi.quant lays them out so)
 WEIGHT_BYTES = {**{d: float(s) for d, (_, s) in DTYPES.items()}, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32}
 
 
@@ -87,27 +85,10 @@ def bcast_seconds(nbytes: int, k: int, latency_s: float, Bps: float) -> float:
     return latency_s + (0.0 if math.isinf(Bps) else (k - 1) * nbytes / Bps)
 
 
-def layout_dtype(dtype: str) -> tuple[str, float]:
-    """(the dtype whose store layouts stand for this format's blocks, the factor their bytes scale by)."""
-    if dtype in DTYPES:
-        return dtype, 1.0
-    if dtype not in WEIGHT_BYTES:
-        raise ValueError(f"unknown storage format {dtype!r}")
-    return "float16", WEIGHT_BYTES[dtype] / 2
-
-
 def rank_memory(cfg, s, rank: int, world: int, dtype: str, max_seq: int, options):
-    """(block specs, memory plan, byte scale) of one rank: memory.py's plan through resources.memory_plan, for
-    a format it lays out; else the float16 plan with the weights scaled to the format's size."""
-    from dataclasses import replace
-
-    lay, scale = layout_dtype(dtype)
-    if scale != 1.0 and options.budget:
-        options = replace(options, budget=int(options.budget / scale))
-    specs, mp = memory_plan(cfg, s, rank, world, lay, max_seq, options)
-    if scale != 1.0:
-        mp = type(mp)(mp.resident, mp.window, mp.n_blocks, dict(mp.parts, weights=int(mp.parts["weights"] * scale)))
-    return specs, mp, scale
+    """(block specs, memory plan) of one rank: memory.py's plan through resources.memory_plan, on the store's
+    own layouts of the format (dense or GGUF's quantized blocks)."""
+    return memory_plan(cfg, s, rank, world, dtype, max_seq, options)
 
 
 def block_seconds(dev: Device, dtype: str, kind: str, params: int, T: int = 1) -> float:
@@ -266,18 +247,18 @@ def predict(cfg: ModelConfig, devices, ratios, modes, dtype: str = "float32", al
             io: str = "cache", events: list | None = None) -> Prediction:
     """Predicted TTFT, seconds per decoded token and every rank's peak memory for one configuration."""
     k = len(devices)
-    slices = split_plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, ratios)
+    slices = split_plan(cfg, ratios, store_formats(cfg, dtype))  # a quantized store cuts FFN in whole groups
     L, B = cluster_link(devices)
     chunks = [min(chunk, prompt_tokens - i) for i in range(0, prompt_tokens, chunk)]
     steps = chunks + [1] * max(1, new_tokens - 1)
     compute, read_s, windows, plans, rates = [[] for _ in steps], [], [], [], []
     for r, (dev, s, mode) in enumerate(zip(devices, slices, modes)):
-        specs, mp, scale = rank_memory(cfg, s, r, k, dtype, max_seq, mode.options(chunk, io))
+        specs, mp = rank_memory(cfg, s, r, k, dtype, max_seq, mode.options(chunk, io))
         kinds = ["attn", "mlp"] * cfg.n_layers + ["head"] * (len(specs) - 2 * cfg.n_layers)
-        streamed = int(scale * sum(sp.layout.nbytes for b, sp in enumerate(specs) if b not in mp.resident))
+        streamed = sum(sp.layout.nbytes for b, sp in enumerate(specs) if b not in mp.resident)
         fits_cache = io in ("cache", "mmap") and streamed <= dev.mem_bytes - mp.total
         rate = dev.disk_cache_Bps if fits_cache else dev.disk_direct_Bps
-        read_s.append([None if b in mp.resident else scale * sp.layout.nbytes / rate for b, sp in enumerate(specs)])
+        read_s.append([None if b in mp.resident else sp.layout.nbytes / rate for b, sp in enumerate(specs)])
         windows.append(mp.window)
         plans.append((mp, streamed))
         rates.append(rate)
