@@ -50,6 +50,21 @@ pick() {  # the cores of the devices a plan file runs on, in rank order
   python -c 'import json,sys; p=json.load(open(sys.argv[1])); c=sys.argv[2].split(","); print(",".join(c[r["device"]] for r in p["ranks"]))' "$1" "$2"
 }
 
+convert_first() {  # convert_first PLAN: the store the plan runs on, converted outside any memory limit (a
+  # conversion holds a whole tensor: under tpimpi.lowmem's limit the OOM killer would end it); the same
+  # ratios and dtype as bench derives from the plan file, so bench then finds it in the cache
+  python - "$1" "$MODEL" <<'PY'
+import json, sys
+from tpimpi.models import prepare
+from tpimpi.shard import parse_ratios
+plan, model = json.load(open(sys.argv[1])), sys.argv[2] or None
+ratios = [r["ratio"] for r in plan["ranks"]]
+n = len(ratios)
+given = None if len(set(ratios)) == 1 else parse_ratios(",".join(repr(float(r)) for r in ratios), n)
+prepare(model, n, given, plan["dtype"], quiet=True)
+PY
+}
+
 run_plan() {  # run_plan CLUSTER-SPEC LABEL PLAN-ARGS...
   IFS='|' read -r name cores mem link <<< "$1"; local label=$2; shift 2
   local plan=$WORK/$label.json
@@ -57,6 +72,7 @@ run_plan() {  # run_plan CLUSTER-SPEC LABEL PLAN-ARGS...
     --new-tokens "$NEW_TOKENS" --out "$plan" "$@"
   local used np
   used=$(pick "$plan" "$cores"); np=$(python -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["ranks"]))' "$plan")
+  [ "$mem" != - ] && convert_first "$plan"
   launch "$used" "$mem" "$link" "$np" -- python -m tpimpi.bench "${model_arg[@]}" --plan-file "$plan" \
     --link-latency-ms "$link" --new-tokens "$NEW_TOKENS" --repeat "$REPEAT" --label "plan-$label" --out "$OUT"
 }

@@ -52,6 +52,24 @@ def make_cpu_cgroup(cores: float) -> Path:
                              files)
 
 
+def own_quota() -> tuple[float, float]:
+    """(cores, period in seconds) of this process's CPU quota: (inf, 0.0) where it has none (or no cpu
+    controller is readable)."""
+    cg = own_cpu_cgroup()
+    try:
+        if cg is None:
+            raise OSError
+        kind, d = cg
+        if kind == "v1":
+            quota, period = int((d / "cpu.cfs_quota_us").read_text()), int((d / "cpu.cfs_period_us").read_text())
+        else:
+            q, per = (d / "cpu.max").read_text().split()
+            quota, period = (-1 if q == "max" else int(q)), int(per)
+    except (OSError, ValueError):
+        return math.inf, 0.0
+    return (math.inf, 0.0) if quota <= 0 or period <= 0 else (quota / period, period / 1e6)
+
+
 def parse_cores(text: str, rank: int) -> float:
     """This rank's cores from '0.5' or '0.6,0.6,0.2'; ValueError when there is no positive value for it."""
     values = [float(x) for x in text.split(",")]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import comm as comm_mod
+from .cpulimit import own_quota
 from .engine import collective
 from .resources import available_memory, set_threads
 from .errors import TpimpiError, UsageError
@@ -85,10 +87,12 @@ def measure_device(comm, cfg, dtypes, threads: int, disk_dir: str, disk_bytes: i
     except OSError as e:
         raise TpimpiError(f"cannot measure the disk in {disk_dir!r} ({e.strerror or e}); pass --disk-dir") from None
     cores = len(os.sched_getaffinity(0))
+    quota, period = own_quota()
     return {"host": platform.node(), "matvec_Bps": {d: r[0] for d, r in rates.items()},
             "gemm_flops": {d: r[1] for d, r in rates.items()}, "attn_overhead_s": attn, "mlp_overhead_s": mlp,
             "token_overhead_s": token, "mem_bytes": mem, "disk_direct_Bps": direct, "disk_cache_Bps": cached,
-            "cores": cores, "threads": threads}
+            "cores": cores, "threads": threads, "cpu_quota": 0.0 if math.isinf(quota) else quota,
+            "cpu_period_s": period}
 
 
 def run(comm, argv=None) -> int:

@@ -144,14 +144,63 @@ class StepTimes:
     allreduce: list  # in the allreduce, waiting for the slowest rank included
 
 
-def simulate(compute, read_s, windows, n_sync: int, ar_s, bcast_s, events: list | None = None) -> list[StepTimes]:
+@dataclass(frozen=True)
+class Quota:
+    """A CPU quota (CFS bandwidth control): the rank may run `cores` x `period` seconds of every period,
+    the periods starting at `phase` + k x period. A rank waiting in MPI busy-polls, so it spends its quota
+    whether it computes or waits: it runs from each period's start until the quota is used, whatever it
+    does. A burst of work w therefore ends about ceil(w / (cores x period)) periods later, and ranks whose
+    periods are out of phase wait for each other at every allreduce."""
+
+    cores: float
+    period: float
+    phase: float = 0.0
+
+    def next_up(self, t: float) -> float:
+        """The first moment from t at which the rank may run."""
+        x = (t - self.phase) % self.period
+        return t if x < self.cores * self.period else t + self.period - x
+
+    def advance(self, t: float, work: float) -> float:
+        """When a rank starting at t has run `work` seconds."""
+        up = self.cores * self.period
+        k, x = divmod(t - self.phase, self.period)
+        if x >= up:  # throttled: the next period
+            k, x = k + 1, 0.0
+        if work <= up - x:
+            return self.phase + k * self.period + x + work
+        n, rest = divmod(work - (up - x), up)
+        if rest == 0:
+            return self.phase + (k + n) * self.period + up
+        return self.phase + (k + n + 1) * self.period + rest
+
+
+PHASES = 8  # quota phases averaged over (the runs' cgroups start their periods at unrelated moments)
+
+
+def quota_phases(devices, n: int = PHASES) -> list[list[Quota | None]]:
+    """n phase assignments of the devices' CPU quotas (None: no quota), spread evenly and deterministically:
+    assignment j puts rank r's periods at frac(j x (r + 1) x 0.618 + r / k) of its period."""
+    k = len(devices)
+    return [[Quota(d.cpu_quota, d.cpu_period_s, ((j * (r + 1) * 0.6180339887 + r / k) % 1.0) * d.cpu_period_s)
+             if 0 < d.cpu_quota < 1 and d.cpu_period_s > 0 else None for r, d in enumerate(devices)]
+            for j in range(n)]
+
+
+def simulate(compute, read_s, windows, n_sync: int, ar_s, bcast_s, events: list | None = None,
+             quotas=None) -> list[StepTimes]:
     """Play out steps of the block cycle on every rank.
 
     compute[step][rank][block]: seconds of each block; read_s[rank][block]: seconds to read a streamed
     block, None for a resident one; windows[rank]: buffers of its window; n_sync: the first n_sync blocks
     are each followed by an allreduce of ar_s[step] seconds (blocks after them, rank 0's head, are not);
     bcast_s[step]: rank 0's broadcasts that start a step. If `events` is a list, (step, rank, kind, t0, t1)
-    intervals are appended to it, kind in compute / io_wait / allreduce / read."""
+    intervals are appended to it, kind in compute / io_wait / allreduce / read. quotas[rank]: (cores,
+    period, phase) of a CPU quota (`Quota`) or None: that rank computes, and leaves an allreduce, only
+    while its quota lets it run (compute is then in seconds at full speed)."""
+    quotas = quotas or [None] * len(read_s)
+    run = [q.advance if q else (lambda t, w: t + w) for q in quotas]
+    up = [q.next_up if q else (lambda t: t) for q in quotas]
     R = len(read_s)
     cyc = [[b for b, t in enumerate(read_s[r]) if t is not None] for r in range(R)]
     submit = [{j: 0.0 for j in range(windows[r])} if cyc[r] else {} for r in range(R)]  # occurrence -> time
@@ -186,15 +235,16 @@ def simulate(compute, read_s, windows, n_sync: int, ar_s, bcast_s, events: list 
                         if events is not None:
                             events.append((step_i, r, "io_wait", now, got))
                         now = got
-                    submit[r][j + windows[r]] = now + step[r][b]
+                    submit[r][j + windows[r]] = run[r](now, step[r][b])
                     submit[r].pop(j, None)
+                done_at = run[r](now, step[r][b])
                 if events is not None:
-                    events.append((step_i, r, "compute", now, now + step[r][b]))
-                now += step[r][b]
-                st.compute[r] += step[r][b]
-                ready[r] = now
+                    events.append((step_i, r, "compute", now, done_at))
+                st.compute[r] += done_at - now
+                ready[r] = now = done_at
             if b < n_sync:
-                sync = max(ready) + ar_s[step_i]
+                last = max(ready)
+                sync = max(u(last) for u in up) + ar_s[step_i]  # every rank takes part: each must be running
                 for r in range(R):
                     st.allreduce[r] += sync - ready[r]
                     if events is not None:
@@ -269,10 +319,18 @@ def predict(cfg: ModelConfig, devices, ratios, modes, dtype: str = "float32", al
                 compute[i][0][-1] += dev.token_overhead_s
     ar = [allreduce_seconds(algo, T * cfg.hidden * F32, k, L, B) for T in steps]
     bc = [bcast_seconds(CTRL_BYTES, k, L, B) + bcast_seconds(T * cfg.hidden * F32, k, L, B) for T in steps]
-    times = simulate(compute, read_s, windows, 2 * cfg.n_layers, ar, bc, events)
     n_pre = len(chunks)
-    ttft = times[n_pre - 1].end
-    decode = times[n_pre:]
+    phases = quota_phases(devices)
+    if all(q is None for q in phases[0]):
+        phases = phases[:1]
+    else:  # the profile's figures are averages under the quota: the simulation wants seconds at full speed
+        full = [d.cpu_quota if 0 < d.cpu_quota < 1 and d.cpu_period_s > 0 else 1.0 for d in devices]
+        compute = [[[c * full[r] for c in blocks] for r, blocks in enumerate(step)] for step in compute]
+    runs = [simulate(compute, read_s, windows, 2 * cfg.n_layers, ar, bc, events if j == 0 else None, quotas)
+            for j, quotas in enumerate(phases)]
+    ttft = sum(times[n_pre - 1].end for times in runs) / len(runs)
+    per_token = sum((times[-1].end - times[n_pre - 1].end) / (len(times) - n_pre) for times in runs) / len(runs)
+    decode = [t for times in runs for t in times[n_pre:]]
     n = len(decode)
     ranks = []
     for r, dev in enumerate(devices):
@@ -284,5 +342,4 @@ def predict(cfg: ModelConfig, devices, ratios, modes, dtype: str = "float32", al
         ranks.append(RankPrediction(
             mp.total, mp.describe(), sum(t.compute[r] for t in decode) / n, sum(t.io_wait[r] for t in decode) / n,
             sum(t.allreduce[r] for t in decode) / n, streamed, rates[r], mp.total <= dev.mem_bytes, hidden))
-    per_token = (decode[-1].end - times[n_pre - 1].end) / n
     return Prediction(ttft, per_token, ar[-1], tuple(ranks))
