@@ -8,7 +8,8 @@
 # with equal shares, or with given modes), run tpimpi.bench with the plan file under the same emulation
 # (the plan's prediction is recorded beside the measurement), then tabulate predicted against measured.
 # Needs root (cgroups). SMALL=1: two clusters, few tokens (a check that the job runs, not figures).
-# ONLY="third veryslow equal2 slow2": those clusters only (eight configurations).
+# ONLY="third veryslow equal2 slow2": those clusters only (eight configurations). Names: third veryslow
+# equal2 slow2 link2 window3 lowmem4 (all seven, 14 configurations, by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source jobs/mpi-env.sh
@@ -18,6 +19,7 @@ NEW_TOKENS=${NEW_TOKENS:-16}
 REPEAT=${REPEAT:-3}
 PROMPT_TOKENS=${PROMPT_TOKENS:-41}    # what bench's default prompt encodes to with the default model's template
 OUT=${OUT:-data/results/plan.jsonl}
+REPORT=${REPORT:-data/results/report-plan}  # where tpimpi.report's table and plots of OUT go
 SMALL=${SMALL:-0}
 WORK=$(mktemp -d /tmp/tpimpi-bench-plan-XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
@@ -93,4 +95,4 @@ for spec in "${CLUSTERS[@]}"; do
     *)        run_plan "$spec" "$name-planned"; run_plan "$spec" "$name-equal" --ratios "$equal" ;;
   esac
 done
-python -m tpimpi.report "$OUT" --out data/results/report-plan
+python -m tpimpi.report "$OUT" --out "$REPORT"
