@@ -25,8 +25,9 @@ from ..scheduler import TORCH_DTYPES, aligned_buffer
 from ..shard import RankSlice
 from ..store import DTYPES
 
-CYCLE_BYTES = 64 << 20  # weights cycled through at least (chunk products: at most)
+CYCLE_BYTES = 64 << 20  # weights one-token products cycle through at least
 MAX_CYCLE = 1 << 30  # one-token products cycle through a rank's share of the model, up to this much
+GEMM_COPIES = 4  # matrices chunk products cycle through
 MAX_MATRIX = 32 << 20  # one weight matrix at most this large (a 70B share would not fit a small board)
 TIME_S = 0.1  # seconds spent timing each figure
 DISK_BYTES = 64 << 20  # the temporary file the disk is measured with
@@ -80,11 +81,12 @@ def model_weight_bytes(cfg: ModelConfig, itemsize: float) -> int:
     return int(itemsize * (cfg.n_layers * (attn + 3 * h * cfg.ffn) + cfg.vocab * h))
 
 
-def cpu_share(min_s: float = TIME_S / 2) -> float:
+def cpu_share(min_s: float = TIME_S / 2, min_cpu_s: float = 0.02) -> float:
     """The fraction of wall time this thread gets while it has work: about q under a CPU quota of q cores
-    (CFS bandwidth control), less where other processes take turns on its core."""
+    (CFS bandwidth control), less where other processes take turns on its core. Timed over min_s and at
+    least min_cpu_s of CPU time: many of a small quota's periods (0.03 cores: 20 periods of 33 ms)."""
     w0, c0 = time.perf_counter(), time.thread_time()
-    while time.perf_counter() - w0 < min_s:
+    while time.perf_counter() - w0 < min_s or time.thread_time() - c0 < min_cpu_s:
         sum(range(1000))  # this thread's own work (a library's pool would take turns on other threads)
     return min(1.0, max(1e-3, (time.thread_time() - c0) / (time.perf_counter() - w0)))
 
@@ -115,7 +117,8 @@ def product_rates(cfg: ModelConfig, world: int, dtype: str, chunk: int = 64,
     shape of one equal share's gate/up matrix for `world` ranks. One-token products cycle through
     cycle_bytes of weights, as decode streams a rank's share once per token: pass the share itself, so
     that what of it a cache holds (a large last-level cache holds a small model's share) is as in a run.
-    Chunk products are compute-bound: they cycle through at most CYCLE_BYTES."""
+    Chunk products are compute-bound (each weight used `chunk` times): a few matrices suffice, and keep a
+    device with a small CPU quota from spending many seconds here."""
     p = PRODUCTS[dtype]
     cols = cfg.hidden
     rows = max(8, min(2 * -(-cfg.ffn // world), int(min(MAX_MATRIX, cycle_bytes / 2) / (cols * p.itemsize))))
@@ -123,7 +126,7 @@ def product_rates(cfg: ModelConfig, world: int, dtype: str, chunk: int = 64,
     first, fn = p.make(rows, cols)
     mats = [fn] + [p.make(rows, cols, first)[1] for _ in range(copies - 1)]
     x1, xT = torch.randn(1, cols), torch.randn(chunk, cols)
-    n_gemm = max(2, min(copies, int(CYCLE_BYTES / (rows * cols * p.itemsize))))
+    n_gemm = min(copies, GEMM_COPIES)
 
     def sweep(x, n):
         for f in mats[:n]:
@@ -191,7 +194,8 @@ def block_overheads(cfg: ModelConfig, world: int = 1, pos: int = 64) -> tuple[fl
         layers.linear(layers.linear(x, w_mlp["wgu"])[:, :n_ffn], w_mlp["wdown"])
 
     share = cpu_share()
-    return _cpu_difference(attn, attn_products) / share, _cpu_difference(mlp, mlp_products) / share
+    return (_cpu_difference(attn, attn_products, TIME_S / 2) / share,
+            _cpu_difference(mlp, mlp_products, TIME_S / 2) / share)
 
 
 def token_overhead(cfg: ModelConfig) -> float:
