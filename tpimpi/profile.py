@@ -53,11 +53,15 @@ def _gather_json(comm, obj) -> list:
 
 
 def measure_links(comm) -> tuple[float, float]:
-    """(latency s, bandwidth B/s) between this rank and rank 0, measured one worker at a time."""
+    """(latency s, bandwidth B/s) between this rank and rank 0, measured one worker at a time: the median
+    round trip, or the fastest where a rank has a CPU quota (a round trip waiting for a throttled rank's
+    next period measures the quota, which the cost model plays out itself, not the link)."""
+    quota = [q for (q,) in comm.gather_ints([int(not math.isinf(own_quota()[0]))])]
+    stat = np.min if any(quota) else np.median
     lat = bw = 0.0
     for peer in range(1, comm.size):
         if comm.rank in (0, peer):
-            t = [comm.pingpong(peer if comm.rank == 0 else 0, np.zeros(n, dtype=np.uint8), reps)
+            t = [comm.pingpong(peer if comm.rank == 0 else 0, np.zeros(n, dtype=np.uint8), reps, stat)
                  for n, reps in zip(PING_SIZES, PING_REPS)]
             if comm.rank == peer:
                 lat = t[0]
