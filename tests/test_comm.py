@@ -63,6 +63,14 @@ def test_compressed_wires_need_an_algorithm_that_sums_on_rank_0():
         comm_mod.check_wire("star", "f16")
 
 
+def test_auto_keeps_the_fastest_median_and_breaks_near_ties_by_the_algorithms_order():
+    medians = {"ring": 10.0, "mpi": 10.1, "star": 10.15, "tree": 11.4, "star_bcast": 13.0}
+    assert comm_mod.close_to_fastest(medians, 1.15) == ["ring", "mpi", "star", "tree"]
+    assert comm_mod.pick_fastest(medians, tie=1.02) == "star"  # within 2% of the fastest: the star first
+    assert comm_mod.pick_fastest(medians, tie=1.0) == "ring"
+    assert comm_mod.pick_fastest({"star": 12.0, "mpi": 11.0}, tie=1.02) == "mpi"  # 9% apart: not a tie
+
+
 @pytest.fixture(scope="module")
 def comm():
     c = comm_mod.world()
@@ -112,6 +120,24 @@ def test_auto_with_a_compressed_wire_picks_a_star(comm):
         comm.setup(2304, "star", "float32")
 
 
+@pytest.mark.mpi(min_size=3)
+def test_auto_times_the_candidates_in_rounds_and_picks_a_star_on_a_slow_link(comm):
+    """With 3 ms per message (emulated), a star takes 2 message latencies and every other algorithm at least
+    4 at 3+ ranks: auto must find a star, on every rank; time_rounds gives each algorithm a figure a round."""
+    buf = np.zeros(64, dtype=np.float32)
+    times = comm.time_rounds(("star", "ring"), buf, 3, 2)
+    assert {a: len(t) for a, t in times.items()} == {"star": 3, "ring": 3}  # a mean call per round
+    comm.link = comm_mod.Link(latency_s=0.003)
+    try:
+        comm.setup(64, "auto")
+        assert comm._auto[-1][1] in comm_mod.WIRE_ALGOS
+        picks = np.array([comm_mod.CONCRETE_ALGOS.index(comm._auto[-1][1])], dtype=np.int64)
+        assert len({p[0] for p in comm.gather_ints(picks.tolist())}) == 1
+    finally:
+        comm.link = comm_mod.Link()
+        comm.setup(5000, "star", "float32")
+
+
 @pytest.mark.mpi(min_size=2)
 def test_netbench_times_auto_at_every_size_it_reports(comm, tmp_path, monkeypatch):
     """auto measures from the smallest size asked up to the largest (as a model does from its hidden
@@ -126,9 +152,10 @@ def test_netbench_times_auto_at_every_size_it_reports(comm, tmp_path, monkeypatc
         assert netbench.main(["--sizes", "64,4096", "--reps", "1", "--algos", "star,auto", "--out", str(out)]) == 0
         assert [n for n, _ in comm._auto] == [64, 256, 1024, 4096]
         if comm.rank == 0:
-            picks = {r["elems"]: r["auto_pick"] for r in map(json.loads, out.read_text().splitlines())
-                     if r["algo"] == "auto"}
-            assert picks == {64: dict(comm._auto)[64], 4096: dict(comm._auto)[4096]}
+            autos = [r for r in map(json.loads, out.read_text().splitlines()) if r["algo"] == "auto"]
+            assert {r["elems"]: r["auto_pick"] for r in autos} == {64: dict(comm._auto)[64], 4096: dict(comm._auto)[4096]}
+            for r in autos:  # what the start-up measurement saw, beside the benchmark's own medians
+                assert set(r["auto_seen_ms"]) == set(comm_mod.CONCRETE_ALGOS)
     finally:
         comm.setup(5000, "star", "float32")
 

@@ -4,6 +4,7 @@ memory modes, and the refusals (unsupported types, dimensions that do not divide
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -385,6 +386,107 @@ def test_synth_writes_quantized_store_without_a_float_model(tmp_path, prompt_ids
     mem = MemoryOptions(window=2)
     logits, tokens = ThreadGroup(3).run(lambda c: run_store(tmp_path / "s", c, prompt_ids[:4], 2, mem=mem))[0]
     assert np.isfinite(logits[:256]).all() and len(tokens) == 2  # rows past the byte tokenizer are -inf
+
+
+# ---- --int4pack: blocks in the int4 kernel's layout, streamed under --compute bfloat16 ------------
+
+
+@pytest.fixture(scope="module")
+def packed_stores(mixed_gguf, mixed_n2, tmp_path_factory):
+    """{ranks: (store in GGUF layout or None, --int4pack store)} of the mixed GGUF, for 1 and 2 ranks."""
+    d = tmp_path_factory.mktemp("pk")
+    return {w: (g, convert(mixed_gguf, d / f"pack-n{w}", w, dtype="auto", quiet=True, int4pack=True))
+            for w, g in ((1, None), (2, mixed_n2))}
+
+
+def test_int4pack_store_records_its_formats_and_tile_order(packed_stores):
+    m = store.load_manifest(packed_stores[2][1])
+    assert m["dtype"] == ("blocks=q8_0-int4pack*2,q4_0-int4pack*2,q4_1-int4pack*2,float32*2;"
+                          "embed=q8_0;head=q4_1")
+    assert m["int4pack"] == kernels.int4pack_layout()
+
+
+def _run(path, mem, ids, world):
+    """(prompt logits, greedy ids, class of block 0's qkv, blocks streamed) on rank 0."""
+    def run(c):
+        from tpimpi.engine import Engine
+
+        eng = Engine(c, path, max_seq=64, mem=mem).load()
+        kind, streamed = type(eng.blocks.get(0)["wqkv"]).__name__, eng.plan.streamed
+        eng.close()
+        return (*run_store(path, c, ids, 6, mem=mem), kind, streamed)
+
+    return ThreadGroup(world).run(run)[0]
+
+
+@pytest.mark.parametrize("world, mem", [
+    (1, MemoryOptions(window=1, compute="bfloat16")),
+    (2, MemoryOptions(window=1, io="direct", compute="bfloat16")),
+    # between rank 0's plans streaming everything (281 MiB) and keeping everything (285): some of each
+    (2, MemoryOptions(budget=int(283.5 * 2**20), compute="bfloat16")),
+])
+def test_streamed_int4pack_blocks_give_the_resident_bfloat16_results(packed_stores, prompt_ids, world, mem):
+    """The layers' products equal a resident run's (the same kernel on the same packed bytes); the head, a
+    GGUF q4_1 matrix streamed in chunks, takes the exact kernel where the resident run's is repacked.
+    Resident, the --int4pack store gives the logits of the GGUF store repacked at load, bit for bit."""
+    gguf_store, packed = packed_stores[world]
+    resident = MemoryOptions(resident=True, compute="bfloat16")
+    ref_logits, ref_tokens, ref_kind, _ = _run(packed, resident, prompt_ids, world)
+    logits, tokens, kind, streamed = _run(packed, mem, prompt_ids, world)
+    assert ref_kind == kind == "Int4Packed" and streamed > 0
+    assert tokens == ref_tokens
+    assert rel_err(logits, ref_logits) < 0.02
+    if gguf_store is not None:
+        repacked, *_ = _run(gguf_store, resident, prompt_ids, world)
+        assert np.array_equal(repacked, ref_logits)
+
+
+def test_memory_plan_counts_streamed_int4pack_blocks_at_their_packed_size(mixed_n2):
+    """Window buffers hold a streamed block as stored: an --int4pack q8_0 block is two planes of nibbles
+    plus bfloat16 scales and zeros, 40 bytes per 32 weights, against the GGUF's 34."""
+    from tpimpi.resources import memory_plan
+
+    cfg = store.load_manifest(mixed_n2)["config"]  # hidden 128, 4 heads of 32, 2 KV heads, FFN 192
+    s = store.split_plan(cfg, (1, 1), store.Formats.uniform("q8_0", cfg))[0]  # 2 heads, 1 KV head, FFN 96
+    # the MLP block, the largest: norm 512 B; wgu [192, 128] and wdown [128, 96], 64-byte aligned, page padded
+    packed_mlp = -(-(512 + 2 * 192 * (64 + 16) + 2 * 128 * (48 + 12)) // 4096) * 4096  # 46592 -> 49152
+    gguf_mlp = -(-(512 + 192 * 4 * 34 + 128 * 3 * 34) // 4096) * 4096  # 39680 -> 40960
+    for fmt, block in (("q8_0-int4pack", packed_mlp), ("q8_0", gguf_mlp)):
+        for window in (1, 2):
+            mem = MemoryOptions(window=window, compute="bfloat16")
+            _, p = memory_plan(cfg, s, 0, 2, f"blocks={fmt}*8;embed=q8_0;head=q4_1", 64, mem)
+            assert p.parts["weights"] == window * block
+            assert p.parts["scratch"] == kernels.scratch_bytes(128)  # the GGUF head's chunks: the exact kernel
+
+
+def test_int4pack_store_is_refused_under_float32_compute_or_another_tile_order(packed_stores, prompt_ids, tmp_path):
+    import shutil
+
+    def run(path, compute):
+        mem = MemoryOptions(window=1, compute=compute)
+        return ThreadGroup(2).run(lambda c: run_store(path, c, prompt_ids, 1, mem=mem))
+
+    with pytest.raises(RuntimeError, match="only --compute bfloat16 multiplies"):  # ThreadComm's agreed error
+        run(packed_stores[2][1], "float32")
+    path = Path(shutil.copytree(packed_stores[2][1], tmp_path / "s"))
+    m = json.loads((path / store.MANIFEST).read_text())
+    m["int4pack"] = {"layout": "0123456789abcdef", "cpu_capability": "NEON", "torch": "2.13.0"}
+    (path / store.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(RuntimeError, match="NEON .* packs differently .* convert it again"):
+        run(path, "bfloat16")
+    del m["int4pack"]
+    (path / store.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="no valid int4pack record"):
+        store.load_manifest(path)
+    with pytest.raises(StoreError, match="--dtype auto --int4pack --ranks 1"):  # the command that splits it again
+        store.RankStore(packed_stores[2][1], 0, 1)
+
+
+def test_int4pack_needs_quantized_blocks(f32_gguf, tmp_path, capsys):
+    assert convert_mod.main([str(f32_gguf), "--ranks", "1", "--dtype", "bfloat16", "--int4pack", "--out",
+                             str(tmp_path / "s"), "--quiet"]) == 2
+    assert "--int4pack repacks q4_0, q4_1 and q8_0 blocks" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
 
 
 # ---- the default model ---------------------------------------------------------------------------

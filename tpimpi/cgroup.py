@@ -68,6 +68,25 @@ def rank() -> str:
     return "0"
 
 
+class Command:
+    """The command line tpimpi.lowmem and tpimpi.cpulimit share: `PROG OPTIONS -- COMMAND ...`, run on
+    every rank, where only rank 0 speaks about bad input (every rank sees the same)."""
+
+    def __init__(self, prog: str, words: list[str]):
+        self.prog = prog
+        self.argv = words[1:] if words[:1] == ["--"] else words  # the command to run
+        self.rank = rank()
+
+    def say(self, msg: str) -> None:
+        print(f"{self.prog}: {msg}", file=sys.stderr, flush=True)
+
+    def refuse(self, msg: str) -> int:
+        """Rank 0 says msg; every rank returns the exit code 2 (bad input)."""
+        if self.rank == "0":
+            self.say(msg)
+        return 2
+
+
 def child_name(prefix: str) -> str:
     """A child's name, unique on the host: PREFIX-rRANK-PID (remove_stale finds those of dead launchers)."""
     return f"{prefix}-r{rank()}-{os.getpid()}"

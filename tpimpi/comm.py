@@ -29,6 +29,12 @@ HOST_BYTES = 64  # fixed-size slot for one rank's host name
 # froze sends nothing and closes nothing. TPIMPI_PEER_TIMEOUT overrides it (seconds, 0 = wait forever);
 # the wait allowed grows to 10x the longest wait seen, so slow disks and large blocks do not trip it.
 PEER_TIMEOUT_S = 5.0
+# auto's start-up measurement (MPIComm.measure_auto): AUTO_ROUNDS interleaved rounds of AUTO_REPS calls of
+# every algorithm; AUTO_MORE_ROUNDS more for those within AUTO_CLOSE of the fastest (median round); among those
+# within AUTO_TIE of the fastest then, the first in CONCRETE_ALGOS order (the stars first: the paper's
+# algorithm, and the peer watchdog covers them, not MPI's blocking collectives), as a difference that small
+# is below what the rounds resolve.
+AUTO_ROUNDS, AUTO_REPS, AUTO_MORE_ROUNDS, AUTO_CLOSE, AUTO_TIE = 3, 2, 3, 1.15, 1.02
 
 
 class RankFailure(TpimpiError):
@@ -98,6 +104,7 @@ class MPIComm:
         self._recv = np.empty((0, 0), dtype=np.float32)
         self._wire = WireBuffers()  # the star's partials and sum as they travel (encoded for --wire)
         self._auto: list[tuple[int, str]] = []  # (largest size, algorithm) from the start-up measurement
+        self.auto_seen: dict[int, dict[str, float]] = {}  # size -> each candidate's median round, s/call (rank 0's)
         self.timeout = float(os.environ.get("TPIMPI_PEER_TIMEOUT", PEER_TIMEOUT_S))
         self._longest_wait = 0.0
         name = np.zeros(HOST_BYTES, dtype=np.uint8)
@@ -131,8 +138,14 @@ class MPIComm:
             algo = next((a for size, a in self._auto if buf.size <= size), self._auto[-1][1])
         getattr(self, f"_allreduce_{algo}")(buf.reshape(-1))
 
-    def measure_auto(self, max_elems: int, hidden: int, reps: int = 5) -> list[tuple[int, str]]:
-        """For sizes hidden .. max_elems (x4 steps), the fastest concrete algorithm, as rank 0 timed it."""
+    def measure_auto(self, max_elems: int, hidden: int) -> list[tuple[int, str]]:
+        """For sizes hidden .. max_elems (x4 steps), the fastest concrete algorithm, as rank 0 timed it.
+
+        The candidates are timed in interleaved rounds (`time_rounds`), so the machine's and the links'
+        drift falls on all of them alike, and compared by their median round: AUTO_ROUNDS rounds of
+        AUTO_REPS calls each, then AUTO_MORE_ROUNDS more for those within AUTO_CLOSE of the fastest,
+        and among those within AUTO_TIE of the fastest after that the first in CONCRETE_ALGOS order
+        (`pick_fastest`)."""
         sizes, n = [], min(hidden, max_elems)
         while n < max_elems:
             sizes.append(n)
@@ -141,15 +154,43 @@ class MPIComm:
         table = []
         for n in sizes:
             buf = np.zeros(n, dtype=np.float32)  # zeros: repeated in-place sums cannot overflow
-            best = None
-            for algo in (CONCRETE_ALGOS if self.wire == "float32" else WIRE_ALGOS):
-                t = self.time_allreduce(algo, buf, reps)
-                if best is None or t < best[0]:
-                    best = (t, algo)
-            choice = np.array([CONCRETE_ALGOS.index(best[1])], dtype=np.int64)
-            self.comm.Bcast(choice, root=0)  # rank 0's choice, so every rank takes the same path
-            table.append((n, CONCRETE_ALGOS[int(choice[0])]))
+            cands = CONCRETE_ALGOS if self.wire == "float32" else WIRE_ALGOS
+            times = self.time_rounds(cands, buf, AUTO_ROUNDS, AUTO_REPS)
+            close = self._from_root(cands, close_to_fastest(_medians(times), AUTO_CLOSE))
+            if len(close) > 1:  # near-ties: more rounds of those only, before choosing
+                for a, t in self.time_rounds(close, buf, AUTO_MORE_ROUNDS, AUTO_REPS).items():
+                    times[a] += t
+            self.auto_seen[n] = _medians(times)
+            pick = self._from_root(cands, [pick_fastest({a: self.auto_seen[n][a] for a in close})])
+            table.append((n, pick[0]))
         return table
+
+    def _from_root(self, cands: tuple[str, ...], chosen: list[str]) -> list[str]:
+        """Rank 0's subset of cands, on every rank (so every rank takes the same path)."""
+        mask = np.array([a in chosen for a in cands], dtype=np.uint8)
+        self.comm.Bcast(mask, root=0)
+        return [a for a, m in zip(cands, mask) if m]
+
+    def time_rounds(self, algos, buf: np.ndarray, rounds: int, reps: int) -> dict[str, list[float]]:
+        """Seconds per allreduce of buf with each of algos, one figure a round, on this rank, timed in
+        interleaved rounds (collective): every round runs each algorithm in turn, in an order that rotates
+        from round to round, each after a barrier and one untimed call (which also absorbs the ranks' skew
+        after the barrier), then `reps` calls back to back, timed together: one call alone on one rank
+        alternates between near zero (the peers' data already there) and a whole round trip. Drift over
+        the rounds (other load, the links' queues) falls on every algorithm alike. "auto" times what
+        setup's measurement chose for this size."""
+        algos = list(algos)
+        times: dict[str, list[float]] = {a: [] for a in algos}
+        for r in range(rounds):
+            for a in algos[r % len(algos):] + algos[: r % len(algos)]:
+                fn = self.allreduce_ if a == "auto" else getattr(self, f"_allreduce_{a}")
+                self.comm.Barrier()
+                fn(buf)
+                t = self.MPI.Wtime()
+                for _ in range(reps):
+                    fn(buf)
+                times[a].append((self.MPI.Wtime() - t) / reps)
+        return times
 
     def time_allreduce(self, algo: str, buf: np.ndarray, reps: int, warmup: int = 2) -> float:
         """Median seconds of one allreduce of buf with `algo` (collective; after a barrier). "auto" times
@@ -446,6 +487,21 @@ def check_wire(algo: str, wire: str) -> None:
     if wire != "float32" and algo not in WIRE_ALGOS + ("auto",):
         raise UsageError(f"--wire {wire} needs an allreduce that sums on rank 0: --allreduce "
                          f"{', '.join(WIRE_ALGOS)} or auto, not {algo}")
+
+
+def _medians(times: dict[str, list[float]]) -> dict[str, float]:
+    return {a: float(np.median(t)) for a, t in times.items()}
+
+
+def close_to_fastest(medians: dict[str, float], within: float) -> list[str]:
+    """The algorithms whose median is within a factor `within` of the fastest one's."""
+    best = min(medians.values())
+    return [a for a, t in medians.items() if t <= within * best]
+
+
+def pick_fastest(medians: dict[str, float], tie: float = AUTO_TIE) -> str:
+    """The fastest algorithm; of those within a factor `tie` of it, the first in CONCRETE_ALGOS order."""
+    return min(close_to_fastest(medians, tie), key=CONCRETE_ALGOS.index)
 
 
 def _log2(n: int) -> int:

@@ -13,6 +13,13 @@ store.py), so a run does not hash what the converter has just hashed.
 q8_0 (q8), q4_1 (q4) or q4_0; quantized formats round to nearest. "auto" keeps each tensor's own type:
 a GGUF's Q8_0, Q4_0 and Q4_1 blocks byte for byte, its float tensors as they are, and other GGUF types
 re-quantized to the nearest stored format; the converter says which, per tensor type.
+
+--int4pack stores the q4_0, q4_1 and q8_0 blocks repacked for torch's int4 kernel (what --compute bfloat16
+multiplies them with), so that a block streamed from disk is multiplied as read instead of by the exact
+kernel, which is slower than a disk delivers (README, "Storage formats"). The weights are then the
+GGUF's integers with bfloat16 scales, the store runs only with --compute bfloat16, and only on a CPU
+whose torch lays int4 tiles out the same way (the manifest records it; a run elsewhere is refused).
+The embedding and a separate head stay in their GGUF format.
 """
 
 from __future__ import annotations
@@ -147,6 +154,21 @@ def _check_shapes(cfg, fmts: store.Formats) -> None:
     check(fmts.blocks[0::2], "head_dim (o_proj's input, split by heads)", cfg.head_dim)
 
 
+def with_int4pack(cfg, fmts: store.Formats) -> store.Formats:
+    """fmts with every q4_0/q4_1/q8_0 block in torch's int4 kernel layout (--int4pack). The kernel
+    multiplies matrices whose rows come in multiples of 16: every rank's are, when hidden size and
+    head_dim are (FFN columns are split in groups of 32)."""
+    if not any(qf.is_quant(f) for f in fmts.blocks):
+        raise UsageError(f"--int4pack repacks q4_0, q4_1 and q8_0 blocks, and this store has none ({fmts.spec()}): "
+                         f"give --dtype q4_0, q4 or q8, or auto for a quantized GGUF")
+    for what, n in (("the hidden size", cfg.hidden), ("head_dim", cfg.head_dim)):
+        if n % 16:
+            raise UsageError(f"--int4pack: {what} is {n}, not a multiple of 16, the rows torch's int4 kernel "
+                             f"takes at a time; convert without --int4pack")
+    blocks = tuple(qf.packed(f) if qf.is_quant(f) else f for f in fmts.blocks)
+    return store.Formats(blocks, fmts.embed, fmts.head)
+
+
 def _in_formats(t: dict, fa: str, fm: str) -> dict:
     """A layer's matrices in their block's format, converted once for all ranks."""
     out = dict(t)
@@ -157,17 +179,23 @@ def _in_formats(t: dict, fa: str, fm: str) -> dict:
 
 
 def convert(source, out: str | os.PathLike, world: int, ratios=None,
-            dtype: str = "float32", quiet: bool = False) -> Path:
+            dtype: str = "float32", quiet: bool = False, int4pack: bool = False) -> Path:
     """Write a store for `world` ranks at `out` (replacing one already there) and return its path.
 
     `source` is a path (GGUF file or Hugging Face directory) or a source object with the same methods.
-    dtype: a --dtype request (see the module's doc)."""
+    dtype: a --dtype request (see the module's doc); int4pack: its quantized blocks in the int4 kernel's layout."""
     if qf.canonical(dtype) != "auto" and qf.canonical(dtype) not in qf.FORMATS and "=" not in dtype:
         raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(qf.REQUESTS)}")
     ratios = parse_ratios(ratios, world) if ratios is None or isinstance(ratios, str) else tuple(ratios)
     src = source if hasattr(source, "layer") else open_source(source)
     cfg = src.config
     fmts, report = resolve_formats(src, dtype)
+    if int4pack:
+        from .quant.kernels import int4pack_layout
+
+        fmts = with_int4pack(cfg, fmts)
+        report.append(f"blocks in torch's int4 kernel layout ({int4pack_layout()['cpu_capability']}): "
+                      + fmts.spec().split(";")[0].removeprefix("blocks="))
     spec = fmts.spec()
     slices = store.split_plan(cfg, ratios, fmts)
     out = Path(out)
@@ -212,6 +240,8 @@ def convert(source, out: str | os.PathLike, world: int, ratios=None,
             "files": files, "tokenizer": sorted(tok), "source": src.identity(),
             "plan": [{"q_heads": s.q_heads, "kv_heads": s.kv_heads, "ffn": s.ffn} for s in slices],
         }
+        if int4pack:
+            manifest["int4pack"] = int4pack_layout()
         with open(tmp / store.MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1)
             f.flush()
@@ -244,6 +274,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=list(qf.REQUESTS),
                    help="storage format: float32 (default), bfloat16, float16, q8 (= q8_0), q4 (= q4_1), q4_0, "
                    "or auto: keep each tensor's own type (a GGUF's Q8_0/Q4_0/Q4_1 blocks as they are)")
+    p.add_argument("--int4pack", action="store_true",
+                   help="store q4_0/q4_1/q8_0 blocks in torch's int4 kernel layout, for fast streaming under "
+                   "--compute bfloat16 (runs only with it, and on a CPU whose torch packs alike)")
     p.add_argument("--out", help="output directory (default: MODEL's name + .n<RANKS> beside it)")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -263,7 +296,7 @@ def main(argv=None) -> int:
         elif args.ranks is None:
             raise UsageError("give --ranks N (or --plan-file PLAN)")
         out = args.out or str(Path(args.model).with_suffix("")) + f".n{args.ranks}"
-        convert(args.model, out, args.ranks, args.ratios, args.dtype, args.quiet)
+        convert(args.model, out, args.ranks, args.ratios, args.dtype, args.quiet, args.int4pack)
     except TpimpiError as e:
         print(f"tpimpi.convert: error: {e}", file=sys.stderr)
         return 2

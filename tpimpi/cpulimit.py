@@ -85,28 +85,21 @@ def main(argv=None) -> int:
     p.add_argument("--cpu", required=True, help="cores of CPU time: one value, or one per rank")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
-    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
-    rank = cgroup.rank()
-    say = (lambda msg: print(f"tpimpi.cpulimit: {msg}", file=sys.stderr, flush=True))
-    if not cmd:
-        if rank == "0":
-            say("no command given (usage: python -m tpimpi.cpulimit --cpu 0.5 -- python -m tpimpi.generate ...)")
-        return 2
+    cmd = cgroup.Command("tpimpi.cpulimit", args.command)
+    if not cmd.argv:
+        return cmd.refuse(f"no command given (usage: python -m {cmd.prog} --cpu 0.5 -- "
+                          "python -m tpimpi.generate ...)")
     try:
-        cores = parse_cores(args.cpu, int(rank))
+        cores = parse_cores(args.cpu, int(cmd.rank))
     except (ValueError, IndexError) as e:
-        if rank == "0":
-            say(f"--cpu {args.cpu!r}: give one positive number of cores, or one per rank ({e})")
-        return 2
+        return cmd.refuse(f"--cpu {args.cpu!r}: give one positive number of cores, or one per rank ({e})")
     try:
         d = make_cpu_cgroup(cores)
     except OSError as e:
-        if rank == "0":
-            say(f"cannot make a CPU cgroup ({e.strerror or e}): a CPU quota needs root, or a delegated cgroup, "
-                f"and a writable cpu controller")
-        return 2
+        return cmd.refuse(f"cannot make a CPU cgroup ({e.strerror or e}): a CPU quota needs root, or a delegated "
+                          f"cgroup, and a writable cpu controller")
     try:
-        status = cgroup.run_in(d, cmd, "tpimpi.cpulimit")
+        status = cgroup.run_in(d, cmd.argv, cmd.prog)
     finally:
         cgroup.remove(d)
     return cgroup.exit_code(status)

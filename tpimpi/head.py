@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .errors import StoreError
-from .layers import matmul_f32, rms_norm
+from .layers import linear, rms_norm
 from .quant import formats as qf
 from .quant import kernels
 from .scheduler import TORCH_DTYPES
@@ -72,19 +72,14 @@ class Head:
 
     def _logits_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out [T, V] <- logits of hidden states x [T, h]: the final norm, then the head a chunk at a time
-        through the kernel its format takes (as in layers.linear); padding columns past the tokenizer's
+        through the kernel its format takes (layers.linear); padding columns past the tokenizer's
         vocabulary at -inf. Non-finite logits from finite hidden states mean a damaged head or norm."""
         xn = rms_norm(x, self.norm, self.cfg.norm_eps)  # [T, h]
         r0 = 0
         for b in self.chunks:
             w = self.blocks.get(b)["w"]  # [rows, h]
             r1 = r0 + w.shape[0]
-            if isinstance(w, (kernels.Packed, kernels.Int4Packed)):  # quantized, or bf16/f16 in float32
-                kernels.matmul(xn, w, out=out[:, r0:r1])
-            elif w.dtype == torch.float32:
-                matmul_f32(xn, w, out=out[:, r0:r1])  # [T, rows]
-            else:
-                out[:, r0:r1] = torch.nn.functional.linear(xn.to(w.dtype), w).float()
+            linear(xn, w, out=out[:, r0:r1])  # [T, rows]
             self.blocks.release(b)
             r0 = r1
         if not math.isfinite(out[:, : self.n_tokens].sum()):

@@ -16,19 +16,22 @@ from .config import ModelConfig, yarn_mscale
 from .quant import kernels
 
 
-def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, in] @ w[out, in].T (+ b): in float32, or in the weights' dtype (bfloat16) with a float32 result.
+def linear(x: torch.Tensor, w, b: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in] @ w[out, in].T (+ b) -> [T, out] float32 (into out if given): in float32, or in the
+    weights' dtype (bfloat16) with a float32 result. The one place a product picks its kernel by the
+    weight's format (the layers and the output head both come here).
 
     Float32 products go to `matmul_f32`. A `Packed` weight (quantized, or bf16/f16 computed in float32)
     goes through the sliced kernel of tpimpi.quant, which never holds more than a slice in float32; an
     `Int4Packed` one (resident q4/q8 under --compute bfloat16) through torch's int4 kernel."""
     if isinstance(w, (kernels.Packed, kernels.Int4Packed)):
-        y = kernels.matmul(x, w)
-        return y if b is None else y.add_(b)
-    if w.dtype == torch.float32 and x.dtype == torch.float32:
-        y = matmul_f32(x, w)
-        return y if b is None else y.add_(b)
-    return F.linear(x.to(w.dtype), w, b).float()
+        y = kernels.matmul(x, w, out=out)
+    elif w.dtype == torch.float32 and x.dtype == torch.float32:
+        y = matmul_f32(x, w, out=out)
+    else:
+        y = F.linear(x.to(w.dtype), w, b).float()
+        return y if out is None else out.copy_(y)
+    return y if b is None else y.add_(b)
 
 
 TORCH_ROWS = range(2, 8)  # row counts T for which torch's matmul beats numpy's (measured, BENCHMARKS.md)

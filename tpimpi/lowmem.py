@@ -132,41 +132,34 @@ def main(argv=None) -> int:
     p.add_argument("--report", action="store_true", help="print the cgroup's peak usage when the command ends")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
-    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
-    rank = cgroup.rank()
-    say = (lambda msg: print(f"tpimpi.lowmem: {msg}", file=sys.stderr, flush=True))
-    if not cmd:
-        if rank == "0":
-            say("no command given (usage: python -m tpimpi.lowmem --limit 400M -- python -m tpimpi.generate ...)")
-        return 2
-    from .memory import parse_size  # after the checks: the command has not started yet
-    from .errors import UsageError
+    cmd = cgroup.Command("tpimpi.lowmem", args.command)
+    if not cmd.argv:
+        return cmd.refuse(f"no command given (usage: python -m {cmd.prog} --limit 400M -- "
+                          "python -m tpimpi.generate ...)")
+    from .errors import UsageError  # after the checks: the command has not started yet
+    from .memory import parse_size
 
     try:
         limit = parse_size(args.limit, "--limit")
     except UsageError as e:
-        if rank == "0":
-            say(str(e))
-        return 2
+        return cmd.refuse(str(e))
     try:
         kind, d = make_cgroup(limit)
     except OSError as e:
-        if rank == "0":
-            say(f"cannot make a memory cgroup ({e.strerror or e}): emulating a memory limit needs root, or a "
-                f"delegated cgroup, and a writable memory controller (cgroup v1 or v2)")
-        return 2
+        return cmd.refuse(f"cannot make a memory cgroup ({e.strerror or e}): emulating a memory limit needs root, "
+                          f"or a delegated cgroup, and a writable memory controller (cgroup v1 or v2)")
     try:
-        status = cgroup.run_in(d, cmd, "tpimpi.lowmem")
+        status = cgroup.run_in(d, cmd.argv, cmd.prog)
         peak, kills = peak_usage(kind, d), oom_kills(kind, d)
     finally:
         remove_cgroup(d)
     peak_txt = f"{peak / MiB:.0f} MiB" if peak is not None else "unknown"
     if kills:
-        say(f"rank {rank}: the kernel's OOM killer ended the command: what it holds does not fit in "
+        cmd.say(f"rank {cmd.rank}: the kernel's OOM killer ended the command: what it holds does not fit in "
             f"{limit / MiB:.0f} MiB (peak {peak_txt}); stream the weights with --mem-budget or --window")
         return 128 + signal.SIGKILL
     if args.report:
-        say(f"rank {rank}: limit {limit / MiB:.0f} MiB, peak cgroup usage {peak_txt} (page cache included)")
+        cmd.say(f"rank {cmd.rank}: limit {limit / MiB:.0f} MiB, peak cgroup usage {peak_txt} (page cache included)")
     return cgroup.exit_code(status)
 
 

@@ -11,7 +11,11 @@ there: the same memory, without the copy.
 
 Blocks are handed out in their stored format. A matrix stored narrower than the float32 it is computed in
 (quantized, or bfloat16/float16 under --compute float32) comes as a `Packed` weight, which the kernels
-multiply a slice of rows at a time; no upcast copy of a block is made.
+multiply a slice of rows at a time; no upcast copy of a block is made. Under --compute bfloat16 resident
+q4_0/q4_1/q8_0 blocks are repacked once at load for torch's int4 kernel; streamed ones are repacked
+nowhere: a store converted with --int4pack holds them in that kernel's layout already (as `Int4Packed`
+views of the buffer the read filled), else they take the exact kernel. Repacking a streamed block on
+every pass would cost more than the exact kernel it replaces (tpimpi/quant/kernels.py, int4pack_bytes).
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ import warnings
 import numpy as np
 import torch
 
-from .errors import StoreError
+from .errors import StoreError, UsageError
 from .quant import kernels
-from .quant.formats import QUANTS, row_bytes
+from .quant.formats import PACKED, QUANTS, row_bytes
 from .quant.kernels import TORCH_FLOATS as TORCH_DTYPES
 from .quant.kernels import Packed
 from .store import ALIGN, BlockLayout, BlockSpec, RankStore
@@ -57,10 +61,32 @@ def block_views(buf: np.ndarray, layout: BlockLayout, compute: str = "float32") 
         if p.fmt in QUANTS:
             out[p.name] = Packed(p.fmt, raw.view(p.shape[0], row_bytes(p.fmt, p.shape[1])), p.shape)
             continue
+        if p.fmt in PACKED:  # --int4pack: already in the int4 kernel's layout
+            out[p.name] = kernels.int4pack_view(p.fmt, raw, p.shape)
+            continue
         t = raw.view(TORCH_DTYPES[p.fmt]).view(p.shape)
         narrow = p.fmt != "float32" and compute == "float32" and len(p.shape) == 2
         out[p.name] = Packed(p.fmt, t, p.shape) if narrow else t
     return out
+
+
+def check_int4pack(store: RankStore, compute: str) -> None:
+    """Refuse a store with blocks in the int4 kernel layout (--int4pack) unless the run computes in bfloat16
+    and this machine's torch packs int4 tiles in the order the converter's did."""
+    fmts = sorted({f for f in store.formats.blocks if f in PACKED})
+    if not fmts:
+        return
+    if compute != "bfloat16":
+        raise UsageError(f"store {str(store.directory)!r} keeps its blocks in torch's int4 kernel layout "
+                         f"({', '.join(fmts)}: converted with --int4pack), which only --compute bfloat16 "
+                         f"multiplies: add --compute bfloat16, or convert without --int4pack for exact products")
+    rec, here = store.manifest["int4pack"], kernels.int4pack_layout()
+    if rec["layout"] != here["layout"]:
+        raise StoreError(f"store {str(store.directory)!r} was packed for torch's int4 kernel as torch "
+                         f"{rec['torch'][:20]} lays it out on {rec['cpu_capability'][:20]} (tile order "
+                         f"{rec['layout'][:16]}); here torch {here['torch']} on {here['cpu_capability']} "
+                         f"packs differently ({here['layout']}): convert it again on this machine, with or "
+                         f"without --int4pack")
 
 
 def evenly_spaced(n: int, k: int) -> set[int]:
@@ -156,6 +182,7 @@ class BlockScheduler:
 
     def __init__(self, store: RankStore, specs: list[BlockSpec], resident: set[int], window: int,
                  io: str = "cache", compute: str = "float32"):
+        check_int4pack(store, compute)
         self.store, self.specs, self.compute = store, specs, compute
         self.dtype = store.dtype
         self.trace = None  # a trace.Tracer when --trace is on

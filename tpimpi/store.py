@@ -9,7 +9,8 @@ Inside a block the sub-tensors (norm weight, fused projections) sit at 64-byte a
 `attn_layout`/`mlp_layout`, which converter and runtime both compute from the config and split plan.
 
 Every block has one format (tpimpi/quant/formats.py): float32, bfloat16, float16, or GGUF's q8_0, q4_0
-or q4_1 blocks, kept byte for byte. In a quantized block the matrices are quantized and the norm and bias
+or q4_1 blocks, kept byte for byte (or, converted with --int4pack, repacked for torch's int4 kernel: the
+"-int4pack" formats; the manifest's "int4pack" records the CPU's tile order). In a quantized block the matrices are quantized and the norm and bias
 are float32; in a float block everything is in its dtype. The embedding (and an untied head) has a format
 of its own. The manifest's "dtype" is the store's format spec (`Formats.spec`): one format name when
 everything shares it, else e.g. "blocks=q8_0*2,q4_1*58;embed=q8_0".
@@ -72,7 +73,7 @@ class Formats:
     @property
     def granule(self) -> int:
         """FFN columns are split in whole quantization groups when any block is quantized."""
-        return qf.GROUP if any(qf.is_quant(f) for f in self.blocks) else 1
+        return qf.GROUP if any(qf.is_quant(f) or qf.is_packed(f) for f in self.blocks) else 1
 
     def spec(self) -> str:
         if len({*self.blocks, self.embed, self.head}) == 1:
@@ -95,8 +96,8 @@ class Formats:
         """The formats a spec names, for a model of cfg's depth (StoreError if it does not fit)."""
         def fmt(f: str) -> str:
             f = qf.canonical(f)
-            if f not in qf.FORMATS:
-                raise StoreError(f"format {f[:40]!r} in dtype {spec[:80]!r} is not one of {', '.join(qf.FORMATS)}")
+            if f not in qf.STORED:
+                raise StoreError(f"format {f[:40]!r} in dtype {spec[:80]!r} is not one of {', '.join(qf.STORED)}")
             return f
 
         if not isinstance(spec, str):
@@ -120,6 +121,8 @@ class Formats:
                              f"blocks=q8_0*2,q4_1*58;embed=q8_0)") from None
         if len(out.blocks) != 2 * cfg.n_layers:
             raise StoreError(f"dtype {spec[:80]!r} gives {len(out.blocks)} block formats for {cfg.n_layers} layers")
+        if qf.is_packed(out.embed) or qf.is_packed(out.head):
+            raise StoreError(f"dtype {spec[:80]!r}: the embedding and head are never in the int4 kernel layout")
         if cfg.tied_embeddings and out.head != out.embed:
             raise StoreError(f"dtype {spec[:80]!r}: a tied head is the embedding, in the same format")
         return out
@@ -412,6 +415,11 @@ def _check_manifest(m, path: Path) -> dict:
         m["formats"] = Formats.parse(m["dtype"], m["config"])
     except StoreError as e:
         raise StoreError(f"{path}: {e}") from None
+    packed = any(qf.is_packed(f) for f in m["formats"].blocks)
+    rec = m.get("int4pack")
+    if packed and not (isinstance(rec, dict) and all(isinstance(rec.get(k), str) for k in ("layout", "cpu_capability", "torch"))):
+        raise StoreError(f"{path}: blocks in the int4 kernel layout but no valid int4pack record "
+                         f"({repr(rec)[:80]}) of the CPU's tile order")
     return m
 
 
@@ -542,7 +550,7 @@ class RankStore:
         m = load_manifest(self.directory)
         if m["world"] != world:
             src, out = m.get("source", {}), f"{str(self.directory).rstrip('/')}-n{world}"
-            dtype = m.get("requested", m["dtype"])
+            dtype = m.get("requested", m["dtype"]) + (" --int4pack" if "int4pack" in m else "")
             if "synthetic" in src:
                 cmd = (f"python -m tpimpi.synth --shape {src['synthetic']} --layers {src.get('layers')} "
                        f"--dtype {dtype} --ranks {world} --out {out}")

@@ -3,6 +3,7 @@ at scales that cannot be downloaded here.
 
     python -m tpimpi.synth --shape llama2-70b --layers 4 --ranks 8 --dtype bfloat16 --out /data/l70-n8
     python -m tpimpi.synth --shape llama2-70b --ranks 8 --dtype q4 --out /data/l70-q4-n8
+    python -m tpimpi.synth --shape llama2-70b --ranks 8 --dtype q4_0 --int4pack --out /data/l70-q4p-n8
     python -m tpimpi.synth --shape smollm2-1.7b --dtype q4_0 --gguf /data/smollm2-1.7b-q4_0.gguf
 
 The store is written by the converter (same layout, checksums and atomic rename) from a source that
@@ -218,6 +219,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", help="comma-separated relative share of each rank")
     p.add_argument("--dtype", default="bfloat16", choices=[r for r in qf.REQUESTS if r != "auto"],
                    help="storage format: float32, bfloat16 (default), float16, q8 (q8_0), q4 (q4_1), q4_0")
+    p.add_argument("--int4pack", action="store_true",
+                   help="quantized blocks in torch's int4 kernel layout (tpimpi.convert --int4pack; not with --gguf)")
     p.add_argument("--seed", type=int, default=0)
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", help="store directory to write")
@@ -232,12 +235,14 @@ def main(argv=None) -> int:
     try:
         cfg = shape_config(args.shape, args.layers)
         if args.gguf:
+            if args.int4pack:
+                raise UsageError("--int4pack is a store layout: convert the GGUF with tpimpi.convert --int4pack")
             write_gguf(cfg, args.gguf, fmt, args.seed, args.quiet)
         else:
             if args.ranks is None:
                 raise UsageError("--ranks is required when writing a store (--out)")
             convert(SyntheticSource(cfg, args.shape, args.seed, fmt), args.out, args.ranks, args.ratios,
-                    args.dtype, quiet=args.quiet)
+                    args.dtype, quiet=args.quiet, int4pack=args.int4pack)
     except TpimpiError as e:
         print(f"tpimpi.synth: error: {e}", file=sys.stderr)
         return 2

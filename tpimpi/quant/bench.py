@@ -17,6 +17,8 @@ tokens, the median time of x [T, in] @ W.T by:
                       _weight_int4pack_mm_for_cpu, groups of 32, bfloat16 activations, scales and output
   q8_0-planes-bf16    the same for a q8_0 matrix: two exact 4-bit planes, one call each, added
   q8_0-planes1-bf16   the two planes stacked as one [2 out, in] matrix: one call, the halves added
+  q4_0/q8_0-repack    not a product: kernels.int4pack of the stored matrix, what a streamed block would cost
+                      to repack for the int4 kernel on every pass (the reason for convert --int4pack)
   int4pack-f32        torch's int4 op with float32 activations, scales and zero points (a reference loop)
   int8pack-bf16       torch's _weight_int8pack_mm: int8 weights with one scale per row (not per group)
 Threads: one (as each rank runs with cores / local ranks). The candidates of one matrix and T are timed
@@ -82,6 +84,8 @@ def candidates(n: int, k: int, T: int, rng) -> dict:
         out[fmt] = (lambda p=p: kernels.matmul(x, p), rec.numel())
         if fmt != "q8_0":
             out[f"{fmt}-planar"] = (lambda p=p: kernels.matmul(x, p, planar=True), rec.numel())
+    for fmt in ("q4_0", "q8_0"):
+        out[f"{fmt}-repack"] = (lambda p=packed[fmt]: kernels.int4pack(p), packed[fmt].data.numel())
     for fmt, name in (("q4_1", "q4_1-int4pack-bf16"), ("q8_0", "q8_0-planes-bf16")):
         p4 = kernels.int4pack(packed[fmt])
         out[name] = (lambda p4=p4: kernels.matmul(x, p4), kernels.int4pack_nbytes(fmt, (n, k)))
@@ -110,7 +114,7 @@ def run(shapes: list[str], tokens: list[int], repeat: int, slow_repeat: int) -> 
                 for T in tokens:
                     cands = candidates(n, k, T, rng)
                     medians = _medians_ms({name: fn for name, (fn, _) in cands.items()}, repeat,
-                                          {"int4pack-f32": slow_repeat})
+                                          dict.fromkeys(("int4pack-f32", "q4_0-repack", "q8_0-repack"), slow_repeat))
                     for name, (_, nbytes) in cands.items():
                         ms = medians[name]
                         rows.append({"shape": shape, "matrix": mat, "out": n, "in": k, "tokens": T, "kernel": name,

@@ -11,6 +11,12 @@ A QTensor holds the blocks as GGUF lays them out. The store keeps the same bytes
   [the row's quants (nibbles or int8), block after block][its d's, float16][its m's, float16 (q4_1)]
 `rows_to_blocks` gives back GGUF's blocks exactly. A rank's slice of a matrix is whole rows, or whole
 blocks of every row (columns split at multiples of 32).
+
+Optionally (`tpimpi.convert --int4pack`) a block's q4_0/q4_1/q8_0 matrices are stored already repacked
+for torch's int4 kernel (tpimpi/quant/kernels.py, `Int4Packed`): formats "q4_0-int4pack" etc., per
+matrix planes x [rows, cols / 2] bytes of nibbles in the kernel's tile order, then bfloat16 scales and
+zeros [planes, cols / 32, rows, 2]. Not the GGUF's bytes (scales rounded to bfloat16, nibbles
+reordered), and the tile order is the CPU's (AVX-512, AVX2 and others differ): the manifest records it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ GROUP = 32  # weights per quantization block, along the input dimension
 FLOATS = {"float32": 4, "bfloat16": 2, "float16": 2}  # bytes per element
 QUANTS = {"q8_0": 34, "q4_0": 18, "q4_1": 20}  # bytes per block of GROUP weights
 FORMATS = (*FLOATS, *QUANTS)
+# a quantized format stored in torch's int4 kernel layout (--int4pack) -> the format it was packed from
+PACKED = {f"{f}-int4pack": f for f in QUANTS}
+STORED = (*FORMATS, *PACKED)  # every format a store's blocks may have
 # the converter's --dtype: a format, a short name for one, or "auto" (keep each GGUF tensor's own type)
 ALIASES = {"q8": "q8_0", "q4": "q4_1", "f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 REQUESTS = ("auto", *FORMATS, *ALIASES)
@@ -36,12 +45,29 @@ def is_quant(fmt: str) -> bool:
     return fmt in QUANTS
 
 
+def is_packed(fmt: str) -> bool:
+    """A quantized format kept in torch's int4 kernel layout (--int4pack)."""
+    return fmt in PACKED
+
+
+def packed(fmt: str) -> str:
+    """The --int4pack format of a quantized format (q4_0 -> q4_0-int4pack)."""
+    return f"{fmt}-int4pack"
+
+
+def planes(fmt: str) -> int:
+    """4-bit planes of a matrix in torch's int4 layout: q8_0 is two (kernels.Int4Packed), q4 one."""
+    return 2 if PACKED.get(fmt, fmt) == "q8_0" else 1
+
+
 def nbytes(fmt: str, shape: tuple[int, ...]) -> int:
     """Bytes of a tensor of `shape` in `fmt` (quantized: a 2-D [rows, cols] with cols a multiple of GROUP)."""
     if fmt in FLOATS:
         return int(np.prod(shape, dtype=np.int64)) * FLOATS[fmt]
     rows, cols = shape
     assert cols % GROUP == 0, (fmt, shape)
+    if fmt in PACKED:  # nibbles, then a bfloat16 scale and zero per group of 32, per plane
+        return planes(fmt) * rows * (cols // 2 + cols // GROUP * 4)
     return rows * (cols // GROUP) * QUANTS[fmt]
 
 
@@ -127,6 +153,7 @@ def dequantize(t: QTensor) -> np.ndarray:
 def as_format(a, fmt: str):
     """a (float32 array or QTensor) in fmt: QTensor for quantized formats (the same one if already in fmt),
     else a float32 array that the store rounds to fmt when it writes it."""
+    fmt = PACKED.get(fmt, fmt)  # an --int4pack format is packed from its quantized format when written
     if isinstance(a, QTensor):
         if a.fmt == fmt:
             return a
@@ -160,8 +187,13 @@ def rows_to_blocks(fmt: str, rec: np.ndarray) -> np.ndarray:
 
 
 def to_bytes(a, fmt: str) -> bytes:
-    """The stored bytes of a (float32 array or QTensor) in fmt: quantized ones as row records."""
+    """The stored bytes of a (float32 array or QTensor) in fmt: quantized ones as row records, or in torch's
+    int4 layout for an --int4pack format."""
     a = as_format(a, fmt)
+    if fmt in PACKED:
+        from .kernels import int4pack_bytes
+
+        return int4pack_bytes(a)
     if isinstance(a, QTensor):
         return blocks_to_rows(fmt, a.data).tobytes() if a.data.size else b""
     import torch

@@ -290,3 +290,47 @@ def int4_matmul(x: torch.Tensor, w: Int4Packed) -> torch.Tensor:
     for p in range(1, w.planes):
         y.add_(mm(xb, w.packed[p], GROUP, w.scales_zeros[p]))  # q8_0: 16 d hi + d lo
     return y
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stores converted with --int4pack: matrices kept in the int4 kernel's layout, so a streamed block is
+# multiplied as read. Repacking a streamed block every token instead costs more than the exact kernel:
+# measured (one thread, Intel Xeon with AVX-512, under load; BENCHMARKS.md "Streamed quantized blocks")
+# torch's packing op alone takes 0.18 GB/s of q4_0 bytes and `int4pack` 0.2-0.3 GB/s, a repack in word-wide
+# numpy operations 0.21 GB/s, against a memcpy's 6-7.5 GB/s, the exact kernel's 0.4-0.7 GB/s, the int4
+# kernel's 6-7 GB/s and a disk's 1.7 GB/s. The nibbles must be transposed (the kernel reads, for each
+# input column, the nibbles of 64 rows side by side; GGUF keeps a row's columns side by side), and no
+# library call does that byte transpose fast.
+
+
+def int4pack_bytes(q) -> bytes:
+    """A quantized matrix (formats.QTensor of GGUF blocks) in the stored --int4pack layout: planes x
+    [rows, cols / 2] nibbles in torch's tile order, then bfloat16 [planes, cols / 32, rows, 2] scales and zeros."""
+    from .formats import blocks_to_rows
+
+    rec = torch.from_numpy(np.ascontiguousarray(blocks_to_rows(q.fmt, q.data)))
+    w = int4pack(Packed(q.fmt, rec, q.shape))
+    return w.packed.numpy().tobytes() + w.scales_zeros.view(torch.uint8).numpy().tobytes()
+
+
+def int4pack_view(fmt: str, raw: torch.Tensor, shape: tuple[int, int]) -> Int4Packed:
+    """The Int4Packed matrix of logical shape [out, in] whose --int4pack bytes are raw (uint8), as views."""
+    n, k = shape
+    p = 2 if fmt.startswith("q8_0") else 1
+    nib = p * n * (k // 2)
+    return Int4Packed(raw[:nib].view(p, n, k // 2),
+                      raw[nib : nib + p * (k // GROUP) * n * 4].view(torch.bfloat16).view(p, k // GROUP, n, 2), shape)
+
+
+@functools.lru_cache(maxsize=None)
+def int4pack_layout() -> dict:
+    """What identifies this machine's int4 tile order: a hash of torch's packing of a fixed matrix (two
+    full tiles of 64 rows and a partial one of 48), with the CPU capability torch dispatches to and
+    torch's version for the reader. Stores converted with --int4pack record it; a run compares the hash."""
+    import hashlib
+
+    i, j = torch.arange(176).view(-1, 1), torch.arange(64).view(1, -1)
+    q = ((5 * i + 3 * j + (i * j >> 2)) % 16).to(torch.int32)  # [176, 64]: no two rows or columns alike
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    return {"layout": hashlib.sha256(packed.numpy().tobytes()).hexdigest()[:16],
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__.split("+")[0]}
