@@ -8,7 +8,8 @@
 # with equal shares, or with given modes), run tpimpi.bench with the plan file under the same emulation
 # (the plan's prediction is recorded beside the measurement), then tabulate predicted against measured.
 # Needs root (cgroups). SMALL=1: two clusters, few tokens (a check that the job runs, not figures).
-# ONLY="third veryslow equal2 slow2": those clusters only (eight configurations).
+# ONLY="third veryslow equal2 slow2": those clusters only (eight configurations). Names: third veryslow
+# equal2 slow2 link2 window3 lowmem4 (all seven, 14 configurations, by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source jobs/mpi-env.sh
@@ -18,6 +19,7 @@ NEW_TOKENS=${NEW_TOKENS:-16}
 REPEAT=${REPEAT:-3}
 PROMPT_TOKENS=${PROMPT_TOKENS:-41}    # what bench's default prompt encodes to with the default model's template
 OUT=${OUT:-data/results/plan.jsonl}
+REPORT=${REPORT:-data/results/report-plan}  # where tpimpi.report's table and plots of OUT go
 SMALL=${SMALL:-0}
 WORK=$(mktemp -d /tmp/tpimpi-bench-plan-XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
@@ -50,6 +52,21 @@ pick() {  # the cores of the devices a plan file runs on, in rank order
   python -c 'import json,sys; p=json.load(open(sys.argv[1])); c=sys.argv[2].split(","); print(",".join(c[r["device"]] for r in p["ranks"]))' "$1" "$2"
 }
 
+convert_first() {  # convert_first PLAN: the store the plan runs on, converted outside any memory limit (a
+  # conversion holds a whole tensor: under tpimpi.lowmem's limit the OOM killer would end it); the same
+  # ratios and dtype as bench derives from the plan file, so bench then finds it in the cache
+  python - "$1" "$MODEL" <<'PY'
+import json, sys
+from tpimpi.models import prepare
+from tpimpi.shard import parse_ratios
+plan, model = json.load(open(sys.argv[1])), sys.argv[2] or None
+ratios = [r["ratio"] for r in plan["ranks"]]
+n = len(ratios)
+given = None if len(set(ratios)) == 1 else parse_ratios(",".join(repr(float(r)) for r in ratios), n)
+prepare(model, n, given, plan["dtype"], quiet=True)
+PY
+}
+
 run_plan() {  # run_plan CLUSTER-SPEC LABEL PLAN-ARGS...
   IFS='|' read -r name cores mem link <<< "$1"; local label=$2; shift 2
   local plan=$WORK/$label.json
@@ -57,6 +74,7 @@ run_plan() {  # run_plan CLUSTER-SPEC LABEL PLAN-ARGS...
     --new-tokens "$NEW_TOKENS" --out "$plan" "$@"
   local used np
   used=$(pick "$plan" "$cores"); np=$(python -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["ranks"]))' "$plan")
+  [ "$mem" != - ] && convert_first "$plan"
   launch "$used" "$mem" "$link" "$np" -- python -m tpimpi.bench "${model_arg[@]}" --plan-file "$plan" \
     --link-latency-ms "$link" --new-tokens "$NEW_TOKENS" --repeat "$REPEAT" --label "plan-$label" --out "$OUT"
 }
@@ -77,4 +95,4 @@ for spec in "${CLUSTERS[@]}"; do
     *)        run_plan "$spec" "$name-planned"; run_plan "$spec" "$name-equal" --ratios "$equal" ;;
   esac
 done
-python -m tpimpi.report "$OUT" --out data/results/report-plan
+python -m tpimpi.report "$OUT" --out "$REPORT"

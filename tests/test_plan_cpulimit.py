@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tpimpi.cpulimit import own_cpu_cgroup, parse_cores
+from tpimpi.cpulimit import own_cpu_cgroup, parse_cores, quota_period
 
 BURN = ("import time\nt, c = time.time(), time.process_time()\nwhile time.time() - t < 0.6: pass\n"
         "print((time.process_time() - c) / (time.time() - t))")
@@ -21,6 +21,15 @@ def test_parse_cores():
         parse_cores("1,1", 2)
 
 
+def test_small_quotas_take_a_longer_period():
+    assert quota_period(0.9) == (9000, 10_000) and quota_period(0.2) == (2000, 10_000)
+    # the kernel's smallest quota is 1 ms: 0.03 cores is 1 ms every 33.4 ms (a 10 ms period would give 0.1)
+    q, p = quota_period(0.03)
+    assert q == 1000 and p == 33_334 and q / p == pytest.approx(0.03, rel=1e-3)
+    assert quota_period(1e-4) == (1000, 1_000_000)  # the longest period: as little as the kernel allows
+    assert quota_period(2.0) == (20_000, 10_000)
+
+
 def test_a_command_gets_its_quota_and_the_cgroup_is_removed():
     cg = own_cpu_cgroup()
     if cg is None or os.geteuid() != 0 or not os.access(cg[1], os.W_OK):
@@ -31,6 +40,10 @@ def test_a_command_gets_its_quota_and_the_cgroup_is_removed():
     assert out.returncode == 0, out.stderr
     assert float(out.stdout) < 0.35  # a busy loop held to a fifth of a core (some slack for the period)
     assert set(cg[1].glob("tpimpi-cpu-*")) == before
+    out = subprocess.run([sys.executable, "-m", "tpimpi.cpulimit", "--cpu", "0.03", "--", sys.executable, "-c", BURN],
+                         capture_output=True, text=True, timeout=60, env=dict(os.environ, OMPI_COMM_WORLD_RANK="0"))
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) < 0.06  # not the 0.1 a 1 ms quota every 10 ms would give
 
 
 def test_bad_quota_is_one_message_and_exit_2():

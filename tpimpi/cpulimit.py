@@ -4,8 +4,8 @@
 
 --cpu gives the CPU time each rank may use, in cores (0.2 = a fifth of one core), one value for every
 rank or one per rank (indexed by the launcher's rank variable). Each process makes a child of its own
-CPU cgroup (cgroup v1's cpu controller: cpu.cfs_quota_us over a 10 ms cpu.cfs_period_us; cgroup v2:
-cpu.max), starts the command in it, waits and removes the cgroup. Combine with tpimpi.lowmem for a
+CPU cgroup (cgroup v1's cpu controller: cpu.cfs_quota_us over a 10 ms cpu.cfs_period_us, a longer one
+below 0.1 cores, where the quota would be under the kernel's 1 ms minimum; cgroup v2: cpu.max), starts the command in it, waits and removes the cgroup. Combine with tpimpi.lowmem for a
 device short of both (`cpulimit --cpu 0.3 -- python -m tpimpi.lowmem --limit 600M -- ...`). Needs root
 or a delegated cgroup; where the controller is not writable it says so and exits 2.
 
@@ -15,12 +15,22 @@ Only the standard library is imported here; the cgroup code is tpimpi.cgroup's, 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from . import cgroup
 
 PERIOD_US = 10_000  # a short period, so a throttled rank pauses for milliseconds, not a tenth of a second
+MIN_QUOTA_US, MAX_PERIOD_US = 1_000, 1_000_000  # the kernel's bounds on a quota and a period
+
+
+def quota_period(cores: float) -> tuple[int, int]:
+    """(quota, period) in microseconds for `cores` cores of CPU time: a 10 ms period, longer where the quota
+    would be under the kernel's 1 ms minimum (0.03 cores: 1 ms every 33 ms, not 1 ms every 10, which
+    would be 0.1 cores)."""
+    period = min(MAX_PERIOD_US, max(PERIOD_US, math.ceil(MIN_QUOTA_US / cores)))
+    return max(MIN_QUOTA_US, round(cores * period)), period
 
 
 def own_cpu_cgroup() -> tuple[str, Path] | None:
@@ -35,11 +45,29 @@ def make_cpu_cgroup(cores: float) -> Path:
         raise OSError("no cpu cgroup controller is mounted")
     kind, parent = cg
     cgroup.remove_stale(parent, "tpimpi-cpu")
-    quota = max(1000, int(cores * PERIOD_US))
-    files = ([("cpu.cfs_period_us", str(PERIOD_US)), ("cpu.cfs_quota_us", str(quota))] if kind == "v1"
-             else [("cpu.max", f"{quota} {PERIOD_US}")])
+    quota, period = quota_period(cores)
+    files = ([("cpu.cfs_period_us", str(period)), ("cpu.cfs_quota_us", str(quota))] if kind == "v1"
+             else [("cpu.max", f"{quota} {period}")])
     return cgroup.make_child(kind, "cpu", cgroup.mounts("cpu")[kind][1], parent, cgroup.child_name("tpimpi-cpu"),
                              files)
+
+
+def own_quota() -> tuple[float, float]:
+    """(cores, period in seconds) of this process's CPU quota: (inf, 0.0) where it has none (or no cpu
+    controller is readable)."""
+    cg = own_cpu_cgroup()
+    try:
+        if cg is None:
+            raise OSError
+        kind, d = cg
+        if kind == "v1":
+            quota, period = int((d / "cpu.cfs_quota_us").read_text()), int((d / "cpu.cfs_period_us").read_text())
+        else:
+            q, per = (d / "cpu.max").read_text().split()
+            quota, period = (-1 if q == "max" else int(q)), int(per)
+    except (OSError, ValueError):
+        return math.inf, 0.0
+    return (math.inf, 0.0) if quota <= 0 or period <= 0 else (quota / period, period / 1e6)
 
 
 def parse_cores(text: str, rank: int) -> float:

@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="store, .gguf, Hugging Face directory or tpimpi.synth shape name "
                    "(default: the default model)")
     p.add_argument("--dtype", choices=list(WEIGHT_BYTES), default="float32", help="storage format to plan for "
-                   "(q8_0, q4_0, q4_1: predictions only, until the store lays them out)")
+                   "(q8_0, q4_0, q4_1: GGUF's blocks, as tpimpi.convert --dtype writes them)")
     p.add_argument("--allreduce", choices=ALGOS, help="plan with this algorithm only (default: the best)")
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length the TTFT is predicted for")
     p.add_argument("--new-tokens", type=int, default=32)

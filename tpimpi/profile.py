@@ -2,11 +2,12 @@
 
     mpirun -np N python -m tpimpi.profile [--model M] [--out cluster.json]
 
-Each rank measures, at the model's shapes and with the threads a run would use: one-token and prefill
-products for every storage format (weight bytes/s, flops/s), the fixed cost of an attention and an MLP
-block, the memory it may plan for (its cgroup's limit included), O_DIRECT and page-cache reads of a
-64 MiB temporary file on the store's file system, and (one rank at a time) a ping-pong with rank 0 at
-a few message sizes. Rank 0 writes one JSON profile: every rank's device, host names, ranks per host.
+Each rank measures, at the model's shapes and with the threads a run would use, all ranks at once:
+one-token products over its share of the model's weights and prefill products, for every storage format
+(weight bytes/s, flops/s), the work of an attention and an MLP block besides their products (and on
+rank 0 the per-token work besides the head's products), the memory it may plan for (its cgroup's limit
+included), O_DIRECT and page-cache reads of a 64 MiB temporary file on the store's file system, and (one
+rank at a time) a ping-pong with rank 0 at a few message sizes. Rank 0 writes one JSON profile: every rank's device, host names, ranks per host.
 Pass the same --link-latency-ms / --link-bandwidth-mbps as the runs to profile an emulated network.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -23,13 +25,15 @@ from pathlib import Path
 import numpy as np
 
 from . import comm as comm_mod
+from .cpulimit import own_quota
 from .engine import collective
 from .resources import available_memory, set_threads
 from .errors import TpimpiError, UsageError
 from .memory import BASE_RSS
 from .models import cache_root, is_store
 from .planner.devices import Device, Profile
-from .planner.measure import CYCLE_BYTES, PRODUCTS, block_overheads, disk_rates, product_rates
+from .planner.measure import (CYCLE_BYTES, MAX_CYCLE, PRODUCTS, block_overheads, disk_rates, model_weight_bytes,
+                              product_rates, token_overhead)
 from .planner.planfile import resolve_model
 
 PING_SIZES = (8, 64 << 10, 1 << 20)  # bytes: latency, then bandwidth from the slope
@@ -49,11 +53,15 @@ def _gather_json(comm, obj) -> list:
 
 
 def measure_links(comm) -> tuple[float, float]:
-    """(latency s, bandwidth B/s) between this rank and rank 0, measured one worker at a time."""
+    """(latency s, bandwidth B/s) between this rank and rank 0, measured one worker at a time: the median
+    round trip, or the fastest where a rank has a CPU quota (a round trip waiting for a throttled rank's
+    next period measures the quota, which the cost model plays out itself, not the link)."""
+    quota = [q for (q,) in comm.gather_ints([int(not math.isinf(own_quota()[0]))])]
+    stat = np.min if any(quota) else np.median
     lat = bw = 0.0
     for peer in range(1, comm.size):
         if comm.rank in (0, peer):
-            t = [comm.pingpong(peer if comm.rank == 0 else 0, np.zeros(n, dtype=np.uint8), reps)
+            t = [comm.pingpong(peer if comm.rank == 0 else 0, np.zeros(n, dtype=np.uint8), reps, stat)
                  for n, reps in zip(PING_SIZES, PING_REPS)]
             if comm.rank == peer:
                 lat = t[0]
@@ -64,21 +72,31 @@ def measure_links(comm) -> tuple[float, float]:
 
 
 def measure_device(comm, cfg, dtypes, threads: int, disk_dir: str, disk_bytes: int) -> dict:
-    """This rank's figures (all ranks at once, as in a run, so ranks sharing a node share its cores)."""
+    """This rank's figures. Every rank times its products at the same time (a barrier before each format),
+    as in a run: ranks sharing a node share its cores, caches and memory bus. One-token products cycle
+    through this rank's equal share of the model's weights, as decode does, up to half the memory the
+    runtime leaves (and MAX_CYCLE)."""
     mem = int(available_memory())
-    # weights beyond the caches, but on a small device no more than a quarter of what the runtime leaves
-    cycle = min(CYCLE_BYTES, max(16 << 20, (mem - BASE_RSS) // 4))
-    rates = {d: product_rates(cfg, comm.size, d, cycle_bytes=cycle) for d in dtypes}
-    attn, mlp = block_overheads(cfg)
+    room = max(16 << 20, (mem - BASE_RSS) // 2)
+    rates = {}
+    for d in dtypes:
+        share = model_weight_bytes(cfg, PRODUCTS[d].itemsize) // comm.size
+        comm.barrier()
+        rates[d] = product_rates(cfg, comm.size, d, cycle_bytes=min(MAX_CYCLE, room, max(CYCLE_BYTES, share)))
+    comm.barrier()
+    attn, mlp = block_overheads(cfg, comm.size)
+    token = token_overhead(cfg) if comm.rank == 0 else 0.0
     try:
         direct, cached, _ = disk_rates(disk_dir, disk_bytes)
     except OSError as e:
         raise TpimpiError(f"cannot measure the disk in {disk_dir!r} ({e.strerror or e}); pass --disk-dir") from None
     cores = len(os.sched_getaffinity(0))
+    quota, period = own_quota()
     return {"host": platform.node(), "matvec_Bps": {d: r[0] for d, r in rates.items()},
             "gemm_flops": {d: r[1] for d, r in rates.items()}, "attn_overhead_s": attn, "mlp_overhead_s": mlp,
-            "mem_bytes": mem, "disk_direct_Bps": direct, "disk_cache_Bps": cached,
-            "cores": cores, "threads": threads}
+            "token_overhead_s": token, "mem_bytes": mem, "disk_direct_Bps": direct, "disk_cache_Bps": cached,
+            "cores": cores, "threads": threads, "cpu_quota": 0.0 if math.isinf(quota) else quota,
+            "cpu_period_s": period}
 
 
 def run(comm, argv=None) -> int:
@@ -137,7 +155,7 @@ def run(comm, argv=None) -> int:
             mv = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in d.matvec_Bps.items())
             link = f"link {d.link_latency_s * 1e3:.2f} ms, {d.link_Bps * 8 / 1e6:.0f} Mbps" if i else "master"
             print(f"  rank {i}: products GB/s {mv}; blocks {d.attn_overhead_s * 1e3:.2f}/{d.mlp_overhead_s * 1e3:.2f} "
-                  f"ms; memory {d.mem_bytes / 2**20:.0f} MiB; disk {d.disk_direct_Bps / 1e9:.2f} GB/s direct, "
+                  f"ms{f', token {d.token_overhead_s * 1e3:.2f} ms' if i == 0 else ''}; memory {d.mem_bytes / 2**20:.0f} MiB; disk {d.disk_direct_Bps / 1e9:.2f} GB/s direct, "
                   f"{d.disk_cache_Bps / 1e9:.1f} cached; {link}", file=sys.stderr)
     return 0
 

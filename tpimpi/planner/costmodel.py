@@ -5,8 +5,12 @@ A configuration is: the devices taking part (in rank order; rank 0 is the master
 the split (ratios, through shard.py), each rank's memory mode, the storage dtype and the allreduce.
 
 Time. Every rank runs the same cycle of blocks (attention and MLP of each layer; rank 0 then the output
-head in chunks) and all ranks meet at the allreduce after every layer block. One block on one rank takes
+head in chunks, and its per-token work besides them: the final norm, sampling) and all ranks meet at the
+allreduce after every layer block. One block on one rank takes
     overhead(kind) + max(weight bytes / matvec rate, 2 x params x T / gemm rate)      (T positions)
+where the overhead is the block's work besides its products (norm, rope, attention, the loop's Python)
+and the matvec rate was measured streaming the rank's share of the weights with every rank of the node
+at work (tpimpi.profile): what caches and the shared memory bus give a run.
 A streamed block must also have been read: one reader thread per rank reads blocks in cycle order, block
 b+W starting when block b is released (W = window), so reading overlaps the compute and the allreduces
 of the W-1 blocks in between. `simulate` plays this out event by event, the allreduce after each layer
@@ -31,15 +35,13 @@ from dataclasses import dataclass
 
 from ..config import ModelConfig
 from ..resources import MemoryOptions, memory_plan
-from ..shard import plan as split_plan
-from ..store import DTYPES
+from ..store import DTYPES, split_plan, store_formats
 from .devices import Device
 
 CTRL_BYTES = 24  # the control word rank 0 broadcasts every step: 3 int64
 F32 = 4
 # bytes per weight of each storage format; GGUF's blocks of 32: q8_0 a 2-byte scale + 32 bytes, q4_0 a scale
-# + 16 bytes, q4_1 a scale and a minimum + 16 bytes. Formats store.py does not lay out are costed as float16
-# blocks scaled to their size (layout_dtype).
+# + 16 bytes, q4_1 a scale and a minimum + 16 bytes (tpimpi.quant lays them out so)
 WEIGHT_BYTES = {**{d: float(s) for d, (_, s) in DTYPES.items()}, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32}
 
 
@@ -83,27 +85,10 @@ def bcast_seconds(nbytes: int, k: int, latency_s: float, Bps: float) -> float:
     return latency_s + (0.0 if math.isinf(Bps) else (k - 1) * nbytes / Bps)
 
 
-def layout_dtype(dtype: str) -> tuple[str, float]:
-    """(the dtype whose store layouts stand for this format's blocks, the factor their bytes scale by)."""
-    if dtype in DTYPES:
-        return dtype, 1.0
-    if dtype not in WEIGHT_BYTES:
-        raise ValueError(f"unknown storage format {dtype!r}")
-    return "float16", WEIGHT_BYTES[dtype] / 2
-
-
 def rank_memory(cfg, s, rank: int, world: int, dtype: str, max_seq: int, options):
-    """(block specs, memory plan, byte scale) of one rank: memory.py's plan through resources.memory_plan, for
-    a format it lays out; else the float16 plan with the weights scaled to the format's size."""
-    from dataclasses import replace
-
-    lay, scale = layout_dtype(dtype)
-    if scale != 1.0 and options.budget:
-        options = replace(options, budget=int(options.budget / scale))
-    specs, mp = memory_plan(cfg, s, rank, world, lay, max_seq, options)
-    if scale != 1.0:
-        mp = type(mp)(mp.resident, mp.window, mp.n_blocks, dict(mp.parts, weights=int(mp.parts["weights"] * scale)))
-    return specs, mp, scale
+    """(block specs, memory plan) of one rank: memory.py's plan through resources.memory_plan, on the store's
+    own layouts of the format (dense or GGUF's quantized blocks)."""
+    return memory_plan(cfg, s, rank, world, dtype, max_seq, options)
 
 
 def block_seconds(dev: Device, dtype: str, kind: str, params: int, T: int = 1) -> float:
@@ -159,14 +144,63 @@ class StepTimes:
     allreduce: list  # in the allreduce, waiting for the slowest rank included
 
 
-def simulate(compute, read_s, windows, n_sync: int, ar_s, bcast_s, events: list | None = None) -> list[StepTimes]:
+@dataclass(frozen=True)
+class Quota:
+    """A CPU quota (CFS bandwidth control): the rank may run `cores` x `period` seconds of every period,
+    the periods starting at `phase` + k x period. A rank waiting in MPI busy-polls, so it spends its quota
+    whether it computes or waits: it runs from each period's start until the quota is used, whatever it
+    does. A burst of work w therefore ends about ceil(w / (cores x period)) periods later, and ranks whose
+    periods are out of phase wait for each other at every allreduce."""
+
+    cores: float
+    period: float
+    phase: float = 0.0
+
+    def next_up(self, t: float) -> float:
+        """The first moment from t at which the rank may run."""
+        x = (t - self.phase) % self.period
+        return t if x < self.cores * self.period else t + self.period - x
+
+    def advance(self, t: float, work: float) -> float:
+        """When a rank starting at t has run `work` seconds."""
+        up = self.cores * self.period
+        k, x = divmod(t - self.phase, self.period)
+        if x >= up:  # throttled: the next period
+            k, x = k + 1, 0.0
+        if work <= up - x:
+            return self.phase + k * self.period + x + work
+        n, rest = divmod(work - (up - x), up)
+        if rest == 0:
+            return self.phase + (k + n) * self.period + up
+        return self.phase + (k + n + 1) * self.period + rest
+
+
+PHASES = 8  # quota phases averaged over (the runs' cgroups start their periods at unrelated moments)
+
+
+def quota_phases(devices, n: int = PHASES) -> list[list[Quota | None]]:
+    """n phase assignments of the devices' CPU quotas (None: no quota), spread evenly and deterministically:
+    assignment j puts rank r's periods at frac(j x (r + 1) x 0.618 + r / k) of its period."""
+    k = len(devices)
+    return [[Quota(d.cpu_quota, d.cpu_period_s, ((j * (r + 1) * 0.6180339887 + r / k) % 1.0) * d.cpu_period_s)
+             if 0 < d.cpu_quota < 1 and d.cpu_period_s > 0 else None for r, d in enumerate(devices)]
+            for j in range(n)]
+
+
+def simulate(compute, read_s, windows, n_sync: int, ar_s, bcast_s, events: list | None = None,
+             quotas=None) -> list[StepTimes]:
     """Play out steps of the block cycle on every rank.
 
     compute[step][rank][block]: seconds of each block; read_s[rank][block]: seconds to read a streamed
     block, None for a resident one; windows[rank]: buffers of its window; n_sync: the first n_sync blocks
     are each followed by an allreduce of ar_s[step] seconds (blocks after them, rank 0's head, are not);
     bcast_s[step]: rank 0's broadcasts that start a step. If `events` is a list, (step, rank, kind, t0, t1)
-    intervals are appended to it, kind in compute / io_wait / allreduce / read."""
+    intervals are appended to it, kind in compute / io_wait / allreduce / read. quotas[rank]: (cores,
+    period, phase) of a CPU quota (`Quota`) or None: that rank computes, and leaves an allreduce, only
+    while its quota lets it run (compute is then in seconds at full speed)."""
+    quotas = quotas or [None] * len(read_s)
+    run = [q.advance if q else (lambda t, w: t + w) for q in quotas]
+    up = [q.next_up if q else (lambda t: t) for q in quotas]
     R = len(read_s)
     cyc = [[b for b, t in enumerate(read_s[r]) if t is not None] for r in range(R)]
     submit = [{j: 0.0 for j in range(windows[r])} if cyc[r] else {} for r in range(R)]  # occurrence -> time
@@ -201,15 +235,16 @@ def simulate(compute, read_s, windows, n_sync: int, ar_s, bcast_s, events: list 
                         if events is not None:
                             events.append((step_i, r, "io_wait", now, got))
                         now = got
-                    submit[r][j + windows[r]] = now + step[r][b]
+                    submit[r][j + windows[r]] = run[r](now, step[r][b])
                     submit[r].pop(j, None)
+                done_at = run[r](now, step[r][b])
                 if events is not None:
-                    events.append((step_i, r, "compute", now, now + step[r][b]))
-                now += step[r][b]
-                st.compute[r] += step[r][b]
-                ready[r] = now
+                    events.append((step_i, r, "compute", now, done_at))
+                st.compute[r] += done_at - now
+                ready[r] = now = done_at
             if b < n_sync:
-                sync = max(ready) + ar_s[step_i]
+                last = max(ready)
+                sync = max(u(last) for u in up) + ar_s[step_i]  # every rank takes part: each must be running
                 for r in range(R):
                     st.allreduce[r] += sync - ready[r]
                     if events is not None:
@@ -262,30 +297,40 @@ def predict(cfg: ModelConfig, devices, ratios, modes, dtype: str = "float32", al
             io: str = "cache", events: list | None = None) -> Prediction:
     """Predicted TTFT, seconds per decoded token and every rank's peak memory for one configuration."""
     k = len(devices)
-    slices = split_plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, ratios)
+    slices = split_plan(cfg, ratios, store_formats(cfg, dtype))  # a quantized store cuts FFN in whole groups
     L, B = cluster_link(devices)
     chunks = [min(chunk, prompt_tokens - i) for i in range(0, prompt_tokens, chunk)]
     steps = chunks + [1] * max(1, new_tokens - 1)
     compute, read_s, windows, plans, rates = [[] for _ in steps], [], [], [], []
     for r, (dev, s, mode) in enumerate(zip(devices, slices, modes)):
-        specs, mp, scale = rank_memory(cfg, s, r, k, dtype, max_seq, mode.options(chunk, io))
+        specs, mp = rank_memory(cfg, s, r, k, dtype, max_seq, mode.options(chunk, io))
         kinds = ["attn", "mlp"] * cfg.n_layers + ["head"] * (len(specs) - 2 * cfg.n_layers)
-        streamed = int(scale * sum(sp.layout.nbytes for b, sp in enumerate(specs) if b not in mp.resident))
+        streamed = sum(sp.layout.nbytes for b, sp in enumerate(specs) if b not in mp.resident)
         fits_cache = io in ("cache", "mmap") and streamed <= dev.mem_bytes - mp.total
         rate = dev.disk_cache_Bps if fits_cache else dev.disk_direct_Bps
-        read_s.append([None if b in mp.resident else scale * sp.layout.nbytes / rate for b, sp in enumerate(specs)])
+        read_s.append([None if b in mp.resident else sp.layout.nbytes / rate for b, sp in enumerate(specs)])
         windows.append(mp.window)
         plans.append((mp, streamed))
         rates.append(rate)
         for i, T in enumerate(steps):
             compute[i].append([block_seconds(dev, dtype, kind, _params(sp.layout), 1 if kind == "head" else T)
                                for kind, sp in zip(kinds, specs)])
+            if r == 0:  # rank 0's norm and sampling after the head's products
+                compute[i][0][-1] += dev.token_overhead_s
     ar = [allreduce_seconds(algo, T * cfg.hidden * F32, k, L, B) for T in steps]
     bc = [bcast_seconds(CTRL_BYTES, k, L, B) + bcast_seconds(T * cfg.hidden * F32, k, L, B) for T in steps]
-    times = simulate(compute, read_s, windows, 2 * cfg.n_layers, ar, bc, events)
     n_pre = len(chunks)
-    ttft = times[n_pre - 1].end
-    decode = times[n_pre:]
+    phases = quota_phases(devices)
+    if all(q is None for q in phases[0]):
+        phases = phases[:1]
+    else:  # the profile's figures are averages under the quota: the simulation wants seconds at full speed
+        full = [d.cpu_quota if 0 < d.cpu_quota < 1 and d.cpu_period_s > 0 else 1.0 for d in devices]
+        compute = [[[c * full[r] for c in blocks] for r, blocks in enumerate(step)] for step in compute]
+    runs = [simulate(compute, read_s, windows, 2 * cfg.n_layers, ar, bc, events if j == 0 else None, quotas)
+            for j, quotas in enumerate(phases)]
+    ttft = sum(times[n_pre - 1].end for times in runs) / len(runs)
+    per_token = sum((times[-1].end - times[n_pre - 1].end) / (len(times) - n_pre) for times in runs) / len(runs)
+    decode = [t for times in runs for t in times[n_pre:]]
     n = len(decode)
     ranks = []
     for r, dev in enumerate(devices):
@@ -297,5 +342,4 @@ def predict(cfg: ModelConfig, devices, ratios, modes, dtype: str = "float32", al
         ranks.append(RankPrediction(
             mp.total, mp.describe(), sum(t.compute[r] for t in decode) / n, sum(t.io_wait[r] for t in decode) / n,
             sum(t.allreduce[r] for t in decode) / n, streamed, rates[r], mp.total <= dev.mem_bytes, hidden))
-    per_token = (decode[-1].end - times[n_pre - 1].end) / n
     return Prediction(ttft, per_token, ar[-1], tuple(ranks))

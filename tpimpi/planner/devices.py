@@ -3,9 +3,11 @@
 All figures are measured on the device itself, by the rank that will run there, with the threads it will
 use: decode products as weight bytes per second (the runtime's own path for each storage dtype: BLAS for
 float32, upcast one block then BLAS for 16-bit), prefill products as flops per second, the fixed cost of
-one attention and one MLP block (norms, rotary embedding, attention over a short context, Python), the
+one attention and one MLP block besides their products (norms, rotary embedding, attention over a short
+context, the layer loop's Python) and of rank 0's per-token work besides the head's products, the
 memory it may plan for (its cgroup's limit included), disk reads with O_DIRECT and from the page cache,
-and the link to rank 0 (half a ping-pong round trip: latency at a few bytes, bandwidth at a large message).
+the link to rank 0 (half a ping-pong round trip: latency at a few bytes, bandwidth at a large message),
+and the CPU quota of its cgroup where it has one (an emulated slow device: tpimpi.cpulimit).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from ..errors import UsageError
 
 FORMAT, VERSION = "tpimpi-profile", 1
+OPTIONAL = ("cores", "threads", "token_overhead_s", "cpu_quota", "cpu_period_s")  # fields a profile may leave out (older ones do)
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,9 @@ class Device:
     link_Bps: float = math.inf  # bandwidth to rank 0 (inf on rank 0)
     cores: int = 1
     threads: int = 1
+    token_overhead_s: float = 0.0  # rank 0's work per token besides the head's products (norm, sampling)
+    cpu_quota: float = 0.0  # cores of CPU time its cgroup allows (CFS bandwidth control); 0: no quota
+    cpu_period_s: float = 0.0  # the quota's period
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -45,7 +51,7 @@ class Device:
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "Device":
         known = {f.name for f in fields(cls)}
-        missing = {f.name for f in fields(cls) if f.name not in ("cores", "threads")} - set(d)
+        missing = {f.name for f in fields(cls) if f.name not in OPTIONAL} - set(d)
         if missing or set(d) - known:
             raise UsageError(f"{where}: device entry has missing fields {sorted(missing)} or unknown "
                              f"ones {sorted(set(d) - known)}")
@@ -54,7 +60,8 @@ class Device:
         rates = list(dev.matvec_Bps.values()) + list(dev.gemm_flops.values())
         positive = [dev.disk_direct_Bps, dev.disk_cache_Bps, dev.link_Bps, dev.mem_bytes, *rates]
         if not dev.matvec_Bps or not all(isinstance(v, (int, float)) and v > 0 for v in positive) or \
-                min(dev.attn_overhead_s, dev.mlp_overhead_s, dev.link_latency_s) < 0:
+                min(dev.attn_overhead_s, dev.mlp_overhead_s, dev.link_latency_s, dev.token_overhead_s,
+                    dev.cpu_quota, dev.cpu_period_s) < 0:
             raise UsageError(f"{where}: device figures must be positive numbers (got {d})")
         return dev
 

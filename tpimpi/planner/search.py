@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..shard import RankSlice
+from ..store import split_plan, store_formats
 from .costmodel import (
     CTRL_BYTES,
     F32,
@@ -41,7 +42,6 @@ from .costmodel import (
     allreduce_seconds,
     bcast_seconds,
     block_seconds,
-    layout_dtype,
     predict,
     rank_memory,
 )
@@ -76,11 +76,12 @@ class Share:
     peak_bytes: int
 
 
-def approx_slice(cfg, u: int, units: int) -> RankSlice:
-    """The largest slice a share of u units can get from shard.py's rounding (ceil of each count)."""
+def approx_slice(cfg, u: int, units: int, granule: int = 1) -> RankSlice:
+    """The largest slice a share of u units can get from shard.py's rounding (ceil of each count; FFN
+    columns in whole granules, as a quantized store cuts them)."""
     q = min(cfg.n_heads, math.ceil(cfg.n_heads * u / units))
     kv = min(cfg.n_kv_heads, math.ceil(q / cfg.group))
-    f = min(cfg.ffn, math.ceil(cfg.ffn * u / units))
+    f = min(cfg.ffn, granule * math.ceil(cfg.ffn * u / units / granule))
     return RankSlice((0, q), (0, kv), (0, f))
 
 
@@ -89,12 +90,12 @@ def choose_mode(cfg, s: RankSlice, rank: int, world: int, dev, st: Settings):
     (as many resident blocks as fit, the rest streamed; reported as a window when none fit)."""
     usable = int(USABLE * dev.mem_bytes)
     res = Mode("resident")
-    specs, mp, _ = rank_memory(cfg, s, rank, world, st.dtype, st.max_seq, res.options(st.chunk, st.io))
+    specs, mp = rank_memory(cfg, s, rank, world, st.dtype, st.max_seq, res.options(st.chunk, st.io))
     if mp.total <= usable:
         return res, specs, mp
     mode = Mode("budget", budget=usable)
     try:
-        specs, mp, _ = rank_memory(cfg, s, rank, world, st.dtype, st.max_seq, mode.options(st.chunk, st.io))
+        specs, mp = rank_memory(cfg, s, rank, world, st.dtype, st.max_seq, mode.options(st.chunk, st.io))
     except UsageError:  # even one streamed block does not fit
         return None, specs, mp
     if mp.total > usable:
@@ -113,22 +114,23 @@ def share_cost(cfg, dev, rank: int, world: int, s: RankSlice, st: Settings) -> S
     # added to every rank's cost (head_seconds), not to rank 0's alone
     c = sum(block_seconds(dev, st.dtype, k, _params(sp.layout))
             for k, sp in zip(["attn", "mlp"] * cfg.n_layers, specs[: 2 * cfg.n_layers]))
-    streamed = int(layout_dtype(st.dtype)[1] * sum(sp.layout.nbytes for b, sp in enumerate(specs)
-                                                 if b not in mp.resident))
+    streamed = sum(sp.layout.nbytes for b, sp in enumerate(specs) if b not in mp.resident)
     rate = dev.disk_cache_Bps if st.io in ("cache", "mmap") and streamed <= dev.mem_bytes - mp.total \
         else dev.disk_direct_Bps
     return Share(mode, c, streamed / rate, mp.window, mp.total)
 
 
 def head_seconds(cfg, dev, st: Settings) -> float:
-    """Rank 0's output head for one token on this device (one product over the vocabulary)."""
-    return block_seconds(dev, st.dtype, "head", cfg.vocab * cfg.hidden)
+    """Rank 0's output head for one token on this device (one product over the vocabulary), and its work
+    besides (final norm, sampling)."""
+    return block_seconds(dev, st.dtype, "head", cfg.vocab * cfg.hidden) + dev.token_overhead_s
 
 
 def share_table(cfg, devices, st: Settings, units: int = UNITS) -> list[list[Share | None]]:
     """table[d][u]: device d holding u units (None at u = 0: left out)."""
-    n = len(devices)
-    return [[None] + [share_cost(cfg, dev, d, n, approx_slice(cfg, u, units), st) for u in range(1, units + 1)]
+    n, granule = len(devices), store_formats(cfg, st.dtype).granule
+    return [[None] + [share_cost(cfg, dev, d, n, approx_slice(cfg, u, units, granule), st)
+                      for u in range(1, units + 1)]
             for d, dev in enumerate(devices)]
 
 
@@ -292,12 +294,10 @@ def greedy(cfg, devices, table, st: Settings, units: int = UNITS) -> Candidate |
 def realize(cfg, devices, cand: Candidate, st: Settings, modes=None) -> tuple[list[int], list[Mode], Prediction]:
     """The candidate as a run: its devices in profile order, shard.py's actual split of its ratios, each
     rank's mode for its actual slice (or the modes given), and the full prediction."""
-    from ..shard import plan as split_plan
-
     members = [d for d, u in enumerate(cand.units) if u]
     ratios = [cand.units[d] for d in members]
     devs = [devices[d] for d in members]
-    slices = split_plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, ratios)
+    slices = split_plan(cfg, ratios, store_formats(cfg, st.dtype))
     if modes is None:
         modes = [choose_mode(cfg, s, r, len(devs), dev, st)[0] or Mode("window", window=1)
                  for r, (dev, s) in enumerate(zip(devs, slices))]
