@@ -96,14 +96,28 @@ def test_the_readme_has_commands_and_the_skip_list_is_current():
     assert not stale, f"SKIP entries that match no README command: {stale}"
 
 
+def tracked(directory: Path) -> list[str]:
+    """Paths (relative to ROOT) of the files under directory that git tracks; every file when ROOT is not
+    a git checkout."""
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--", str(directory)],
+                             capture_output=True, check=True).stdout
+        return [p for p in out.decode().split("\0") if p]
+    except (OSError, subprocess.CalledProcessError):
+        return [str(p.relative_to(ROOT)) for p in directory.rglob("*") if p.is_file()]
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, model_cache):
-    """A scratch directory with the checkout's entries linked in (data/ copied: commands write results
-    there), and the session's model cache."""
+    """A scratch directory with the checkout's entries linked in (data/'s tracked files copied: commands
+    write results there; untracked stores and GGUFs a developer keeps under data/ can be tens of GB), and
+    the session's model cache."""
     d = tmp_path_factory.mktemp("readme")
     for entry in ROOT.iterdir():
         if entry.name == "data":
-            shutil.copytree(entry, d / entry.name)
+            for rel in tracked(entry):
+                (d / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / rel, d / rel)
         elif entry.name != ".git":
             (d / entry.name).symlink_to(entry)
     env = dict(os.environ, TPIMPI_CACHE=str(model_cache), HF_HUB_OFFLINE="1",
