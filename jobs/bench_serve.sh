@@ -48,10 +48,12 @@ trap 'stop_server; rm -rf "$work"' EXIT
 start_server() {  # ranks, step log name, extra options
   local n=$1 log=$2; shift 2
   rm -f "$work/pid"
-  # the model's name says its store format, so that the report keeps float32 and bfloat16 runs apart
+  # the model's name says its store format
+  # (and its --threads, if given), so that the report keeps float32, bfloat16 and one-thread runs apart
+  threads=$(sed -n 's/.*--threads[ =]\([0-9][0-9]*\).*/\1/p' <<< "$SERVE_ARGS")
   name=$("$PYTHON" -c 'import sys; from pathlib import Path; from tpimpi.models import default_model_path
-print(Path(sys.argv[1] or default_model_path()).name.removesuffix(".gguf") + (sys.argv[2] and "-" + sys.argv[2]))' \
-    "$MODEL" "$DTYPE")
+print(Path(sys.argv[1] or default_model_path()).name.removesuffix(".gguf") + (sys.argv[2] and "-" + sys.argv[2])
+      + (sys.argv[3] and "-threads" + sys.argv[3]))' "$MODEL" "$DTYPE" "$threads")
   # shellcheck disable=SC2086  # SERVE_ARGS is split into options on purpose
   mpirun -np "$n" "$PYTHON" -m tpimpi.serve ${MODEL:+--model "$MODEL"} --port "$PORT" --pid-file "$work/pid" \
     --max-batch "$MAX_BATCH" --max-queue 64 --served-model-name "$name" --step-log "$LOGS/$log.steps.jsonl" \

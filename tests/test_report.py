@@ -140,9 +140,16 @@ def test_allreduce_table_and_plot_keep_the_latest_run(tmp_path):
     runs = [{"system": "allreduce", "algo": algo, "ranks": 2, "elems": e, "link_latency_ms": lat, "median_s": s,
              "time": t} for algo, e, lat, s, t in [("star", 576, 0.0, 9e-6, t1), ("star", 576, 0.0, 5e-6, t0),
                                                    ("ring", 576, 0.0, 2e-5, t1), ("ring", 1024, 1.0, 2e-3, t1)]]
+    # a namespaced-cluster row (real TCP, no emulated latency) is its own link, not "emulated 0.0 ms"
+    runs.append({"system": "allreduce", "algo": "star", "ranks": 2, "elems": 576, "link_latency_ms": 0.0,
+                 "median_s": 2.2e-3, "time": t1, "transport": "netns-tcp", "hosts": 2, "delay_ms": "1",
+                 "rate_mbps": "300"})
+    emulated0, emulated1 = "one host, emulated link 0.0 ms", "one host, emulated link 1.0 ms"
     assert table(report.allreduce_table(runs)) == [
-        {"ranks": "2", "floats": "576", "link latency ms": "0.0", "algorithm": "ring", "median us": "20.0"},
-        {"ranks": "2", "floats": "576", "link latency ms": "0.0", "algorithm": "star", "median us": "9.0"},
-        {"ranks": "2", "floats": "1024", "link latency ms": "1.0", "algorithm": "ring", "median us": "2000.0"}]
+        {"ranks": "2", "floats": "576", "link": "2 hosts, real TCP, 1 ms/hop, 300 Mbit/s", "algorithm": "star",
+         "median us": "2200.0"},
+        {"ranks": "2", "floats": "576", "link": emulated0, "algorithm": "ring", "median us": "20.0"},
+        {"ranks": "2", "floats": "576", "link": emulated0, "algorithm": "star", "median us": "9.0"},
+        {"ranks": "2", "floats": "1024", "link": emulated1, "algorithm": "ring", "median us": "2000.0"}]
     assert report.plots(runs, tmp_path) == ["allreduce_vs_size.png"]
     assert (tmp_path / "allreduce_vs_size.png").read_bytes()[:8] == PNG

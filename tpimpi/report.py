@@ -87,19 +87,26 @@ def generation_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _link(r: dict) -> str:
+    """Where an allreduce row was measured: real TCP between namespaced hosts (jobs/bench_cluster.sh), or
+    one host with tpimpi's emulated link latency."""
+    if r.get("transport"):
+        return f"{r.get('hosts', r['ranks'])} hosts, real TCP, {r.get('delay_ms', 0)} ms/hop, {r.get('rate_mbps', '-')} Mbit/s"
+    return f"one host, emulated link {r.get('link_latency_ms', 0)} ms"
+
+
 def _allreduce_key(r: dict) -> tuple:
-    return (r["algo"], r["ranks"], r.get("link_latency_ms", 0), r["elems"])
+    return (r["algo"], r["ranks"], _link(r), r["elems"])
 
 
 def allreduce_table(rows: list[dict]) -> str:
-    """Latest run per (algorithm, ranks, link latency, message size)."""
+    """Latest run per (algorithm, ranks, link, message size)."""
     ar = latest([r for r in rows if r.get("system") == "allreduce"], _allreduce_key)
     if not ar:
         return ""
-    out = ["| ranks | floats | link latency ms | algorithm | median us |", "|---|---|---|---|---|"]
-    for r in sorted(ar.values(), key=lambda r: (r["ranks"], r["elems"], r.get("link_latency_ms", 0), r["algo"])):
-        out.append(f"| {r['ranks']} | {r['elems']} | {r.get('link_latency_ms', 0)} | {r['algo']} | "
-                   f"{r['median_s'] * 1e6:.1f} |")
+    out = ["| ranks | floats | link | algorithm | median us |", "|---|---|---|---|---|"]
+    for r in sorted(ar.values(), key=lambda r: (r["ranks"], r["elems"], _link(r), r["algo"])):
+        out.append(f"| {r['ranks']} | {r['elems']} | {_link(r)} | {r['algo']} | {r['median_s'] * 1e6:.1f} |")
     return "\n".join(out)
 
 
@@ -378,24 +385,26 @@ def _log_axes(ax, xticks: list, xlabels: list[str], **labels) -> None:
 
 def _allreduce_plot(plt, rows: list[dict]) -> list:
     """Does the star beat MPI's own Allreduce and the ring? Median latency against message size at the
-    largest rank count measured, one panel per emulated link latency, one line per algorithm, MPI's
-    Allreduce (the baseline) in black. Smaller rank counts are in the allreduce table."""
+    largest rank count measured, one panel per link (real TCP between namespaced hosts, or one host with
+    an emulated latency), one line per algorithm, MPI's Allreduce (the baseline) in black. Smaller rank
+    counts are in the allreduce table."""
     ar = latest([r for r in rows if r.get("system") == "allreduce"], _allreduce_key)
     if not ar:
         return []
     n = max(k[1] for k in ar)
     ar = {k: r for k, r in ar.items() if k[1] == n}
-    algos, lats, sizes = (sorted({k[i] for k in ar}) for i in (0, 2, 3))
+    algos, links = sorted({k[0] for k in ar}), sorted({k[2] for k in ar}, key=lambda l: (not l[0].isdigit(), l))
     others = iter(plt.get_cmap("tab10").colors)
     colour = {a: "black" if a == "mpi" else next(others) for a in algos}
-    fig, axes = plt.subplots(1, len(lats), figsize=(3.8 * len(lats) + 1.8, 4.2), squeeze=False)
-    for ax, lat in zip(axes[0], lats):
+    fig, axes = plt.subplots(1, len(links), figsize=(3.8 * len(links) + 1.8, 4.2), squeeze=False)
+    for ax, link in zip(axes[0], links):
+        sizes = sorted({k[3] for k in ar if k[2] == link})
         for algo in algos:
-            x = [e for e in sizes if (algo, n, lat, e) in ar]
-            ax.plot(x, [ar[(algo, n, lat, e)]["median_s"] * 1e3 for e in x], color=colour[algo], marker="o",
+            x = [e for e in sizes if (algo, n, link, e) in ar]
+            ax.plot(x, [ar[(algo, n, link, e)]["median_s"] * 1e3 for e in x], color=colour[algo], marker="o",
                     ls="--" if algo == "mpi" else "-", label="MPI Allreduce (baseline)" if algo == "mpi" else algo)
         _log_axes(ax, sizes, [str(e) for e in sizes], xlabel="floats per allreduce", ylabel="median latency, ms",
-                  title=f"emulated link latency {lat} ms")
+                  title=link.replace(", real TCP", "\nreal TCP"))
         ax.tick_params(axis="x", labelrotation=45, labelsize=8)
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(f"Allreduce latency against message size, {n} ranks")
