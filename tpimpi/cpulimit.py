@@ -5,9 +5,10 @@
 --cpu gives the CPU time each rank may use, in cores (0.2 = a fifth of one core), one value for every
 rank or one per rank (indexed by the launcher's rank variable). Each process makes a child of its own
 CPU cgroup (cgroup v1's cpu controller: cpu.cfs_quota_us over a 10 ms cpu.cfs_period_us, a longer one
-below 0.1 cores, where the quota would be under the kernel's 1 ms minimum; cgroup v2: cpu.max), starts the command in it, waits and removes the cgroup. Combine with tpimpi.lowmem for a
-device short of both (`cpulimit --cpu 0.3 -- python -m tpimpi.lowmem --limit 600M -- ...`). Needs root
-or a delegated cgroup; where the controller is not writable it says so and exits 2.
+below 0.1 cores, where the quota would be under the kernel's 1 ms minimum; cgroup v2: cpu.max), starts
+the command in it, waits and removes the cgroup. Combine with tpimpi.lowmem for a device short of both
+(`cpulimit --cpu 0.3 -- python -m tpimpi.lowmem --limit 600M -- ...`). Needs root or a delegated cgroup;
+where the controller is not writable it says so and exits 2.
 
 Only the standard library is imported here; the cgroup code is tpimpi.cgroup's, shared with tpimpi.lowmem.
 """
