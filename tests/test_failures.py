@@ -231,9 +231,11 @@ def assert_absent_or_complete(out: Path) -> None:
 @pytest.mark.parametrize("kind", ["convert", "synth"])
 def test_a_killed_conversion_never_leaves_a_store_and_the_next_one_cleans_up(tiny_gguf, tmp_path, kind):
     out = tmp_path / "s"
-    # kill points: during start-up, as the first bytes are written, and part-way through writing (synth
-    # starts writing in under 1 s and writes for 3, convert starts in 2-3 s: synth is killed at more points)
-    points = [("start", 0.3), ("tmp", 0.0)] + ([("tmp", 0.5), ("tmp", 2.0)] if kind == "synth" else [])
+    # kill points: during start-up, part-way through writing (synth starts writing in under 1 s and writes
+    # for 1-3 s, convert starts in 2-3 s: synth is killed at more points), and as the first bytes are
+    # written. That one comes last: each run removes dead runs' leftovers first, so the leftover checked
+    # below is the last kill's, and a run killed 2 s in may already have finished on a quiet machine.
+    points = [("start", 0.3)] + ([("tmp", 0.5), ("tmp", 2.0)] if kind == "synth" else []) + [("tmp", 0.0)]
     for trigger, delay in points:
         p = subprocess.Popen(conversion_cmd(kind, tiny_gguf, out), stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
