@@ -63,7 +63,11 @@ stage() {
 
 cleanup() {
   local rc=$?
-  trap - EXIT INT TERM
+  # INT and TERM ignored, not reset: a signal to the process group (timeout's, on expiry or when timeout is
+  # itself signalled) reaches this shell twice, timeout forwarding it once more, and the second, with the
+  # default action back, ended the shell mid-cleanup: the run folder (1.5 GB) and binfmt stayed behind
+  trap - EXIT
+  trap '' INT TERM
   if [ -n "$SESSION" ] && kill -0 "$SESSION" 2>/dev/null; then
     kill -KILL "$SESSION" 2>/dev/null || true  # unshare ignores TERM; with --kill-child its namespace dies with it
     wait "$SESSION" 2>/dev/null || true
