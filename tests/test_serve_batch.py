@@ -137,3 +137,9 @@ def test_the_report_tables_serving_runs_against_one_client():
     assert len(lines) == 5  # header, rule, one row per point (the older run of a point is not shown)
     assert "| m | 1 | batch | 8 | 90.0 | 4.50 x | 100 / 200 | 80.0 / 160.0 | 1.60 x |" in table
     assert lines[-1].startswith("| m | 1 | target-1.5x | 8 | 70.0 | 3.50 x")
+    # a newer run on another CPU is a line of its own, its ratio taken against its own single client
+    other = [{**row(1, 10.0, 0.1, t="2026-12-02T00:00:00+00:00"), "machine": {"cpu": "AMD EPYC (avx2)"}},
+             {**row(8, 20.0, 0.2, t="2026-12-02T00:00:00+00:00"), "machine": {"cpu": "AMD EPYC (avx2)"}}]
+    table = serve_table([row(1, 20.0, 0.05), row(8, 90.0, 0.08), *other])
+    assert "| m | 1 | batch | 8 | 90.0 | 4.50 x |" in table
+    assert "| m (AMD EPYC (avx2)) | 1 | batch | 8 | 20.0 | 2.00 x |" in table

@@ -186,7 +186,10 @@ def window_table(sweep: dict) -> str:
 
 
 def _serve_key(r: dict) -> tuple:
-    return (_model_family(r), r["ranks"], r.get("label", ""), r["concurrency"])
+    """(model and the CPU it ran on, ranks, label, clients): runs on another CPU are another line, never the
+    newer run of the same point, and a ratio to one client is taken on the same CPU."""
+    cpu = r.get("machine", {}).get("cpu")
+    return (_model_family(r) + (f" ({cpu})" if cpu else ""), r["ranks"], r.get("label", ""), r["concurrency"])
 
 
 def serve_table(rows: list[dict]) -> str:
