@@ -1,5 +1,5 @@
-"""The sliding-window scheduler and the memory modes: every mode gives bit-identical logits and the same
-tokens, blocks stream through exactly W buffers, read errors surface, and the memory plan holds."""
+"""The sliding-window scheduler and the memory modes: every mode gives the same logits (bit for bit where
+it holds the matrices alike) and the same tokens, blocks stream through exactly W buffers, read errors surface, and the memory plan holds."""
 
 import json
 import os
@@ -43,14 +43,20 @@ def stores(tiny_source, tmp_path_factory):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("world", [1, 3])
-def test_every_memory_mode_gives_bit_identical_logits(stores, prompt_ids, world, dtype):
+def test_every_memory_mode_gives_the_same_logits(stores, prompt_ids, world, dtype):
+    """Bit for bit between modes that hold the matrices alike. Resident float32 matrices are held
+    transposed, a faster kernel's layout (layers.matmul_f32), so streamed, resident and mixed (budget)
+    float32 runs agree to rounding and in every token."""
     results = {}
     for name, mem in MODES.items():
         results[name] = ThreadGroup(world).run(lambda c: run_store(stores[world, dtype], c, prompt_ids, 6, mem=mem))[0]
-    ref_logits, ref_tokens = results["resident"]
+    layout = {name: "any" if dtype != "float32" else name.split("-")[0] if name.startswith("budget") else
+              "resident" if name == "resident" else "streamed" for name in MODES}
     for name, (logits, tokens) in results.items():
-        assert np.array_equal(logits, ref_logits), name
-        assert tokens == ref_tokens, name
+        alike = next(n for n in MODES if layout[n] == layout[name])
+        assert np.array_equal(logits, results[alike][0]), (name, alike)
+        assert rel_err(logits, results["resident"][0]) < 1e-5 and tokens == results["resident"][1], name
+    ref_logits, ref_tokens = results["resident"]
     # a prompt fed in chunks of 5 positions: other matrix shapes, so equal only to rounding
     mem = MemoryOptions(window=2, prefill_chunk=5)
     logits, tokens = ThreadGroup(world).run(lambda c: run_store(stores[world, dtype], c, prompt_ids, 6, mem=mem))[0]

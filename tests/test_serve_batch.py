@@ -68,6 +68,47 @@ def test_sequences_in_one_step_get_what_they_get_alone(engine):
         assert rel_err(batch[j].numpy(), engine.head.logits(x[j]).numpy()) < 1e-5
 
 
+@pytest.mark.parametrize("group, window", [(3, 0), (0, 0), (3, 5), (0, 4)])
+@pytest.mark.parametrize("slots", [[0, 1, 2, 3], [5, 1, 3, 0]])
+def test_decoding_sequences_attend_together_as_they_attend_alone(group, window, slots):
+    """attend_decode (one query each of several sequences, in one fused call) against attend (one
+    sequence at a time), with whole groups of q heads per KV head and without (each q head's KV head
+    given), a sliding window, and cache slots in place (consecutive) or gathered."""
+    from tpimpi.layers import attend, attend_decode
+
+    torch.manual_seed(0)
+    n_kv, g, hd, S = 2, 3, 16, 40
+    kv_of_q = torch.arange(n_kv * g) // g if group else torch.tensor([1, 0, 1, 1, 0, 0])
+    cache_k, cache_v = torch.randn(6, n_kv, S, hd), torch.randn(6, n_kv, S, hd)
+    positions = torch.tensor([7, 30, 2, 19])
+    q = torch.randn(n_kv * g, len(slots), hd)
+    together = attend_decode(q, cache_k, cache_v, torch.tensor(slots), positions, kv_of_q, group, window)
+    for b, (slot, pos) in enumerate(zip(slots, positions.tolist())):
+        alone = attend(q[:, b : b + 1], cache_k[slot], cache_v[slot], pos, kv_of_q, group, window)  # [q, 1, hd]
+        assert torch.allclose(together[b], alone[:, 0], atol=1e-6), (b, slot, pos)
+
+
+def test_resident_float32_matrices_are_held_transposed_and_multiply_alike():
+    """A resident float32 matrix is rewritten as [in, out] in its own buffer; matmul_f32 gives the [out,
+    in] product for every row count (rows padded to a multiple of 4), into `out` or not."""
+    from tpimpi.layers import matmul_f32
+    from tpimpi.scheduler import transpose_in_place
+
+    w = torch.randn(300, 70)
+    buf = w.clone()
+    wt = transpose_in_place(buf)
+    assert wt.shape == (300, 70) and wt.stride() == (1, 300) and wt.data_ptr() == buf.data_ptr()
+    assert torch.equal(wt, w)
+    for T in range(1, 11):
+        x = torch.randn(T, 70)
+        want = (x.double() @ w.double().T).float()
+        got = matmul_f32(x, wt)
+        into = matmul_f32(x, wt, out=torch.empty(T, 300))
+        assert got.shape == (T, 300) and torch.equal(got, into)
+        assert (got - want).abs().max() < 1e-5, T
+        assert (matmul_f32(x, w) - want).abs().max() < 1e-5, T  # [out, in] (a streamed block)
+
+
 def test_control_word_round_trip():
     ctrl = control_word(4)
     segs = [(2, 17, 1), (0, 5, 1), (3, 0, 16)]

@@ -2,8 +2,9 @@
 
 Embedding rows are read from rank 0's file for just the tokens being fed (a few KB per token), so the
 table is never held whole. The output head (the embedding table itself when tied) is a run of chunk
-blocks after the last layer in rank 0's block cycle: resident or streamed like any other block, and
-multiplied chunk by chunk in both cases, so every memory mode gives bit-identical logits. A quantized
+blocks after the last layer in rank 0's block cycle: resident or streamed like any other block (a resident
+float32 chunk held transposed, as every resident float32 matrix is), and multiplied chunk by chunk in
+both cases. A quantized
 embedding is dequantized row by row as it is read; a quantized head chunk goes through tpimpi.quant's
 sliced kernel.
 """

@@ -34,25 +34,46 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None, out: torch.Tensor 
     return y if b is None else y.add_(b)
 
 
-TORCH_ROWS = range(2, 8)  # row counts T for which torch's matmul beats numpy's (measured, BENCHMARKS.md)
+ROW_MULTIPLE = 4  # rows of a product on [in, out] weights are padded to a multiple of this (matmul_f32)
+TORCH_ROWS = range(2, 8)  # row counts T for which torch's matmul beats numpy's on [out, in] weights (BENCHMARKS.md)
 
 
 def matmul_f32(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ w[out, in].T in float32 -> [T, out] (into out if given), by the kernel measured fastest
-    for T on one thread (BENCHMARKS.md, "Kernels for quantized blocks"; the default model's qkv, gate+up
-    and down, measured under load as thread CPU time, Intel Xeon):
+    for the weight's memory layout and T, on one thread (BENCHMARKS.md, "Float32 products of a few rows").
+
+    w held as [in, out] (a resident block, scheduler.transpose_in_place): numpy's BLAS for every T, a
+    plain product of row-major matrices, with T > 1 rows padded with zero rows to a multiple of 4. A sweep
+    of the default model's 30 layers took 59 / 94 / 98 / 122 / 121 ms for T = 1 / 2 / 4 / 8 / 16 where the
+    [out, in] kernels below took 76 / 131 / 156 / 158 / 167 (AMD EPYC, AVX2, one thread). OpenBLAS's
+    kernel takes the rows 4 at a time and a remainder costs nearly another pass: at 5, 6, 7 rows the
+    sweep took 99 / 99 / 114 ms against 88 at 8 (two threads: 73 / 85 / 73 against 59).
+
+    w held as [out, in] (a streamed block, a view of its read buffer), measured on an Intel Xeon under
+    load as thread CPU time for the default model's qkv, gate+up and down:
       T = 1     numpy's BLAS, x @ W.T: OpenBLAS's matrix-vector kernel (0.076 / 0.291 / 0.152 ms) beat
                 torch.mm (0.109 / 0.330 / 0.190); decode is nothing but streaming the weights
       T = 2..7  torch.mm: at T = 2 about its own T = 1 time (0.111 / 0.331 / 0.177) where numpy's x @ W.T
                 (OpenBLAS's small-M gemm) took 3.5-4.4x its T = 1 time and W @ x.T 1.9-2.5x; even at T = 4
       T >= 8    numpy's BLAS as W @ x.T: at T = 8 0.224 / 0.847 / 0.340 against x @ W.T's 0.368 / 1.299 /
                 0.608 and torch's 0.223 / 0.981 / 0.433
-    The choice depends on T alone, so the same rows give the same bits through forward and forward_batch."""
+    The choice depends on the layout and T alone, so the same rows give the same bits through forward and
+    forward_batch."""
     T = x.shape[0]
-    if T in TORCH_ROWS:
+    transposed = w.stride(1) != 1
+    if T in TORCH_ROWS and not transposed:
         return torch.mm(x, w.T, out=out)
     xn, wn = x.numpy(), w.numpy()
-    if T == 1:
+    padded = -(-T // ROW_MULTIPLE) * ROW_MULTIPLE
+    if transposed and T > 1 and padded != T:
+        xp = np.zeros((padded, xn.shape[1]), dtype=np.float32)
+        xp[:T] = xn
+        y = np.matmul(xp, wn.T)[:T]  # the first T rows: still C-contiguous
+        if out is None:
+            return torch.from_numpy(y)
+        out.numpy()[...] = y
+        return out
+    if T == 1 or transposed:
         y = np.matmul(xn, wn.T, out=None if out is None else out.numpy())
     else:
         y = np.matmul(wn, xn.T).T  # [T, out], a transposed view of BLAS's [out, T]
@@ -202,6 +223,8 @@ def attention_batch(x, w, cache_k, cache_v, segments, pos_rows, cos, sin, kv_of_
     position. cache_k/cache_v [B, kv, S, hd] this layer's cache, one slot per sequence. The projections
     take all rows at once (the weights are streamed once for the batch); attention runs per segment, with
     the same operations as `attention`, so a batch of one segment gives attention's result bit for bit.
+    Two or more single-row segments (sequences decoding) attend together in one batched product
+    (`attend_decode`): a loop of a dozen small operations per sequence cost more than their arithmetic.
     """
     n_q, n_kv, hd = kv_of_q.numel(), cache_k.shape[1], cfg.head_dim
     if n_q == 0:
@@ -212,13 +235,52 @@ def attention_batch(x, w, cache_k, cache_v, segments, pos_rows, cos, sin, kv_of_
     c, s = cos.index_select(0, pos_rows), sin.index_select(0, pos_rows)  # [T, hd] each
     q, k = apply_rope(q, c, s), apply_rope(k, c, s)  # [q, T, hd], [kv, T, hd]
     o = torch.empty(T, n_q, hd)  # [T, q, hd]
-    r = 0
-    for slot, pos, n in segments:
+    starts = [0]
+    for _, _, n in segments:
+        starts.append(starts[-1] + n)
+    decoding = [j for j, (_, _, n) in enumerate(segments) if n == 1]
+    if len(decoding) < 2:
+        decoding = []
+    else:
+        rows = torch.tensor([starts[j] for j in decoding])
+        slots = torch.tensor([segments[j][0] for j in decoding])
+        positions = pos_rows.index_select(0, rows)
+        cache_k[slots, :, positions] = k.index_select(1, rows).transpose(0, 1)  # [B, kv, hd]
+        cache_v[slots, :, positions] = v.index_select(1, rows).transpose(0, 1)
+        o[rows] = attend_decode(q.index_select(1, rows), cache_k, cache_v, slots, positions, kv_of_q, group, window)
+    for j, (slot, pos, n) in enumerate(segments):
+        if decoding and n == 1:
+            continue
+        r = starts[j]
         cache_k[slot, :, pos : pos + n] = k[:, r : r + n]
         cache_v[slot, :, pos : pos + n] = v[:, r : r + n]
         o[r : r + n] = attend(q[:, r : r + n], cache_k[slot], cache_v[slot], pos, kv_of_q, group, window).transpose(0, 1)
-        r += n
     out.copy_(linear(o.view(T, n_q * hd), w["wo"]))
+
+
+def attend_decode(q, cache_k, cache_v, slots, positions, kv_of_q, group: int = 0, window: int = 0) -> torch.Tensor:
+    """One query each of B sequences, q [q, B, hd], sequence b at positions[b] in cache slot slots[b] of
+    cache_k/cache_v [slots, kv, S, hd] (already holding that position) -> [B, q, hd]: `attend` for all of
+    them in one call of torch's fused attention over keys k0..max(positions), each sequence's keys past
+    its own position (or before its window) masked out. Consecutive slots are read in place, others
+    gathered first."""
+    n_q, B, hd = q.shape
+    L = int(positions.max()) + 1
+    k0 = max(0, int(positions.min()) - window + 1) if window else 0
+    s0 = int(slots[0])
+    if torch.equal(slots, torch.arange(s0, s0 + B)):
+        keys, vals = cache_k[s0 : s0 + B, :, k0:L], cache_v[s0 : s0 + B, :, k0:L]  # [B, kv, L-k0, hd] views
+    else:
+        keys, vals = cache_k[:, :, k0:L].index_select(0, slots), cache_v[:, :, k0:L].index_select(0, slots)
+    if not group:  # q heads that are not whole groups: each against its own KV head's copy
+        keys, vals = keys.index_select(1, kv_of_q), vals.index_select(1, kv_of_q)
+    kpos = torch.arange(k0, L).unsqueeze(0)  # [1, L-k0]
+    seen = kpos <= positions.unsqueeze(1)  # [B, L-k0]
+    if window:
+        seen &= kpos > (positions - window).unsqueeze(1)
+    o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(2), keys, vals, attn_mask=seen.view(B, 1, 1, L - k0),
+                                       scale=1.0 / math.sqrt(hd), enable_gqa=bool(group))  # [B, q, 1, hd]
+    return o.view(B, n_q, hd)
 
 
 def attend(q, cache_k, cache_v, pos, kv_of_q, group: int = 0, window: int = 0) -> torch.Tensor:

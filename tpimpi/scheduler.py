@@ -70,6 +70,20 @@ def block_views(buf: np.ndarray, layout: BlockLayout, compute: str = "float32") 
     return out
 
 
+def is_float32_matrix(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.dim() == 2
+
+
+def transpose_in_place(w: torch.Tensor) -> torch.Tensor:
+    """A resident float32 matrix w [out, in] rewritten in its own buffer as [in, out] (a transient copy of
+    one matrix), returned as the [out, in] view of that: the layout `layers.matmul_f32` multiplies fastest
+    for every row count (BENCHMARKS.md, "Float32 products of a few rows")."""
+    n_out, n_in = w.shape
+    flat = w.view(-1)
+    flat.copy_(w.T.contiguous().view(-1))
+    return flat.view(n_in, n_out).T
+
+
 def check_int4pack(store: RankStore, compute: str) -> None:
     """Refuse a store with blocks in the int4 kernel layout (--int4pack) unless the run computes in bfloat16
     and this machine's torch packs int4 tiles in the order the converter's did."""
@@ -203,6 +217,8 @@ class BlockScheduler:
                 mm.close()
                 views = packed
             else:
+                views = {k: transpose_in_place(v) if k.startswith("w") and is_float32_matrix(v) else v
+                         for k, v in views.items()}
                 self._keep.append(mm)
             self._resident[b] = views
             self.bytes_read += specs[b].layout.nbytes
