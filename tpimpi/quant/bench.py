@@ -23,6 +23,12 @@ tokens, the median time of x [T, in] @ W.T by:
   int8pack-bf16       torch's _weight_int8pack_mm: int8 weights with one scale per row (not per group)
 Threads: one (as each rank runs with cores / local ranks). The candidates of one matrix and T are timed
 in turn, round after round. Prints a Markdown table.
+
+    python -m tpimpi.quant.bench --sweep [--shapes smollm2-135m] [--tokens 1,2,4,8,16] [--threads 1]
+
+instead times float32 products over every layer of the shape (the weights far larger than the caches,
+as in decode) for each T: layers.matmul_f32 on [out, in] weights (streamed blocks), the same on weights
+held as [in, out] (resident blocks, scheduler.transpose_in_place), and torch.mm on [in, out].
 """
 
 from __future__ import annotations
@@ -123,6 +129,36 @@ def run(shapes: list[str], tokens: list[int], repeat: int, slow_repeat: int) -> 
     return rows
 
 
+def sweep(shape: str, tokens: list[int], repeat: int, threads: int) -> list[dict]:
+    """Float32 products over all layers of shape (qkv, o, gate+up, down; random weights), per T: the
+    median ms of one sweep by each layout's kernel, the kernels in turn within each round."""
+    from threadpoolctl import threadpool_limits
+
+    from ..layers import matmul_f32
+    from ..scheduler import transpose_in_place
+    from ..synth import shape_config
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    mats = [(n, k) for name, n, k in _shapes(shape) if name != "head"]
+    ws = [torch.randn(n, k, generator=g) * 0.05 for _ in range(shape_config(shape).n_layers) for n, k in mats]
+    wts = [transpose_in_place(w.clone()) for w in ws]  # [out, in] views of [in, out] memory
+    rows = []
+    with threadpool_limits(threads, user_api="blas"):
+        for T in tokens:
+            xs = [torch.randn(T, w.shape[1], generator=g) for w in ws[: len(mats)]]
+            xs = xs * (len(ws) // len(mats))
+            fns = {"float32-[out,in]": lambda: [matmul_f32(x, w) for x, w in zip(xs, ws)],
+                   "float32-[in,out]": lambda: [matmul_f32(x, w) for x, w in zip(xs, wts)],
+                   "torch-[in,out]": lambda: [torch.mm(x, w.T) for x, w in zip(xs, wts)]}
+            for name, ms in _medians_ms(fns, repeat, {}).items():
+                rows.append({"shape": shape, "matrix": "layers x weights", "out": len(ws) // len(mats),
+                             "in": sum(n * k for n, k in mats), "tokens": T, "kernel": name, "ms": round(ms, 2), "threads": threads,
+                             "weight_GBps": round(sum(w.numel() * 4 for w in ws) / ms / 1e6, 2)})
+                print(f"{shape:14s} T={T:<3d} {name:18s} {ms:9.2f} ms", file=sys.stderr)
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     kernels_ = list(dict.fromkeys(r["kernel"] for r in rows))
     keys = list(dict.fromkeys((r["shape"], r["matrix"], r["out"], r["in"], r["tokens"]) for r in rows))
@@ -141,13 +177,21 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=30)
     p.add_argument("--slow-repeat", type=int, default=3, help="repeats of the slow int4pack-f32 reference path")
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--sweep", action="store_true", help="float32 products over all layers, per layout")
+    p.add_argument("--threads", type=int, default=1, help="threads for --sweep")
     args = p.parse_args(argv)
-    rows = run(args.shapes.split(","), [int(t) for t in args.tokens.split(",")], args.repeat, args.slow_repeat)
-    result = {"cpu": _cpu(), "torch": torch.__version__, "numpy": np.__version__, "threads": 1, "rows": rows}
+    tokens = [int(t) for t in args.tokens.split(",")]
+    if args.sweep:
+        rows = [r for shape in args.shapes.split(",") for r in sweep(shape, tokens, args.repeat, args.threads)]
+    else:
+        rows = run(args.shapes.split(","), tokens, args.repeat, args.slow_repeat)
+    threads = args.threads if args.sweep else 1
+    result = {"cpu": _cpu(), "torch": torch.__version__, "numpy": np.__version__, "threads": threads, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-    print(f"CPU: {result['cpu']}; torch {torch.__version__}; one thread; median ms per product\n")
+    print(f"CPU: {result['cpu']}; torch {torch.__version__}; {threads} thread(s); median ms per "
+          f"{'sweep over all layers' if args.sweep else 'product'}\n")
     print(table(rows))
     return 0
 
