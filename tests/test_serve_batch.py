@@ -184,3 +184,28 @@ def test_the_report_tables_serving_runs_against_one_client():
     table = serve_table([row(1, 20.0, 0.05), row(8, 90.0, 0.08), *other])
     assert "| m | 1 | batch | 8 | 90.0 | 4.50 x |" in table
     assert "| m (AMD EPYC (avx2)) | 1 | batch | 8 | 20.0 | 2.00 x |" in table
+
+
+def test_the_serving_plot_draws_the_newest_cpu_as_ratios_to_one_client():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tpimpi.report import _serve_plot
+
+    def row(c, tps, lat, cpu, t):
+        return {"system": "serve", "model": "m", "ranks": 1, "concurrency": c, "label": "batch", "tokens_per_s": tps,
+                "ttft_p50_s": 0.1, "ttft_p99_s": 0.2, "token_p50_s": lat, "token_p99_s": 2 * lat, "time": t,
+                "machine": {"cpu": cpu}}
+
+    old, new = "2026-12-01T00:00:00+00:00", "2026-12-02T00:00:00+00:00"
+    rows = [row(1, 20.0, 0.05, "Xeon", old), row(8, 90.0, 0.08, "Xeon", old),
+            row(1, 10.0, 0.1, "EPYC", new), row(8, 30.0, 0.2, "EPYC", new)]
+    [(name, fig)] = _serve_plot(plt, rows)
+    ax_t, ax_l = fig.axes
+    drawn = [ln for ln in ax_t.get_lines() if ln.get_label() == "m, 1 rank"]
+    assert len(drawn) == 1 and list(drawn[0].get_ydata()) == [1.0, 3.0]  # the EPYC's own ratio, not the Xeon's
+    assert [list(ln.get_ydata()) for ln in ax_l.get_lines() if ln.get_label() == "m, 1 rank"] == [[1.0, 2.0]]
+    assert "EPYC" in fig._suptitle.get_text() and name == "serve_vs_concurrency.png"
+    plt.close(fig)
