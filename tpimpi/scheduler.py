@@ -70,18 +70,45 @@ def block_views(buf: np.ndarray, layout: BlockLayout, compute: str = "float32") 
     return out
 
 
-def is_float32_matrix(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.dim() == 2
+TRANSPOSE_CHUNK_BYTES = 4 << 20  # rows read back at a time while a resident matrix is transposed
 
 
-def transpose_in_place(w: torch.Tensor) -> torch.Tensor:
-    """A resident float32 matrix w [out, in] rewritten in its own buffer as [in, out] (a transient copy of
-    one matrix), returned as the [out, in] view of that: the layout `layers.matmul_f32` multiplies fastest
-    for every row count (BENCHMARKS.md, "Float32 products of a few rows")."""
+def transpose_in_place(w: torch.Tensor, read_rows=None) -> torch.Tensor:
+    """A resident float32 matrix w [out, in] rewritten in its own buffer as [in, out], returned as the
+    [out, in] view of that: the layout `layers.matmul_f32` multiplies fastest for every row count
+    (BENCHMARKS.md, "Float32 products of a few rows"). read_rows(r0, r1, rows) fills rows [r1-r0, in] with
+    rows r0..r1 of w as stored (read again from the file), so only TRANSPOSE_CHUNK_BYTES are held besides
+    the buffer; without it, the rows come from a transient copy of the whole matrix."""
     n_out, n_in = w.shape
-    flat = w.view(-1)
-    flat.copy_(w.T.contiguous().view(-1))
-    return flat.view(n_in, n_out).T
+    if read_rows is None:
+        src = w.clone()
+        read_rows = lambda r0, r1, rows: rows.copy_(src[r0:r1])  # noqa: E731
+    dest = w.view(-1).view(n_in, n_out)
+    step = max(1, min(n_out, TRANSPOSE_CHUNK_BYTES // (4 * n_in)))
+    scratch = torch.empty(step, n_in)
+    for r0 in range(0, n_out, step):
+        r1 = min(n_out, r0 + step)
+        rows = scratch[: r1 - r0]
+        read_rows(r0, r1, rows)
+        dest[:, r0:r1] = rows.T
+    return dest.T
+
+
+def transpose_resident(store: RankStore, spec: BlockSpec, views: dict) -> dict:
+    """The block's float32 matrices transposed in place (transpose_in_place), their rows read back from
+    the store's file; the other tensors as they are."""
+    out = dict(views)
+    for p in spec.layout.parts:
+        w = views[p.name]
+        if not (p.name.startswith("w") and isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.dim() == 2):
+            continue
+        row0 = spec.offset + p.offset
+
+        def read_rows(r0, r1, rows, row0=row0, n_in=w.shape[1]):
+            store.read_into(row0 + r0 * n_in * 4, memoryview(rows.numpy()).cast("B"))
+
+        out[p.name] = transpose_in_place(w, read_rows)
+    return out
 
 
 def check_int4pack(store: RankStore, compute: str) -> None:
@@ -217,8 +244,7 @@ class BlockScheduler:
                 mm.close()
                 views = packed
             else:
-                views = {k: transpose_in_place(v) if k.startswith("w") and is_float32_matrix(v) else v
-                         for k, v in views.items()}
+                views = transpose_resident(store, specs[b], views)
                 self._keep.append(mm)
             self._resident[b] = views
             self.bytes_read += specs[b].layout.nbytes
