@@ -90,7 +90,7 @@ def test_decoding_sequences_attend_together_as_they_attend_alone(group, window, 
 
 def test_resident_float32_matrices_are_held_transposed_and_multiply_alike():
     """A resident float32 matrix is rewritten as [in, out] in its own buffer; matmul_f32 gives the [out,
-    in] product for every row count (rows padded to a multiple of 4), into `out` or not."""
+    in] product for every row count, into `out` or not."""
     from tpimpi.layers import matmul_f32
     from tpimpi.scheduler import transpose_in_place
 

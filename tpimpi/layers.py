@@ -34,7 +34,6 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None, out: torch.Tensor 
     return y if b is None else y.add_(b)
 
 
-ROW_MULTIPLE = 4  # rows of a product on [in, out] weights are padded to a multiple of this (matmul_f32)
 TORCH_ROWS = range(2, 8)  # row counts T for which torch's matmul beats numpy's on [out, in] weights (BENCHMARKS.md)
 
 
@@ -43,11 +42,12 @@ def matmul_f32(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None
     for the weight's memory layout and T, on one thread (BENCHMARKS.md, "Float32 products of a few rows").
 
     w held as [in, out] (a resident block, scheduler.transpose_in_place): numpy's BLAS for every T, a
-    plain product of row-major matrices, with T > 1 rows padded with zero rows to a multiple of 4. A sweep
-    of the default model's 30 layers took 59 / 94 / 98 / 122 / 121 ms for T = 1 / 2 / 4 / 8 / 16 where the
-    [out, in] kernels below took 76 / 131 / 156 / 158 / 167 (AMD EPYC, AVX2, one thread). OpenBLAS's
-    kernel takes the rows 4 at a time and a remainder costs nearly another pass: at 5, 6, 7 rows the
-    sweep took 99 / 99 / 114 ms against 88 at 8 (two threads: 73 / 85 / 73 against 59).
+    plain product of row-major matrices, which OpenBLAS multiplies without repacking the weights. One sweep
+    over the default model's 30 layers took 41.9 / 87.1 / 75.5 / 93.3 / 136.4 ms for T = 1 / 2 / 4 / 8 /
+    16 where the [out, in] kernels below took 54.7 / 117.0 / 121.7 / 123.8 / 190.7 (AMD EPYC, AVX2, one
+    thread; two threads: 30.8 / 68.1 / 72.2 / 50.6 / 68.6 against 34.6 / 96.6 / 101.4 / 71.4 / 88.9;
+    `python -m tpimpi.quant.bench --sweep`). Padding the rows to a multiple of 4, OpenBLAS's
+    unroll, gained nothing consistent in interleaved rounds.
 
     w held as [out, in] (a streamed block, a view of its read buffer), measured on an Intel Xeon under
     load as thread CPU time for the default model's qkv, gate+up and down:
@@ -64,15 +64,6 @@ def matmul_f32(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None
     if T in TORCH_ROWS and not transposed:
         return torch.mm(x, w.T, out=out)
     xn, wn = x.numpy(), w.numpy()
-    padded = -(-T // ROW_MULTIPLE) * ROW_MULTIPLE
-    if transposed and T > 1 and padded != T:
-        xp = np.zeros((padded, xn.shape[1]), dtype=np.float32)
-        xp[:T] = xn
-        y = np.matmul(xp, wn.T)[:T]  # the first T rows: still C-contiguous
-        if out is None:
-            return torch.from_numpy(y)
-        out.numpy()[...] = y
-        return out
     if T == 1 or transposed:
         y = np.matmul(xn, wn.T, out=None if out is None else out.numpy())
     else:
