@@ -99,6 +99,8 @@ def test_resident_float32_matrices_are_held_transposed_and_multiply_alike():
     wt = transpose_in_place(buf)
     assert wt.shape == (300, 70) and wt.stride() == (1, 300) and wt.data_ptr() == buf.data_ptr()
     assert torch.equal(wt, w)
+    for empty in (torch.empty(0, 70), torch.empty(300, 0)):  # a rank without heads or FFN columns
+        assert transpose_in_place(empty).shape == empty.shape
     for T in range(1, 11):
         x = torch.randn(T, 70)
         want = (x.double() @ w.double().T).float()

@@ -80,6 +80,8 @@ def transpose_in_place(w: torch.Tensor, read_rows=None) -> torch.Tensor:
     rows r0..r1 of w as stored (read again from the file), so only TRANSPOSE_CHUNK_BYTES are held besides
     the buffer; without it, the rows come from a transient copy of the whole matrix."""
     n_out, n_in = w.shape
+    if w.numel() == 0:  # a rank with no heads or no FFN columns of this layer
+        return w
     if read_rows is None:
         src = w.clone()
         read_rows = lambda r0, r1, rows: rows.copy_(src[r0:r1])  # noqa: E731
