@@ -71,10 +71,10 @@ def test_sequences_in_one_step_get_what_they_get_alone(engine):
 @pytest.mark.parametrize("group, window", [(3, 0), (0, 0), (3, 5), (0, 4)])
 @pytest.mark.parametrize("slots", [[0, 1, 2, 3], [5, 1, 3, 0]])
 def test_decoding_sequences_attend_together_as_they_attend_alone(group, window, slots):
-    """attend_decode (one query each of several sequences, in one fused call) against attend (one
+    """attend_decode (one query each of several sequences, in two batched products) against attend (one
     sequence at a time), with whole groups of q heads per KV head and without (each q head's KV head
     given), a sliding window, and cache slots in place (consecutive) or gathered."""
-    from tpimpi.layers import attend, attend_decode
+    from tpimpi.layers import DecodeRows, attend, attend_decode
 
     torch.manual_seed(0)
     n_kv, g, hd, S = 2, 3, 16, 40
@@ -82,7 +82,7 @@ def test_decoding_sequences_attend_together_as_they_attend_alone(group, window, 
     cache_k, cache_v = torch.randn(6, n_kv, S, hd), torch.randn(6, n_kv, S, hd)
     positions = torch.tensor([7, 30, 2, 19])
     q = torch.randn(n_kv * g, len(slots), hd)
-    together = attend_decode(q, cache_k, cache_v, torch.tensor(slots), positions, kv_of_q, group, window)
+    together = attend_decode(q, cache_k, cache_v, DecodeRows(slots, positions.tolist()), kv_of_q, group, window)
     for b, (slot, pos) in enumerate(zip(slots, positions.tolist())):
         alone = attend(q[:, b : b + 1], cache_k[slot], cache_v[slot], pos, kv_of_q, group, window)  # [q, 1, hd]
         assert torch.allclose(together[b], alone[:, 0], atol=1e-6), (b, slot, pos)

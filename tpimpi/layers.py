@@ -205,17 +205,62 @@ def mlp(x, w, cfg: ModelConfig, out) -> None:
     out.copy_(linear(F.silu(gu[:, :f]) * gu[:, f:], w["wdown"]))
 
 
-def attention_batch(x, w, cache_k, cache_v, segments, pos_rows, cos, sin, kv_of_q, cfg: ModelConfig, out,
-                    group: int = 0, window: int = 0) -> None:
-    """This rank's heads of one attention layer for rows of several sequences; writes its partial output [T, h].
+class StepRows:
+    """The rows of one batched step, worked out once for all its layers: segments [(slot, pos, n), ...] in
+    row order, n rows for positions pos..pos+n of the sequence in KV-cache slot `slot`. Holds each row's
+    rotary cos/sin, and for two or more single-row segments (sequences decoding, attended together by
+    `attend_decode`) their rows, slots and positions and, per sliding window, the keys each one sees."""
 
-    The rows are runs (segments) of one sequence each: segments [(slot, pos, n), ...] in row order, n rows
-    for positions pos..pos+n of the sequence in KV-cache slot `slot`; pos_rows [T] long, each row's
-    position. cache_k/cache_v [B, kv, S, hd] this layer's cache, one slot per sequence. The projections
-    take all rows at once (the weights are streamed once for the batch); attention runs per segment, with
-    the same operations as `attention`, so a batch of one segment gives attention's result bit for bit.
-    Two or more single-row segments (sequences decoding) attend together in one batched product
-    (`attend_decode`): a loop of a dozen small operations per sequence cost more than their arithmetic.
+    def __init__(self, segments, cos: torch.Tensor, sin: torch.Tensor):
+        self.segments = segments
+        self.starts = np.cumsum([0] + [n for _, _, n in segments]).tolist()  # each segment's first row
+        self.T = self.starts[-1]
+        pos_rows = torch.cat([torch.arange(p, p + n) for _, p, n in segments])  # [T] each row's position
+        self.cos, self.sin = cos.index_select(0, pos_rows), sin.index_select(0, pos_rows)  # [T, hd] each
+        decoding = [j for j, (_, _, n) in enumerate(segments) if n == 1]
+        self.decode = None  # DecodeRows of the single-row segments, when there are two or more
+        self.all_decode = len(decoding) == len(segments) >= 2  # every row a decoding sequence's
+        if len(decoding) >= 2:
+            self.decode = DecodeRows([segments[j][0] for j in decoding], [segments[j][1] for j in decoding],
+                                     [self.starts[j] for j in decoding])
+
+
+class DecodeRows:
+    """Sequences decoding one row each: their rows in the step (rows [B]), cache slots (slots [B]) and
+    positions (positions [B]); `keys(window)` gives the key range and additive mask they attend with."""
+
+    def __init__(self, slots: list[int], positions: list[int], rows: list[int] | None = None):
+        B = len(slots)
+        self.slots, self.positions = torch.tensor(slots), torch.tensor(positions)
+        self.rows = torch.tensor(rows if rows is not None else range(B))
+        self.first_slot = slots[0] if slots == list(range(slots[0], slots[0] + B)) else None  # consecutive: views
+        self._keys: dict[int, tuple[int, int, torch.Tensor]] = {}
+
+    def keys(self, window: int = 0) -> tuple[int, int, torch.Tensor]:
+        """(k0, L, mask): keys k0..L-1 cover every sequence's; mask [B, 1, L-k0] adds 0 to the scores of the
+        keys a sequence sees (its own position and before, within the window) and -inf to the rest."""
+        if window not in self._keys:
+            L = int(self.positions.max()) + 1
+            k0 = max(0, int(self.positions.min()) - window + 1) if window else 0
+            kpos = torch.arange(k0, L).unsqueeze(0)  # [1, L-k0]
+            seen = kpos <= self.positions.unsqueeze(1)  # [B, L-k0]
+            if window:
+                seen &= kpos > (self.positions - window).unsqueeze(1)
+            mask = torch.zeros(seen.shape).masked_fill_(~seen, float("-inf")).unsqueeze(1)
+            self._keys[window] = k0, L, mask
+        return self._keys[window]
+
+
+def attention_batch(x, w, cache_k, cache_v, step: StepRows, kv_of_q, cfg: ModelConfig, out,
+                    group: int = 0, window: int = 0) -> None:
+    """This rank's heads of one attention layer for rows of several sequences (`step`); writes its partial
+    output [T, h]. cache_k/cache_v [B, kv, S, hd] this layer's cache, one slot per sequence.
+
+    The projections take all rows at once (the weights are streamed once for the batch). Two or more
+    sequences decoding attend together (`attend_decode`): a loop of a dozen small operations per sequence
+    cost more than their arithmetic. The other segments (prompt chunks, or a single decoding sequence)
+    attend one by one with the operations of `attention`, so a batch of one segment gives its result bit
+    for bit.
     """
     n_q, n_kv, hd = kv_of_q.numel(), cache_k.shape[1], cfg.head_dim
     if n_q == 0:
@@ -223,55 +268,48 @@ def attention_batch(x, w, cache_k, cache_v, segments, pos_rows, cos, sin, kv_of_
         return
     T = x.shape[0]
     q, k, v = project_qkv(x, w, n_q, n_kv, cfg)  # [q, T, hd], [kv, T, hd], [kv, T, hd]
-    c, s = cos.index_select(0, pos_rows), sin.index_select(0, pos_rows)  # [T, hd] each
-    q, k = apply_rope(q, c, s), apply_rope(k, c, s)  # [q, T, hd], [kv, T, hd]
-    o = torch.empty(T, n_q, hd)  # [T, q, hd]
-    starts = [0]
-    for _, _, n in segments:
-        starts.append(starts[-1] + n)
-    decoding = [j for j, (_, _, n) in enumerate(segments) if n == 1]
-    if len(decoding) < 2:
-        decoding = []
+    q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)  # [q, T, hd], [kv, T, hd]
+    d = step.decode
+    if step.all_decode:  # the usual step while serving: every row a sequence's next token
+        cache_k[d.slots, :, d.positions] = k.transpose(0, 1)  # [B, kv, hd]
+        cache_v[d.slots, :, d.positions] = v.transpose(0, 1)
+        o = attend_decode(q, cache_k, cache_v, d, kv_of_q, group, window)  # [T, q, hd]
     else:
-        rows = torch.tensor([starts[j] for j in decoding])
-        slots = torch.tensor([segments[j][0] for j in decoding])
-        positions = pos_rows.index_select(0, rows)
-        cache_k[slots, :, positions] = k.index_select(1, rows).transpose(0, 1)  # [B, kv, hd]
-        cache_v[slots, :, positions] = v.index_select(1, rows).transpose(0, 1)
-        o[rows] = attend_decode(q.index_select(1, rows), cache_k, cache_v, slots, positions, kv_of_q, group, window)
-    for j, (slot, pos, n) in enumerate(segments):
-        if decoding and n == 1:
-            continue
-        r = starts[j]
-        cache_k[slot, :, pos : pos + n] = k[:, r : r + n]
-        cache_v[slot, :, pos : pos + n] = v[:, r : r + n]
-        o[r : r + n] = attend(q[:, r : r + n], cache_k[slot], cache_v[slot], pos, kv_of_q, group, window).transpose(0, 1)
+        o = torch.empty(T, n_q, hd)  # [T, q, hd]
+        if d is not None:
+            cache_k[d.slots, :, d.positions] = k.index_select(1, d.rows).transpose(0, 1)  # [B, kv, hd]
+            cache_v[d.slots, :, d.positions] = v.index_select(1, d.rows).transpose(0, 1)
+            o[d.rows] = attend_decode(q.index_select(1, d.rows), cache_k, cache_v, d, kv_of_q, group, window)
+        for (slot, pos, n), r in zip(step.segments, step.starts):
+            if d is not None and n == 1:
+                continue
+            cache_k[slot, :, pos : pos + n] = k[:, r : r + n]
+            cache_v[slot, :, pos : pos + n] = v[:, r : r + n]
+            o[r : r + n] = attend(q[:, r : r + n], cache_k[slot], cache_v[slot], pos, kv_of_q, group,
+                                  window).transpose(0, 1)
     out.copy_(linear(o.view(T, n_q * hd), w["wo"]))
 
 
-def attend_decode(q, cache_k, cache_v, slots, positions, kv_of_q, group: int = 0, window: int = 0) -> torch.Tensor:
-    """One query each of B sequences, q [q, B, hd], sequence b at positions[b] in cache slot slots[b] of
-    cache_k/cache_v [slots, kv, S, hd] (already holding that position) -> [B, q, hd]: `attend` for all of
-    them in one call of torch's fused attention over keys k0..max(positions), each sequence's keys past
-    its own position (or before its window) masked out. Consecutive slots are read in place, others
-    gathered first."""
+def attend_decode(q, cache_k, cache_v, d: DecodeRows, kv_of_q, group: int = 0, window: int = 0) -> torch.Tensor:
+    """One query each of B sequences decoding, q [q, B, hd], sequence b at d.positions[b] in cache slot
+    d.slots[b] of cache_k/cache_v [slots, kv, S, hd] (already holding that position) -> [B, q, hd]: `attend`
+    for all of them in two batched products over keys k0..max(positions), each sequence's keys past its
+    own position (or before its window) masked out. With whole groups the q heads of a KV head share one
+    product, as in `attend`; consecutive slots are read in place, others gathered first."""
     n_q, B, hd = q.shape
-    L = int(positions.max()) + 1
-    k0 = max(0, int(positions.min()) - window + 1) if window else 0
-    s0 = int(slots[0])
-    if torch.equal(slots, torch.arange(s0, s0 + B)):
-        keys, vals = cache_k[s0 : s0 + B, :, k0:L], cache_v[s0 : s0 + B, :, k0:L]  # [B, kv, L-k0, hd] views
+    k0, L, mask = d.keys(window)  # mask [B, 1, L-k0]
+    if d.first_slot is not None:
+        keys, vals = cache_k[d.first_slot : d.first_slot + B, :, k0:L], cache_v[d.first_slot : d.first_slot + B, :, k0:L]
     else:
-        keys, vals = cache_k[:, :, k0:L].index_select(0, slots), cache_v[:, :, k0:L].index_select(0, slots)
+        keys, vals = cache_k[:, :, k0:L].index_select(0, d.slots), cache_v[:, :, k0:L].index_select(0, d.slots)
     if not group:  # q heads that are not whole groups: each against its own KV head's copy
         keys, vals = keys.index_select(1, kv_of_q), vals.index_select(1, kv_of_q)
-    kpos = torch.arange(k0, L).unsqueeze(0)  # [1, L-k0]
-    seen = kpos <= positions.unsqueeze(1)  # [B, L-k0]
-    if window:
-        seen &= kpos > (positions - window).unsqueeze(1)
-    o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(2), keys, vals, attn_mask=seen.view(B, 1, 1, L - k0),
-                                       scale=1.0 / math.sqrt(hd), enable_gqa=bool(group))  # [B, q, 1, hd]
-    return o.view(B, n_q, hd)
+    heads, g = keys.shape[1], group or 1  # KV heads (or q heads), q heads per KV head
+    scores = torch.bmm(q.transpose(0, 1).reshape(B * heads, g, hd),
+                       keys.reshape(B * heads, L - k0, hd).transpose(1, 2))  # [B*heads, g, L-k0]
+    scores = scores.view(B, heads * g, L - k0).mul_(1.0 / math.sqrt(hd)).add_(mask)
+    probs = torch.softmax(scores, -1).view(B * heads, g, L - k0)
+    return torch.bmm(probs, vals.reshape(B * heads, L - k0, hd)).view(B, n_q, hd)
 
 
 def attend(q, cache_k, cache_v, pos, kv_of_q, group: int = 0, window: int = 0) -> torch.Tensor:

@@ -65,10 +65,10 @@ class RankModel:
         T = sum(n for _, _, n in segments)
         assert T <= self.rows and all(0 <= sl < self.slots and p + n <= self.max_seq for sl, p, n in segments)
         t0 = time.perf_counter()
-        pos_rows = torch.cat([torch.arange(p, p + n) for _, p, n in segments])  # [T] each row's position
+        step = layers.StepRows(segments, self.cos, self.sin)  # what every layer needs of these rows
         return self._layers(T, t0, lambda i, x, part: layers.attention_batch(
-            x, self.blocks.get(2 * i), self.cache_k[i], self.cache_v[i], segments, pos_rows, self.cos, self.sin,
-            self.kv_of_q, self.cfg, part, self.group, self.windows[i]))
+            x, self.blocks.get(2 * i), self.cache_k[i], self.cache_v[i], step, self.kv_of_q, self.cfg, part,
+            self.group, self.windows[i]))
 
     def _layers(self, T: int, t0: float, attention) -> torch.Tensor:
         """Every layer on the rows x[:T]: attention(i, x, part) writes layer i's attention partial sum into
