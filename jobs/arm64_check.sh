@@ -42,7 +42,7 @@ KEEP=${KEEP:-0}
 PYTHON=${PYTHON:-python3}
 export QEMU_CPU=${QEMU_CPU:-neoverse-n1}
 
-ROOT_TAR=$CACHE/root-$SUITE-arm64.tar.zst
+ROOT_TAR=$CACHE/root-$SUITE-arm64-cc.tar.zst  # -cc: with the C compiler tpimpi.native builds its kernel with
 UV=$CACHE/tools/uv/bin/uv
 export UV_CACHE_DIR=$CACHE/uv-cache
 BINFMT=/proc/sys/fs/binfmt_misc
@@ -139,11 +139,11 @@ if [ ! -x "$UV" ]; then
   $PYTHON -m pip install --quiet --disable-pip-version-check --target "$CACHE/tools/uv" uv
 fi
 
-# --- the arm64 root: Debian minbase with python3 and an empty venv, built once and kept as a tarball ----------
+# --- the arm64 root: Debian minbase with python3, gcc and an empty venv, built once and kept as a tarball ------
 if [ ! -s "$ROOT_TAR" ]; then
   stage "building the Debian $SUITE arm64 root with mmdebstrap (once; later runs unpack $ROOT_TAR)"
   rm -f "$ROOT_TAR.part.tar.zst"
-  mmdebstrap --quiet --arch=arm64 --variant=minbase --include=python3 \
+  mmdebstrap --quiet --arch=arm64 --variant=minbase --include=python3,gcc,libc6-dev \
     --customize-hook='chroot "$1" python3 -m venv --without-pip /opt/venv' \
     "$SUITE" "$ROOT_TAR.part.tar.zst" "deb $MIRROR $SUITE main" "deb $SECURITY $SUITE-security main"
   mv "$ROOT_TAR.part.tar.zst" "$ROOT_TAR"

@@ -12,7 +12,7 @@ import torch
 
 from harness import rel_err, run_store
 from threadcomm import ThreadGroup
-from tpimpi import store
+from tpimpi import native, store
 from tpimpi.convert import convert
 from tpimpi.errors import StoreError, UsageError
 from tpimpi.engine import MemoryOptions, memory_plan
@@ -76,8 +76,8 @@ def _cycle(sched, n_cycles=3):
     seen = []
     for _ in range(n_cycles):
         for b in range(len(sched.specs)):
-            w = sched.get(b)
-            seen.append(next(iter(w.values())).clone())
+            w = next(iter(sched.get(b).values()))
+            seen.append(w.unpack() if isinstance(w, native.Panels) else w.clone())  # resident: maybe in panels
             sched.release(b)
     return seen
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .config import ModelConfig, yarn_mscale
 from .quant import kernels
 
@@ -21,11 +22,14 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None, out: torch.Tensor 
     weights' dtype (bfloat16) with a float32 result. The one place a product picks its kernel by the
     weight's format (the layers and the output head both come here).
 
-    Float32 products go to `matmul_f32`. A `Packed` weight (quantized, or bf16/f16 computed in float32)
+    Resident float32 matrices held in column panels go to the compiled kernel (tpimpi.native), other
+    float32 products to `matmul_f32`. A `Packed` weight (quantized, or bf16/f16 computed in float32)
     goes through the sliced kernel of tpimpi.quant, which never holds more than a slice in float32; an
     `Int4Packed` one (resident q4/q8 under --compute bfloat16) through torch's int4 kernel."""
     if isinstance(w, (kernels.Packed, kernels.Int4Packed)):
         y = kernels.matmul(x, w, out=out)
+    elif isinstance(w, native.Panels):  # a resident float32 matrix, when the compiled kernel is here
+        y = native.matmul(x, w, out=out)
     elif w.dtype == torch.float32 and x.dtype == torch.float32:
         y = matmul_f32(x, w, out=out)
     else:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import comm as comm_mod
-from . import lowmem
+from . import lowmem, native
 from .errors import UsageError
 from .memory import BudgetTooSmall, fixed_parts, parse_size, plan_memory
 from .store import rank_specs
@@ -156,13 +156,17 @@ def plan_report(model, world, ratios, dtype, max_seq, mem: MemoryOptions, slots:
 
 def set_threads(threads: int | None, matmul: str = "blas") -> int:
     """Threads per rank (the cores divided among the ranks of this node, unless given) for the library that
-    does the matrix products: numpy's BLAS for float32 ("blas"), torch for bfloat16 compute or the baselines
-    ("torch"). The other pool gets one thread: two pools of busy-waiting threads on the same cores slow
+    does the matrix products: for float32 ("blas") the compiled kernel of tpimpi.native, or numpy's BLAS
+    without it; torch for bfloat16 compute or the baselines ("torch"). The other pools get one thread: two pools of busy-waiting threads on the same cores slow
     each other down tenfold (measured; BENCHMARKS.md)."""
     from threadpoolctl import threadpool_limits
 
     n = threads or max(1, len(os.sched_getaffinity(0)) // comm_mod.local_size())
-    threadpool_limits(n if matmul == "blas" else 1, user_api="blas")
+    native.threads = n
+    # float32 with the compiled kernel (tpimpi.native): it takes the threads for resident matrices; BLAS
+    # keeps one (streamed blocks then multiply on one thread), as its idle threads would spin beside it
+    blas = n if matmul == "blas" and not native.available() else 1
+    threadpool_limits(blas, user_api="blas")
     torch.set_num_threads(1 if matmul == "blas" else n)
     return n
 

@@ -30,6 +30,7 @@ import warnings
 import numpy as np
 import torch
 
+from . import native
 from .errors import StoreError, UsageError
 from .quant import kernels
 from .quant.formats import PACKED, QUANTS, row_bytes
@@ -97,8 +98,9 @@ def transpose_in_place(w: torch.Tensor, read_rows=None) -> torch.Tensor:
 
 
 def transpose_resident(store: RankStore, spec: BlockSpec, views: dict) -> dict:
-    """The block's float32 matrices transposed in place (transpose_in_place), their rows read back from
-    the store's file; the other tensors as they are."""
+    """The block's float32 matrices rewritten in place for the products of a few rows, their rows read back
+    from the store's file: in column panels for the compiled kernel (tpimpi.native.pack_in_place), or
+    without it transposed for BLAS (transpose_in_place); the other tensors as they are."""
     out = dict(views)
     for p in spec.layout.parts:
         w = views[p.name]
@@ -109,7 +111,7 @@ def transpose_resident(store: RankStore, spec: BlockSpec, views: dict) -> dict:
         def read_rows(r0, r1, rows, row0=row0, n_in=w.shape[1]):
             store.read_into(row0 + r0 * n_in * 4, memoryview(rows.numpy()).cast("B"))
 
-        out[p.name] = transpose_in_place(w, read_rows)
+        out[p.name] = (native.pack_in_place if native.available() else transpose_in_place)(w, read_rows)
     return out
 
 

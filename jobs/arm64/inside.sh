@@ -44,7 +44,8 @@ if [ "$TESTS" = 1 ]; then
   # against transformers at 1 and 2 ranks (BLAS, torch's attention); the float32 products at each row count
   # (numpy's or torch's), the quantized kernel against the gguf package's dequantization, torch's int4 kernel
   # against the exact product and in a model, a mixed Q8_0/Q4_0/Q4_1 store against transformers through a
-  # window of 2. The rest of the suite is control flow and I/O that run the same Python on both.
+  # window of 2, and the compiled float32 kernel (tpimpi.native), built here by the root's gcc for aarch64.
+  # The rest of the suite is control flow and I/O that run the same Python on both.
   step "tests"
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
   python3 -m pytest -q -p no:cacheprovider --durations=10 tests/test_shard.py \
@@ -58,6 +59,7 @@ if [ "$TESTS" = 1 ]; then
     tests/test_quant.py::test_int4_kernel_matches_the_exact_product_within_bfloat16 \
     tests/test_quant.py::test_float32_products_by_row_count_agree_and_fill_a_view \
     "tests/test_quant.py::test_mixed_store_matches_transformers[2]" \
-    tests/test_quant.py::test_bfloat16_compute_runs_resident_quantized_blocks_on_torchs_int4_kernel
+    tests/test_quant.py::test_bfloat16_compute_runs_resident_quantized_blocks_on_torchs_int4_kernel \
+    tests/test_native.py
 fi
 step ""

@@ -28,7 +28,8 @@ in turn, round after round. Prints a Markdown table.
 
 instead times float32 products over every layer of the shape (the weights far larger than the caches,
 as in decode) for each T: layers.matmul_f32 on [out, in] weights (streamed blocks), the same on weights
-held as [in, out] (resident blocks, scheduler.transpose_in_place), and torch.mm on [in, out].
+held as [in, out] (resident blocks without the compiled kernel, scheduler.transpose_in_place), torch.mm
+on [in, out], and the compiled kernel on column panels (resident blocks, tpimpi.native).
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def _medians_ms(fns: dict, repeat: int, slow: dict) -> dict:
         for name, fn in fns.items():
             if i < slow.get(name, repeat):
                 t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
+                own = fn()  # a float: the candidate timed itself (it had setting up to leave out)
+                times[name].append(own if isinstance(own, float) else time.perf_counter() - t)
     return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
@@ -131,10 +132,13 @@ def run(shapes: list[str], tokens: list[int], repeat: int, slow_repeat: int) -> 
 
 def sweep(shape: str, tokens: list[int], repeat: int, threads: int) -> list[dict]:
     """Float32 products over all layers of shape (qkv, o, gate+up, down; random weights), per T: the
-    median ms of one sweep by each layout's kernel, the kernels in turn within each round."""
+    median ms of one sweep by each layout's kernel, the kernels in turn within each round. Each runs with
+    the threads tpimpi gives it: BLAS `threads` for the BLAS layouts; for the compiled kernel (if it builds
+    here) `threads` of its own and BLAS one, after a pause that lets BLAS's idle threads stop spinning."""
     from threadpoolctl import threadpool_limits
 
-    from ..layers import matmul_f32
+    from .. import native
+    from ..layers import linear, matmul_f32
     from ..scheduler import transpose_in_place
     from ..synth import shape_config
 
@@ -143,19 +147,36 @@ def sweep(shape: str, tokens: list[int], repeat: int, threads: int) -> list[dict
     mats = [(n, k) for name, n, k in _shapes(shape) if name != "head"]
     ws = [torch.randn(n, k, generator=g) * 0.05 for _ in range(shape_config(shape).n_layers) for n, k in mats]
     wts = [transpose_in_place(w.clone()) for w in ws]  # [out, in] views of [in, out] memory
+    panels = [native.pack_in_place(w.clone()) for w in ws] if native.available() else None
+    blas = threadpool_limits(threads, user_api="blas")
+
+    def on_panels(xs):
+        blas.restore_original_limits()
+        threadpool_limits(1, user_api="blas")
+        time.sleep(0.3)  # OpenBLAS's threads spin for a while after a call; here they would share the cores
+        native.threads = threads
+        t = time.perf_counter()
+        for x, w in zip(xs, panels):
+            linear(x, w)
+        dt = time.perf_counter() - t
+        threadpool_limits(threads, user_api="blas")
+        return dt
+
     rows = []
-    with threadpool_limits(threads, user_api="blas"):
-        for T in tokens:
-            xs = [torch.randn(T, w.shape[1], generator=g) for w in ws[: len(mats)]]
-            xs = xs * (len(ws) // len(mats))
-            fns = {"float32-[out,in]": lambda: [matmul_f32(x, w) for x, w in zip(xs, ws)],
-                   "float32-[in,out]": lambda: [matmul_f32(x, w) for x, w in zip(xs, wts)],
-                   "torch-[in,out]": lambda: [torch.mm(x, w.T) for x, w in zip(xs, wts)]}
-            for name, ms in _medians_ms(fns, repeat, {}).items():
-                rows.append({"shape": shape, "matrix": "layers x weights", "out": len(ws) // len(mats),
-                             "in": sum(n * k for n, k in mats), "tokens": T, "kernel": name, "ms": round(ms, 2), "threads": threads,
-                             "weight_GBps": round(sum(w.numel() * 4 for w in ws) / ms / 1e6, 2)})
-                print(f"{shape:14s} T={T:<3d} {name:18s} {ms:9.2f} ms", file=sys.stderr)
+    for T in tokens:
+        xs = [torch.randn(T, w.shape[1], generator=g) for w in ws[: len(mats)]]
+        xs = xs * (len(ws) // len(mats))
+        fns = {"float32-[out,in]": lambda: [matmul_f32(x, w) for x, w in zip(xs, ws)],
+               "float32-[in,out]": lambda: [matmul_f32(x, w) for x, w in zip(xs, wts)],
+               "torch-[in,out]": lambda: [torch.mm(x, w.T) for x, w in zip(xs, wts)]}
+        if panels is not None:
+            fns["float32-panels"] = lambda: on_panels(xs)
+        for name, ms in _medians_ms(fns, repeat, {}).items():
+            rows.append({"shape": shape, "matrix": "layers x weights", "out": len(ws) // len(mats),
+                         "in": sum(n * k for n, k in mats), "tokens": T, "kernel": name, "ms": round(ms, 2),
+                         "threads": threads, "weight_GBps": round(sum(w.numel() * 4 for w in ws) / ms / 1e6, 2)})
+            print(f"{shape:14s} T={T:<3d} {name:18s} {ms:9.2f} ms", file=sys.stderr)
+    blas.restore_original_limits()
     return rows
 
 
