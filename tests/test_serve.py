@@ -82,6 +82,21 @@ def test_completions_models_and_health(client, server, reference):
     assert h["status"] == "ok" and h["free_slots"] == 8 and h["running"] == 0
 
 
+def test_the_prompt_cache_feeds_only_where_a_prompt_differs(client, server, reference):
+    """A request takes the free slot whose last sequence shares the longest start with its prompt (here the
+    chat template and system prompt) and is fed from there: the usage says how many prompt tokens were
+    cached, and the answer is what generate gives with the whole prompt fed."""
+    other = chat(client, "Count to five.")
+    before = health(server)["cached_prompt_tokens"]
+    r = chat(client)
+    cached = r.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < r.usage.prompt_tokens and health(server)["cached_prompt_tokens"] == before + cached
+    assert r.choices[0].message.content == reference["text"]
+    again = chat(client)  # the same conversation again: all but the last prompt token held
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    assert again.choices[0].message.content == reference["text"] and other.usage.prompt_tokens > cached
+
+
 def test_a_seed_repeats_a_sample_and_stop_strings_cut_the_text(client, reference):
     a, b = (chat(client, temperature=1.0, seed=7, max_tokens=8).choices[0].message.content for _ in range(2))
     assert a == b

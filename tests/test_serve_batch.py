@@ -11,7 +11,7 @@ from tpimpi.convert import convert
 from tpimpi.engine import Engine, MemoryOptions
 from tpimpi.memory import fixed_parts
 from tpimpi.serve import api
-from tpimpi.serve.batcher import control_word, pack, unpack
+from tpimpi.serve.batcher import Batcher, common_prefix, control_word, pack, unpack
 from tpimpi.shard import plan
 
 PROMPTS = [[1, 9690, 198, 2683, 314, 260, 3575], [1, 520, 9531, 198], [1, 4649, 47, 2, 198, 1, 520, 9531, 198, 42, 7],
@@ -211,3 +211,20 @@ def test_the_serving_plot_draws_the_newest_cpu_as_ratios_to_one_client():
     assert [list(ln.get_ydata()) for ln in ax_l.get_lines() if ln.get_label() == "m, 1 rank"] == [[1.0, 2.0]]
     assert "EPYC" in fig._suptitle.get_text() and name == "serve_vs_concurrency.png"
     plt.close(fig)
+
+
+def test_a_prompt_takes_the_free_slot_sharing_its_longest_start():
+    """The prompt cache's choice (rank 0 only: it compares token ids): the free slot whose held ids share the
+    longest prefix with the prompt, never the whole prompt; the latest freed among equals; off, the
+    latest freed always and nothing held."""
+    assert common_prefix([1, 2, 3], [1, 2, 4], 9) == 2 and common_prefix([1, 2], [1, 2, 3], 9) == 2
+    assert common_prefix([1, 2, 3], [1, 2, 3], 2) == 2 and common_prefix([], [1], 0) == 0
+    b = Batcher(None, None, 64, 4, 16, 4)
+    b.held = {3: [1, 2, 3, 4], 2: [1, 2, 9], 1: [1, 2, 3, 4, 5, 6]}
+    assert b.free == [3, 2, 1, 0]
+    assert b._take_slot([1, 2, 3, 4, 5, 6]) == (1, 5)  # the whole prompt is there: its last id is fed again
+    assert b._take_slot([1, 2, 3, 7]) == (3, 3)
+    assert b._take_slot([8, 8]) == (0, 0)  # nothing shared: the latest freed
+    assert b._take_slot([1, 2, 9, 9]) == (2, 3)
+    off = Batcher(None, None, 64, 2, 16, 4, prompt_cache=False)
+    assert off.held is None and off._take_slot([1, 2]) == (0, 0)

@@ -62,6 +62,10 @@ def build_parser(rank: int = 0):
                        "decoding ones, only while the predicted step stays under it (default: no target)")
     batch.add_argument("--step-log", metavar="FILE", help="append one JSON line per step to FILE: its times, decode "
                        "rows and prompt rows (to see where per-token latency goes; tpimpi.serve.bench --raw)")
+    batch.add_argument("--no-prompt-cache", dest="prompt_cache", action="store_false", help="feed every prompt "
+                       "whole; by default a request takes the free KV-cache slot whose last sequence shares the "
+                       "longest start with its prompt (a chat template's system prompt, earlier turns of a "
+                       "conversation) and its prompt is fed from where they differ")
     batch.add_argument("--shutdown-timeout", type=float, default=10.0, help="on SIGTERM, seconds running requests "
                        "may take to finish before they are cancelled (default 10)")
     add_engine_args(p)
@@ -210,7 +214,7 @@ def _start_front(args, eng, key, max_body, path):
         except OSError as e:
             raise UsageError(f"--step-log {args.step_log}: cannot write it ({e.strerror})") from None
     batcher = Batcher(eng.head, eng.tok, eng.max_seq, args.max_batch, eng.model.chunk, args.max_queue, target,
-                      args.shutdown_timeout, step_log)
+                      args.shutdown_timeout, step_log, args.prompt_cache)
     front = HttpFront(batcher, eng.tok, limits, key, max_body)
     front.start(args.host, args.port)
     if args.pid_file:

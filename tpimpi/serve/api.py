@@ -179,9 +179,11 @@ def new_id(req: GenRequest) -> str:
     return ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """The usage object; prompt_tokens_details.cached_tokens: prompt tokens the prompt cache held."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def response(req: GenRequest, rid: str, created: int, text: str, finish: str, use: dict) -> dict:

@@ -4,8 +4,11 @@ Each step runs one forward pass over rows of several sequences ([T, hidden] thro
 allreduces): one row per decoding sequence, plus prompt rows of sequences still prefilling, at most
 --prefill-chunk of them, so a long prompt delays the running sequences by one chunk per step, not by
 the whole prompt. Every sequence has a KV-cache slot of its own; a finished or cancelled one gives its
-slot back before the next step. New sequences join between steps while the measured latency allows
-(DFTSP: a per-token latency target decides admission and the prefill rows).
+slot back before the next step, and the ids its keys and values were made from stay on record: a new
+sequence takes the free slot that shares the longest start with its prompt and is fed from there (the
+prompt cache; a chat template's system prompt is fed once, not once per request). New sequences join
+between steps while the measured latency allows (DFTSP: a per-token latency target decides admission and
+the prefill rows).
 
 Rank 0 decides and broadcasts a fixed-size int64 control word: [command, segments, rows, then (slot, pos,
 n) per segment]; the others only ever see it and hidden states (no token ids, no text).
@@ -29,6 +32,15 @@ from .latency import LatencyModel, may_admit, prompt_budget
 CMD_STOP, CMD_RUN = 0, 1
 CTRL_HEAD = 3  # command, segments, rows
 BUSY_POLL_S = 0.05  # how long a worker polls for the next step before it sleeps (rank 0 samples meanwhile)
+
+
+def common_prefix(a, b, most: int) -> int:
+    """How many leading items a and b share, at most `most`."""
+    n = min(len(a), len(b), max(0, most))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def control_word(slots: int) -> np.ndarray:
@@ -57,7 +69,8 @@ def unpack(ctrl: np.ndarray) -> list[tuple[int, int, int]] | None:
 @dataclass(eq=False)
 class Sequence:
     """One request's generation on rank 0. `emit(kind, ...)` hands events to the HTTP side (thread-safe):
-    ("text", str), ("done", finish_reason, prompt_tokens, completion_tokens), ("error", status, message)."""
+    ("text", str), ("done", finish_reason, prompt_tokens, completion_tokens, cached_prompt_tokens),
+    ("error", status, message)."""
 
     prompt_ids: list[int]
     max_new: int
@@ -69,6 +82,7 @@ class Sequence:
     cancelled: bool = False  # set by the HTTP side when the client goes away
     slot: int = -1
     pos: int = 0  # positions already in the KV cache
+    cached: int = 0  # prompt ids whose keys and values the slot held already (the prompt cache)
     pending: list[int] = field(default_factory=list)  # ids to feed (the prompt, then the last sampled id)
     out_ids: list[int] = field(default_factory=list)
     t_first: float | None = None
@@ -93,11 +107,17 @@ class Batcher:
     """Rank 0's scheduler: waiting queue, slots, admission under the latency target, sampling, stop rules."""
 
     def __init__(self, head, tok, max_seq: int, slots: int, chunk: int, max_queue: int,
-                 max_token_latency_s: float | None = None, shutdown_timeout_s: float = 10.0, step_log=None):
+                 max_token_latency_s: float | None = None, shutdown_timeout_s: float = 10.0, step_log=None,
+                 prompt_cache: bool = True):
         self.head, self.tok, self.max_seq, self.chunk = head, tok, max_seq, chunk
         self.max_queue, self.target = max_queue, max_token_latency_s
         self.shutdown_timeout_s = shutdown_timeout_s
         self.free = list(range(slots - 1, -1, -1))  # slot numbers, next to use last
+        # the prompt cache: the ids whose keys and values a free slot still holds at positions 0, 1, ... (what
+        # its last sequence fed); a new sequence takes the free slot that shares the longest prefix with its
+        # prompt and starts after it (None: off, every prompt is fed whole)
+        self.held: dict[int, list[int]] | None = {} if prompt_cache else None
+        self.cached_tokens = 0  # prompt ids not fed again thanks to the cache, over the server's life
         self.active: list[Sequence] = []  # in admission order
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.cond = threading.Condition()
@@ -144,7 +164,7 @@ class Batcher:
 
     def load(self) -> dict:
         return {"running": len(self.active), "waiting": len(self.waiting), "free_slots": len(self.free),
-                "steps": self.steps, "rows": self.rows_total}
+                "steps": self.steps, "rows": self.rows_total, "cached_prompt_tokens": self.cached_tokens}
 
     # ---- the step loop (rank 0) ---------------------------------------------------------------------------
     def next_step(self) -> list[tuple[int, int, int]] | None:
@@ -187,13 +207,27 @@ class Batcher:
                     self.target, self.latency.predict_tail(len(self.active) + 1), self.recent_s):
                 return  # DFTSP: one more decoding sequence would take the steps past the target
             seq = self.waiting.popleft()
-            seq.slot, seq.pos, seq.pending = self.free.pop(), 0, list(seq.prompt_ids)
+            seq.slot, seq.cached = self._take_slot(seq.prompt_ids)
+            seq.pos, seq.pending = seq.cached, list(seq.prompt_ids[seq.cached :])
+            self.cached_tokens += seq.cached
             seq.gen = torch.Generator().manual_seed(seq.samp.seed)
             seq.stream = self.tok.stream()
             seq.text = StopText(seq.stops, self.tok.decode(seq.prompt_ids[-8:]) if seq.stops else "")
             if seq.samp.repetition_penalty != 1.0:
                 seq.seen = torch.unique(torch.tensor(seq.prompt_ids, dtype=torch.long))
             self.active.append(seq)
+
+    def _take_slot(self, ids: list[int]) -> tuple[int, int]:
+        """A free slot for a prompt, and how many of its first ids that slot's cache holds already: the
+        slot sharing the longest prefix (the latest freed among equals), never the whole prompt (its last
+        id is fed for the logits of the first token)."""
+        best, shared = len(self.free) - 1, 0
+        if self.held is not None:
+            for i, slot in enumerate(self.free):
+                n = common_prefix(self.held.get(slot, ()), ids, len(ids) - 1)
+                if n > shared or (n == shared and i > best):
+                    best, shared = i, n
+        return self.free.pop(best), shared
 
     def _plan(self) -> list[tuple[int, int, int]]:
         segments, self._step = [], []
@@ -277,7 +311,7 @@ class Batcher:
         out = seq.text.add(seq.stream.flush()) + seq.text.finish()
         if out:
             self._text(seq, out)
-        seq.emit("done", finish, len(seq.prompt_ids), len(seq.out_ids))
+        seq.emit("done", finish, len(seq.prompt_ids), len(seq.out_ids), seq.cached)
         self._release(seq)
 
     def _gc_clock(self, phase: str, info: dict) -> None:
@@ -295,6 +329,8 @@ class Batcher:
         if seq in self.active:
             self.active.remove(seq)
             self.free.append(seq.slot)
+            if self.held is not None:  # positions 0..pos-1 of the slot hold these ids' keys and values
+                self.held[seq.slot] = (seq.prompt_ids + seq.out_ids)[: seq.pos]
 
 
 def step_loop(comm, model, batcher: Batcher | None) -> int:

@@ -213,8 +213,9 @@ class HttpFront:
             if kind == "text":
                 parts.append(rest[0])
             elif kind == "done":
-                finish, pt, ct = rest
-                return web.json_response(api.response(req, rid, created, "".join(parts), finish, api.usage(pt, ct)))
+                finish, pt, ct, cached = rest
+                return web.json_response(api.response(req, rid, created, "".join(parts), finish,
+                                                      api.usage(pt, ct, cached)))
             else:  # written here, not after returning: the process may be about to end (wait_answered)
                 resp = _error(api.ApiError(rest[0], rest[1], type_="server_error"))
                 await resp.prepare(request)
@@ -232,10 +233,10 @@ class HttpFront:
             if kind == "text":
                 await resp.write(_sse(api.chunk(req, rid, created, text=rest[0])))
             elif kind == "done":
-                finish, pt, ct = rest
+                finish, pt, ct, cached = rest
                 await resp.write(_sse(api.chunk(req, rid, created, finish=finish)))
                 if req.include_usage:
-                    await resp.write(_sse(api.chunk(req, rid, created, use=api.usage(pt, ct))))
+                    await resp.write(_sse(api.chunk(req, rid, created, use=api.usage(pt, ct, cached))))
                 break
             else:
                 err = api.ApiError(rest[0], rest[1], type_="server_error")
