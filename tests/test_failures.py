@@ -362,3 +362,26 @@ def test_bad_arguments_under_mpirun(env, tiny_gguf, args, match):
 
 def test_a_huge_ratio_is_a_usage_error(env, tiny_gguf):
     assert_one_clear_error(generate(env, "--model", tiny_gguf, "--prompt", "hi", "--ratios", "1e308"), "--ratios")
+
+
+def test_any_exception_on_one_rank_is_every_ranks_error():
+    """engine.collective hands any exception to the agreement, not only tpimpi's own: a bug raising on one
+    rank (a division by zero on a rank without heads, say) becomes every rank's RankFailure (comm.agree,
+    tested under MPI in test_mpi.py) instead of leaving the others waiting in the next collective call."""
+    from tpimpi.comm import RankFailure, SerialComm
+    from tpimpi.engine import collective
+
+    class Recording(SerialComm):
+        said = []
+
+        def agree(self, error):
+            self.said.append(error)
+            super().agree(error)
+
+    c = Recording()
+    assert collective(c, lambda: 7) == 7 and c.said == [None]
+    with pytest.raises(RankFailure, match=r"ZeroDivisionError: .* \(unexpected: a bug in tpimpi"):
+        collective(c, lambda: 1 // 0)
+    with pytest.raises(RankFailure, match="^no such store$"):
+        collective(c, lambda: (_ for _ in ()).throw(store.StoreError("no such store")))
+    assert c.said[1].startswith("ZeroDivisionError") and c.said[2] == "no such store"

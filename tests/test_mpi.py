@@ -181,3 +181,15 @@ def test_workers_receive_only_hidden_states_and_control_words(comm, stores, prom
     assert [tuple(c[3][1:]) for c in ctrl if c[3][0] == 1] == [(len(prompt_ids), 0)] + [
         (1, len(prompt_ids) + i) for i in range(4)]
     assert all(len(s[2]) == 2 and s[2][1] == hidden for s in floats)  # [T, hidden] and nothing else
+
+
+def test_an_exception_on_one_rank_is_every_ranks_error(comm):
+    """engine.collective under MPI: a bug raising on the last rank alone (not a TpimpiError) is agreed on,
+    so every rank raises the same RankFailure naming it and none waits in a later collective call."""
+    from tpimpi.engine import collective
+
+    last = comm.size - 1
+    with pytest.raises(comm_mod.RankFailure, match=rf"rank {last}\b.*ZeroDivisionError") as e:
+        collective(comm, lambda: 1 // (comm.rank - last))
+    assert "integer division or modulo by zero" in str(e.value)
+    comm.barrier()  # every rank got here

@@ -27,11 +27,15 @@ CMD_STOP, CMD_RUN = 0, 1
 
 
 def collective(comm, fn, *a):
-    """Run fn on this rank; if it fails on any rank, every rank raises the same error."""
+    """Run fn on this rank; if it fails on any rank, every rank raises the same error. Any exception counts,
+    not only tpimpi's own: a bug that raised on one rank alone would otherwise leave the others waiting in
+    the next collective call."""
     try:
         out, err = fn(*a), None
     except TpimpiError as e:
         out, err = None, str(e)
+    except Exception as e:  # noqa: BLE001 (every rank must learn of it)
+        out, err = None, f"{type(e).__name__}: {e} (unexpected: a bug in tpimpi, or in a library it calls)"
     comm.agree(err)
     return out
 
