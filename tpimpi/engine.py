@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 
+from . import native
 from .errors import TpimpiError, UsageError
 from .head import Head
 from .model import RankModel
@@ -131,7 +132,7 @@ class Engine:
                 per_token={"io_wait_s": max(io_us) / 1e6 / n, "allreduce_s": max(comm_us) / 1e6 / n,
                            "compute_s": max(compute_us) / 1e6 / n, "bytes_read": max(read) // n},
                 ranks=comm.size, allreduce=self.allreduce, allreduce_auto=self.auto_choices(),
-                store=self.path, threads=threads_in_use(),
+                store=self.path, threads=threads_in_use(), float32_kernel=native.kernel_name(),
                 memory=self.plan.describe(), window=self.plan.window if self.plan.streamed else None,
                 streamed_blocks=self.plan.streamed, n_blocks=self.plan.n_blocks)
         return result

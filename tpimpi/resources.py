@@ -172,9 +172,11 @@ def set_threads(threads: int | None, matmul: str = "blas") -> int:
 
 
 def threads_in_use() -> int:
-    """The larger of torch's and the BLAS's thread counts in this process: the threads the products use."""
+    """The largest of torch's, the BLAS's and the compiled kernel's thread counts in this process: the threads
+    the products use."""
     from threadpoolctl import threadpool_info
 
-    return max([torch.get_num_threads()] + [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"])
+    return max([torch.get_num_threads(), native.threads if native.available() else 1]
+               + [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"])
 
 
