@@ -113,7 +113,9 @@ def test_packing_reads_rows_back_in_chunks(monkeypatch):
 
 @needs_cc
 def test_the_build_is_cached_per_source_compiler_and_cpu(tmp_path, monkeypatch):
-    monkeypatch.setenv("TPIMPI_CACHE", str(tmp_path))
+    """Built once into the cache (TPIMPI_NATIVE_CACHE here; ~/.cache/tpimpi/native by default, whatever
+    TPIMPI_CACHE says), under a name that changes with the source, the compiler and the CPU."""
+    monkeypatch.setenv("TPIMPI_NATIVE_CACHE", str(tmp_path / "native"))
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     first = native._build(cc)
     assert first.parent == tmp_path / "native" and first.exists()

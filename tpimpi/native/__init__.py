@@ -51,7 +51,11 @@ def _cpu_identity() -> str:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("TPIMPI_CACHE", Path.home() / ".cache" / "tpimpi")) / "native"
+    """$TPIMPI_NATIVE_CACHE, else tpimpi/native in the user's cache directory (not under $TPIMPI_CACHE,
+    which tests and jobs point at fresh folders for stores: the kernel would be built again each time)."""
+    if os.environ.get("TPIMPI_NATIVE_CACHE"):
+        return Path(os.environ["TPIMPI_NATIVE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tpimpi" / "native"
 
 
 def _build(cc: str) -> Path:
