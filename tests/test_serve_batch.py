@@ -178,7 +178,7 @@ def test_the_report_tables_serving_runs_against_one_client():
                          row(8, 70.0, 0.06, "target-1.5x")])
     lines = table.splitlines()
     assert len(lines) == 5  # header, rule, one row per point (the older run of a point is not shown)
-    assert "| m | 1 | batch | 8 | 90.0 | 4.50 x | 100 / 200 | 80.0 / 160.0 | 1.60 x |" in table
+    assert "| m | 1 | batch | 8 | 90.0 | 4.50 x |  | 100 / 200 | 80.0 / 160.0 | 1.60 x |" in table
     assert lines[-1].startswith("| m | 1 | target-1.5x | 8 | 70.0 | 3.50 x")
     # a newer run on another CPU is a line of its own, its ratio taken against its own single client
     other = [{**row(1, 10.0, 0.1, t="2026-12-02T00:00:00+00:00"), "machine": {"cpu": "AMD EPYC (avx2)"}},
@@ -186,6 +186,22 @@ def test_the_report_tables_serving_runs_against_one_client():
     table = serve_table([row(1, 20.0, 0.05), row(8, 90.0, 0.08), *other])
     assert "| m | 1 | batch | 8 | 90.0 | 4.50 x |" in table
     assert "| m (AMD EPYC (avx2)) | 1 | batch | 8 | 20.0 | 2.00 x |" in table
+    # the throughput while every client was in flight, beside its own single client's
+    steady = [{**row(1, 20.0, 0.05), "steady_tokens_per_s": 21.0}, {**row(8, 90.0, 0.08), "steady_tokens_per_s": 105.0}]
+    assert "| m | 1 | batch | 8 | 90.0 | 4.50 x | 105.0, 5.00 x | 100 / 200 |" in serve_table(steady)
+
+
+def test_steady_throughput_leaves_out_the_ramp_and_the_tail():
+    """tpimpi.serve.bench: tokens/s from the last client's first request to the first client's last token."""
+    from tpimpi.serve.bench import steady_tokens_per_s, summarize
+
+    reqs = [{"client": 0, "t0": 0.0, "times": [1.0, 2.0, 3.0, 4.0], "tokens": 4},  # in flight 0 .. 4
+            {"client": 1, "t0": 1.5, "times": [2.0, 2.5, 3.0, 3.5, 9.0, 10.0], "tokens": 6}]  # 1.5 .. 10
+    # the span 1.5 .. 4: chunks at 2, 3, 4 and 2, 2.5, 3, 3.5 -> 7 chunks in 2.5 s, one token per chunk
+    assert steady_tokens_per_s(reqs) == pytest.approx(7 / 2.5)
+    assert summarize(reqs)["tokens_per_s"] == pytest.approx(10 / 10.0)
+    assert steady_tokens_per_s([{**reqs[0], "tokens": 8}]) == pytest.approx(2 * 3 / 3.0)  # 2 tokens a chunk
+    assert steady_tokens_per_s([{"client": 0, "t0": 0.0, "times": [], "tokens": 0}]) is None
 
 
 def test_the_serving_plot_draws_the_newest_cpu_as_ratios_to_one_client():

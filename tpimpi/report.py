@@ -198,13 +198,18 @@ def serve_table(rows: list[dict]) -> str:
     sv = latest([r for r in rows if r.get("system") == "serve"], _serve_key)
     if not sv:
         return ""
-    out = ["| model | ranks | label | clients | tokens/s | vs 1 client | TTFT p50 / p99 ms | per token p50 / p99 ms "
-           "| vs 1 client (p50) | target ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | ranks | label | clients | tokens/s | vs 1 client | all in flight: tokens/s, vs 1 client "
+           "| TTFT p50 / p99 ms | per token p50 / p99 ms | vs 1 client (p50) | target ms |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in sorted(sv, key=lambda k: (k[0], k[1], k[2] != "batch", k[2], k[3])):
         r, one = sv[k], sv.get((k[0], k[1], "batch", 1))
         vs = f"{r['tokens_per_s'] / one['tokens_per_s']:.2f} x" if one else ""
         vs_lat = f"{r['token_p50_s'] / one['token_p50_s']:.2f} x" if one and one["token_p50_s"] else ""
-        out.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {r['tokens_per_s']:.1f} | {vs} | "
+        steady = r.get("steady_tokens_per_s")  # runs before it was recorded have none
+        if steady:
+            base = one.get("steady_tokens_per_s") if one else None
+            steady = f"{steady:.1f}" + (f", {steady / base:.2f} x" if base else "")
+        out.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {r['tokens_per_s']:.1f} | {vs} | {steady or ''} | "
                    f"{r['ttft_p50_s'] * 1e3:.0f} / {r['ttft_p99_s'] * 1e3:.0f} | "
                    f"{r['token_p50_s'] * 1e3:.1f} / {r['token_p99_s'] * 1e3:.1f} | {vs_lat} | "
                    f"{r.get('max_token_latency_ms') or ''} |")

@@ -3,8 +3,8 @@
     python -m tpimpi.serve.bench --url http://127.0.0.1:8000 --concurrency 8 --out data/results/serve.jsonl
 
 Each client sends --requests chat completions one after another (greedy, --max-tokens each) and times
-every streamed chunk. Recorded: aggregate decode tokens/s over the run, TTFT and per-token latency
-(gaps between a client's consecutive tokens) at p50 and p99. jobs/bench_serve.sh runs the sweep.
+every streamed chunk. Recorded: aggregate tokens/s over the run and while all clients were in flight,
+TTFT and per-token latency (gaps between a client's consecutive tokens) at p50 and p99. jobs/bench_serve.sh runs the sweep.
 """
 
 from __future__ import annotations
@@ -76,16 +76,38 @@ async def run_load(url: str, concurrency: int, requests: int, max_tokens: int,
     return model, [r for rs in results for r in rs]
 
 
+def steady_tokens_per_s(reqs: list[dict]) -> float | None:
+    """Tokens/s while every client had a request in flight: from the last client's first request sent to
+    the first client's last token (the ramp, when the clients' first prompts arrive together, and the tail,
+    when some clients are done, left out). Counted in chunks with text, scaled by the run's tokens per
+    chunk. None when no such span exists."""
+    clients: dict = {}
+    for r in reqs:
+        if r["times"]:
+            t0, t1 = clients.get(r.get("client", 0), (r["t0"], r["times"][-1]))
+            clients[r.get("client", 0)] = (min(t0, r["t0"]), max(t1, r["times"][-1]))
+    if not clients:
+        return None
+    start, end = max(t0 for t0, _ in clients.values()), min(t1 for _, t1 in clients.values())
+    chunks = sum(len(r["times"]) for r in reqs)
+    inside = sum(start <= t <= end for r in reqs for t in r["times"])
+    if end <= start or not inside:
+        return None
+    return inside * sum(r["tokens"] for r in reqs) / chunks / (end - start)
+
+
 def summarize(reqs: list[dict]) -> dict:
-    """Aggregate decode tokens/s (tokens after each request's first, over the run's wall time from the
-    first request sent to the last token), TTFT and per-token gaps at p50 and p99."""
+    """Aggregate tokens/s (every completion token, over the run's wall time from the first request sent to
+    the last token; and while every client had a request in flight, `steady_tokens_per_s`), TTFT and
+    per-token gaps at p50 and p99."""
     start = min(r["t0"] for r in reqs)
     end = max(r["times"][-1] for r in reqs if r["times"])
     ttft = [r["times"][0] - r["t0"] for r in reqs if r["times"]]
     gaps = [b - a for r in reqs for a, b in zip(r["times"], r["times"][1:])]
     tokens = sum(r["tokens"] for r in reqs)
     return {"requests": len(reqs), "completion_tokens": tokens, "wall_s": end - start,
-            "tokens_per_s": tokens / (end - start), "ttft_p50_s": percentile(ttft, 50),
+            "tokens_per_s": tokens / (end - start), "steady_tokens_per_s": steady_tokens_per_s(reqs),
+            "ttft_p50_s": percentile(ttft, 50),
             "ttft_p99_s": percentile(ttft, 99), "token_p50_s": percentile(gaps, 50),
             "token_p99_s": percentile(gaps, 99), "token_mean_s": statistics.fmean(gaps) if gaps else None}
 
@@ -121,7 +143,9 @@ def main(argv=None) -> int:
             f.writelines(json.dumps({"concurrency": args.concurrency, "label": args.label, **r}) + "\n" for r in reqs)
     with open(args.out, "a") as f:
         f.write(json.dumps(result) + "\n")
-    print(f"serve ranks={args.ranks} clients={args.concurrency}: {result['tokens_per_s']:.1f} tokens/s, TTFT p50 "
+    steady = result["steady_tokens_per_s"]
+    print(f"serve ranks={args.ranks} clients={args.concurrency}: {result['tokens_per_s']:.1f} tokens/s"
+          f"{f' ({steady:.1f} with all in flight)' if steady else ''}, TTFT p50 "
           f"{result['ttft_p50_s'] * 1e3:.0f} ms p99 {result['ttft_p99_s'] * 1e3:.0f} ms, per token p50 "
           f"{result['token_p50_s'] * 1e3:.1f} ms p99 {result['token_p99_s'] * 1e3:.1f} ms -> {args.out}", flush=True)
     return 0
