@@ -169,3 +169,18 @@ np.save({str(tmp_path)!r} + "/logits" + sys.argv[1] + ".npy", eng.head.logits(x[
         assert out["1"] == ["panels", "Panels"]
     a, b = (np.load(tmp_path / f"logits{flag}.npy", allow_pickle=False) for flag in ("0", "1"))
     assert abs(a - b).max() < 1e-4 and int(a.argmax()) == int(b.argmax())
+
+
+def test_panels_multiply_without_the_kernel_and_take_other_input_dtypes(monkeypatch):
+    """Panels made where the kernel did not build still multiply (through torch, from the unpacked matrix),
+    and rows in another dtype are taken as float32."""
+    torch.manual_seed(3)
+    w = torch.randn(40, 24)
+    p = native.pack_in_place(w.clone())
+    x = torch.randn(5, 24)
+    if native.available():
+        assert (native.matmul(x.bfloat16(), p) - x.bfloat16().float() @ w.T).abs().max() < 1e-5
+    monkeypatch.setattr(native, "_lib", False)
+    assert not native.available()
+    assert (native.matmul(x, p) - x @ w.T).abs().max() < 1e-5
+    assert (native.matmul(torch.randn(0, 24), p)).shape == (0, 40)
