@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tpimpi import store
+from tpimpi import native, store
 from tpimpi.convert import convert
 from tpimpi.errors import StoreError
 from tpimpi.scheduler import BlockScheduler
@@ -52,7 +52,9 @@ def test_blocks_hold_exactly_each_ranks_slices(store3, tiny_gguf):
     for r, s in enumerate(plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn, [2, 1, 1])):
         rs = store.RankStore(store3, r, 3)
         blocks = resident(rs)
-        attn, mlp = blocks.get(2), blocks.get(3)  # layer 1
+        # layer 1; a resident float32 matrix may be held in column panels (tpimpi.native): as [out, in] here
+        attn, mlp = ({k: v.unpack() if isinstance(v, native.Panels) else v for k, v in blocks.get(b).items()}
+                     for b in (2, 3))
         q_rows.append(attn["wqkv"][: s.n_q * hd].numpy())
         k_rows.append(attn["wqkv"][s.n_q * hd : (s.n_q + s.n_kv) * hd].numpy())
         o_cols.append(attn["wo"].numpy())
