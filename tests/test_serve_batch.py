@@ -11,7 +11,8 @@ from tpimpi.convert import convert
 from tpimpi.engine import Engine, MemoryOptions
 from tpimpi.memory import fixed_parts
 from tpimpi.serve import api
-from tpimpi.serve.batcher import Batcher, common_prefix, control_word, pack, unpack
+from tpimpi.sampling import SamplingConfig
+from tpimpi.serve.batcher import Batcher, Sequence, common_prefix, control_word, pack, unpack
 from tpimpi.shard import plan
 
 PROMPTS = [[1, 9690, 198, 2683, 314, 260, 3575], [1, 520, 9531, 198], [1, 4649, 47, 2, 198, 1, 520, 9531, 198, 42, 7],
@@ -244,3 +245,32 @@ def test_a_prompt_takes_the_free_slot_sharing_its_longest_start():
     assert b._take_slot([1, 2, 9, 9]) == (2, 3)
     off = Batcher(None, None, 64, 2, 16, 4, prompt_cache=False)
     assert off.held is None and off._take_slot([1, 2]) == (0, 0)
+
+
+def test_under_a_target_sequences_join_one_at_a_time_while_the_prediction_allows():
+    """DFTSP admission (rank 0's choice, no model needed): with nothing learned only the first sequence
+    runs; then one joins once the running ones all decode, while the predicted step with it, tail added,
+    stays within the target."""
+    tok = type("Tok", (), {"stream": lambda self: None, "decode": lambda self, ids: ""})()
+    b = Batcher(None, tok, 64, 8, 16, 8, max_token_latency_s=0.050)
+    for _ in range(6):
+        b.submit(Sequence([1, 2, 3], 4, SamplingConfig(), (), lambda *event: None))
+
+    def decode_all():  # the running sequences' prompts are in: they decode from the next step
+        for s in b.active:
+            s.out_ids = s.out_ids or [0]
+
+    b._admit()
+    assert len(b.active) == 1  # a burst at start-up: nobody knows yet what a batch costs
+    decode_all()
+    b._admit()
+    assert len(b.active) == 1  # nothing learned yet
+    b.latency.coef = (0.030, 0.002, 0.0005)  # learned: 30 ms + 2 ms a decode row
+    b._admit()
+    b._admit()
+    assert len(b.active) == 2  # the new one is still prefilling: nobody else joins
+    b.latency.over.extend([0.012] * 10)  # steps run 12 ms over the line: 4 rows 50 ms, 5 rows 52 ms
+    for _ in range(4):
+        decode_all()
+        b._admit()
+    assert len(b.active) == 4 and len(b.waiting) == 2

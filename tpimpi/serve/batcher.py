@@ -202,9 +202,14 @@ class Batcher:
         return [s for s in self.active if s.out_ids]
 
     def _admit(self) -> None:
+        """Waiting sequences take free slots. Under a latency target one joins at a time, once every running
+        sequence decodes (so the steps have measured the batch as it is before it grows; sequences that
+        joined together would all start decoding in one step, at a size nobody has measured), and only
+        while the prediction of a step with it stays within the target."""
         while self.waiting and self.free:
-            if self.target is not None and self.active and not may_admit(
-                    self.target, self.latency.predict_tail(len(self.active) + 1), self.recent_s):
+            if self.target is not None and self.active and (
+                    any(not s.out_ids for s in self.active) or not may_admit(
+                        self.target, self.latency.predict_tail(len(self.active) + 1), self.recent_s)):
                 return  # DFTSP: one more decoding sequence would take the steps past the target
             seq = self.waiting.popleft()
             seq.slot, seq.cached = self._take_slot(seq.prompt_ids)

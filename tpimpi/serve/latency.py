@@ -6,8 +6,12 @@ handing the tokens to the HTTP thread): that is the gap every decoding sequence'
 tokens. A prompt row and a decode row cost differently (a prompt chunk of k rows runs k positions of
 attention over its own prefix and moves the products from memory-bound towards compute-bound), so each
 has its own coefficient: t = a + b * decode + c * prompt. The target is on the 99th percentile of
-per-token latency, so every decision compares the prediction times the tail factor, the 99th percentile
-of recent steps' measured / predicted time.
+per-token latency, so every decision compares the prediction plus the tail: the 99th percentile of recent
+decode steps' measured minus predicted time. The tail is added, not multiplied: what makes a step slow
+here is work beside it (the HTTP thread delivering tokens and taking requests, other processes on the
+cores, the garbage collector), milliseconds that do not grow with the step; a factor learned on small
+steps would scale them up for large ones and keep the batch smaller than the target allows (measured on
+the AMD EPYC at 2 ranks: BENCHMARKS.md, "Serving").
 """
 
 from __future__ import annotations
@@ -22,21 +26,21 @@ TAIL_QUANTILE = 0.99
 
 class LatencyModel:
     """Step time as a + b * decode + c * prompt rows, least squares with exponential forgetting, and the
-    tail factor of recent steps (`tail`)."""
+    tail of recent steps over it (`tail`)."""
 
-    def __init__(self, forget: float = 0.97, tail_window: int = 128):
+    def __init__(self, forget: float = 0.97, tail_window: int = 256):
         self.forget = forget
         self.xtx = np.zeros((3, 3))  # sum of f^age * x x^T, x = (1, decode, prompt)
         self.xty = np.zeros(3)  # sum of f^age * x * seconds
-        self.ratios: collections.deque[float] = collections.deque(maxlen=tail_window)  # measured / predicted
+        self.over: collections.deque[float] = collections.deque(maxlen=tail_window)  # measured - predicted, s
         self.coef: tuple[float, float, float] | None = None  # (a, b, c) once the rows have varied
 
     def add(self, decode: int, prompt: int, seconds: float) -> None:
         """A step of `decode` decode rows and `prompt` prompt rows took `seconds` (only steps with decode
         rows count in the tail: a gap between two tokens is theirs)."""
         predicted = self.predict(decode, prompt)
-        if decode and predicted is not None and predicted > 0:
-            self.ratios.append(seconds / predicted)
+        if decode and predicted is not None:
+            self.over.append(seconds - predicted)
         x = np.array([1.0, decode, prompt])
         self.xtx = self.forget * self.xtx + np.outer(x, x)
         self.xty = self.forget * self.xty + x * seconds
@@ -50,13 +54,14 @@ class LatencyModel:
         return a + b * decode + c * prompt
 
     def tail(self) -> float:
-        """The TAIL_QUANTILE of recent steps' measured / predicted time (at least 1; 1 before any)."""
-        return max(1.0, float(np.quantile(self.ratios, TAIL_QUANTILE))) if self.ratios else 1.0
+        """Seconds: the TAIL_QUANTILE of recent decode steps' measured minus predicted time (at least 0; 0
+        before any)."""
+        return max(0.0, float(np.quantile(self.over, TAIL_QUANTILE))) if self.over else 0.0
 
     def predict_tail(self, decode: int, prompt: int = 0) -> float | None:
         """Seconds that all but the slowest 1% of such steps should stay under."""
         p = self.predict(decode, prompt)
-        return None if p is None else p * self.tail()
+        return None if p is None else p + self.tail()
 
 
 def fit(xtx: np.ndarray, xty: np.ndarray) -> tuple[float, float, float] | None:
@@ -91,11 +96,13 @@ def _solve(xtx: np.ndarray, xty: np.ndarray, max_cond: float = 1e8) -> tuple[flo
 
 
 def may_admit(target: float, predicted_tail: float | None, recent: float | None) -> bool:
-    """Whether one more sequence may join: the prediction (tail included) of a step with it, and the recent
-    measured step time, both within the target. Unknown predictions admit (the model learns from the batch)."""
+    """Whether one more sequence may join those running: the prediction (tail included) of a step with it,
+    and the recent measured step time, both within the target. Nothing is admitted beside running
+    sequences before the model can predict (its first steps, one sequence's prompt and decode rows, teach
+    it): a burst of requests at start-up would otherwise all join a batch nobody knows the cost of."""
     if recent is not None and recent > target:
         return False
-    return predicted_tail is None or predicted_tail <= target
+    return predicted_tail is not None and predicted_tail <= target
 
 
 def prompt_budget(target: float | None, model: LatencyModel, decode: int, chunk: int) -> int:
@@ -105,7 +112,7 @@ def prompt_budget(target: float | None, model: LatencyModel, decode: int, chunk:
     if target is None or decode == 0 or model.coef is None:
         return chunk
     a, b, c = model.coef
-    room = target / model.tail() - (a + b * decode)  # seconds left for prompt rows, tail taken out
+    room = target - model.tail() - (a + b * decode)  # seconds left for prompt rows, tail taken out
     if c <= 0:
         return chunk if room > 0 else 1
-    return max(1, min(chunk, math.floor(room / c)))
+    return max(1, min(chunk, math.floor(room / c + 1e-9)))  # (a row that just fits, rounding aside)
