@@ -3,6 +3,7 @@ rank that dies, and the refusal to listen beyond loopback without a key. One ser
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -198,3 +199,41 @@ def test_a_dead_rank_ends_the_service_and_requests_get_an_error(env, tiny_gguf, 
         assert flat.count("exited on") == 1 and "Traceback" not in flat, srv.stderr  # one message
     finally:
         srv.kill()
+
+
+WAIT_IN_MPI = """
+import sys, time
+import numpy as np
+from tpimpi.serve.__main__ import mpi_defaults
+mpi_defaults()
+from mpi4py import MPI
+c, b = MPI.COMM_WORLD, np.zeros(4)
+if c.rank == 0:
+    time.sleep(0.5)
+    c.Send(b, 1)
+else:
+    c.Recv(b, 0)  # half a second waiting in MPI
+"""
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace (apt-get install strace) to count sched_yield")
+def test_the_servers_ranks_yield_their_core_while_they_wait_in_mpi(env, tmp_path):
+    """The server sets mpi_yield_when_idle before MPI starts, unless the user set it: a rank waiting in MPI
+    then gives its core to rank 0's HTTP thread (and the clients on one machine). Counted with strace:
+    Open MPI's waiting loop calls sched_yield many times more than with the setting off."""
+    script = tmp_path / "wait.py"
+    script.write_text(WAIT_IN_MPI)
+
+    def yields(setting):
+        out = tmp_path / f"strace-{setting}.txt"
+        e = dict(env)
+        e.pop("OMPI_MCA_mpi_yield_when_idle", None)
+        if setting is not None:
+            e["OMPI_MCA_mpi_yield_when_idle"] = setting
+        subprocess.run(["strace", "-f", "-c", "-e", "trace=sched_yield", "-o", str(out), "mpirun", "-np", "2",
+                        sys.executable, str(script)], env=e, check=True, timeout=120, capture_output=True)
+        calls = [ln.split() for ln in out.read_text().splitlines() if ln.strip().endswith("sched_yield")]
+        return int(calls[0][3]) if calls else 0
+
+    default, off = yields(None), yields("0")
+    assert default > 3 * max(off, 100), (default, off)
