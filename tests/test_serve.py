@@ -128,12 +128,14 @@ def test_eight_concurrent_clients_get_what_they_get_alone(client, server):
 def test_the_step_log_and_the_bench_clients_times_join(server, tmp_path):
     """Every chunk a bench client read is matched with the step that produced it (the step log names the
     responses each step gave text to), a step's times are in order and share the client's clock, and a gap
-    is the server's cycle between its two steps plus the change in delivery delay (tpimpi.serve.tail)."""
+    is the server's cycle between its two steps plus the change in delivery delay (tpimpi.serve.tail). The
+    bench's clients take the requests from one list: each is sent once, whichever client is free."""
     import asyncio
 
     from tpimpi.serve import bench, tail
 
-    _, reqs = asyncio.run(bench.run_load(server.url, 3, 1, 6, None))
+    _, reqs = asyncio.run(bench.run_load(server.url, 3, 2, 6, None))
+    assert sorted(r["request"] for r in reqs) == list(range(6)) and {r["client"] for r in reqs} <= {0, 1, 2}
     for _ in range(100):  # a step's line is written just after its tokens went out
         steps = [json.loads(line) for line in server.step_log.read_text().splitlines()]
         if steps and steps[-1]["active"] == 0:  # the line of the step that ended the last request
@@ -142,7 +144,7 @@ def test_the_step_log_and_the_bench_clients_times_join(server, tmp_path):
     assert steps and all(s["ask"] <= s["start"] <= s["forward"] <= s["end"] for s in steps)
     assert all(s["decode"] + s["prefill"] >= 1 and s["active"] >= 0 for s in steps)
     gaps = tail.gaps(steps, reqs)
-    assert len(reqs) == 3 and len(gaps) >= sum(len(r["times"]) - 2 for r in reqs) > 0
+    assert len(gaps) >= sum(len(r["times"]) - 2 for r in reqs) > 0
     for g in gaps:
         assert g["steps"] >= 1 and g["server"] > 0 and abs(g["lag_b"]) < 30
         assert g["gap"] == pytest.approx(g["server"] + g["lag_b"] - g["lag_a"], abs=1e-9)
