@@ -12,7 +12,7 @@ import torch
 
 from harness import rel_err, run_store
 from threadcomm import ThreadGroup
-from tpimpi import native, store
+from tpimpi import native, scheduler, store
 from tpimpi.convert import convert
 from tpimpi.errors import StoreError, UsageError
 from tpimpi.engine import MemoryOptions, memory_plan
@@ -151,10 +151,40 @@ def peak_env(model_cache):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", [["--resident"], ["--window", "2"], ["--window", "4", "--dtype", "bfloat16"],
                                   ["--window", "2", "--io", "mmap"]])
-def test_measured_peak_is_within_15_percent_of_the_prediction(mode, peak_env):
+def test_measured_peak_is_within_8_percent_of_the_prediction(mode, peak_env):
     # a prompt that nearly fills the context, so the prediction's worst case (attention over it) happens
     cmd = [sys.executable, "-m", "tpimpi.generate", "--prompt", "the sea is wide and deep " * 95, "--json",
            "--max-new-tokens", "8", "--max-seq-len", "640"] + mode
     r = json.loads(subprocess.run(cmd, env=peak_env, capture_output=True, check=True).stdout)
     measured, predicted = r["peak_rss_bytes"][0], r["predicted_peak_bytes"]
-    assert abs(measured - predicted) <= 0.15 * measured, (measured, predicted, r["memory"])
+    # within 3% on the AMD EPYC (2026-12-03); before resident rewrites kept one scratch area, glibc's heap
+    # grew in some runs and the resident peak landed 14% over the prediction
+    assert abs(measured - predicted) <= 0.08 * measured, (measured, predicted, r["memory"])
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_resident_rewrites_read_their_rows_into_the_one_scratch_given(packed):
+    """Every row read back while a resident matrix is rewritten lands in the scratch area the load keeps
+    (BlockScheduler maps one and unmaps it after the load): a new 4 MiB tensor per matrix left glibc's heap
+    up to 136 MiB larger than the weights need."""
+    from tpimpi.scheduler import transpose_in_place
+
+    if packed and not native.available():
+        pytest.skip(f"no compiled kernel here ({native.reason}): the BLAS layout is checked")
+    w = torch.randn(100, 48)
+    src = w.clone()
+    scratch = torch.empty(64 * 48)
+    lo, hi = scratch.data_ptr(), scratch.data_ptr() + scratch.numel() * 4
+    seen = []
+
+    def read_rows(r0, r1, rows):
+        seen.append(lo <= rows.data_ptr() and rows.data_ptr() + rows.numel() * 4 <= hi)
+        rows.copy_(src[r0:r1])
+
+    scheduler.TRANSPOSE_CHUNK_BYTES, before = 32 * 48 * 4, scheduler.TRANSPOSE_CHUNK_BYTES
+    try:
+        out = (native.pack_in_place if packed else transpose_in_place)(w, read_rows, scratch)
+    finally:
+        scheduler.TRANSPOSE_CHUNK_BYTES = before
+    assert len(seen) > 1 and all(seen)
+    assert torch.equal(out.unpack() if packed else out, src)

@@ -20,6 +20,7 @@ every pass would cost more than the exact kernel it replaces (tpimpi/quant/kerne
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import queue
@@ -74,12 +75,20 @@ def block_views(buf: np.ndarray, layout: BlockLayout, compute: str = "float32") 
 TRANSPOSE_CHUNK_BYTES = 4 << 20  # rows read back at a time while a resident matrix is transposed
 
 
-def transpose_in_place(w: torch.Tensor, read_rows=None) -> torch.Tensor:
+def scratch_rows(scratch: torch.Tensor | None, n: int, k: int) -> torch.Tensor:
+    """A [n, k] float32 work area: the front of `scratch` (a flat float32 buffer kept for a whole load) when it
+    is large enough, else a new tensor."""
+    if scratch is not None and scratch.numel() >= n * k:
+        return scratch[: n * k].view(n, k)
+    return torch.empty(n, k)
+
+
+def transpose_in_place(w: torch.Tensor, read_rows=None, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """A resident float32 matrix w [out, in] rewritten in its own buffer as [in, out], returned as the
     [out, in] view of that: the layout `layers.matmul_f32` multiplies fastest for every row count
     (BENCHMARKS.md, "Float32 products of a few rows"). read_rows(r0, r1, rows) fills rows [r1-r0, in] with
     rows r0..r1 of w as stored (read again from the file), so only TRANSPOSE_CHUNK_BYTES are held besides
-    the buffer; without it, the rows come from a transient copy of the whole matrix."""
+    the buffer (in `scratch`, if given); without it, the rows come from a transient copy of the whole matrix."""
     n_out, n_in = w.shape
     if w.numel() == 0:  # a rank with no heads or no FFN columns of this layer
         return w
@@ -88,19 +97,20 @@ def transpose_in_place(w: torch.Tensor, read_rows=None) -> torch.Tensor:
         read_rows = lambda r0, r1, rows: rows.copy_(src[r0:r1])  # noqa: E731
     dest = w.view(-1).view(n_in, n_out)
     step = max(1, min(n_out, TRANSPOSE_CHUNK_BYTES // (4 * n_in)))
-    scratch = torch.empty(step, n_in)
+    work = scratch_rows(scratch, step, n_in)
     for r0 in range(0, n_out, step):
         r1 = min(n_out, r0 + step)
-        rows = scratch[: r1 - r0]
+        rows = work[: r1 - r0]
         read_rows(r0, r1, rows)
         dest[:, r0:r1] = rows.T
     return dest.T
 
 
-def transpose_resident(store: RankStore, spec: BlockSpec, views: dict) -> dict:
+def transpose_resident(store: RankStore, spec: BlockSpec, views: dict, scratch: torch.Tensor | None = None) -> dict:
     """The block's float32 matrices rewritten in place for the products of a few rows, their rows read back
-    from the store's file: in column panels for the compiled kernel (tpimpi.native.pack_in_place), or
-    without it transposed for BLAS (transpose_in_place); the other tensors as they are."""
+    from the store's file into `scratch`: in column panels for the compiled kernel
+    (tpimpi.native.pack_in_place), or without it transposed for BLAS (transpose_in_place); the other
+    tensors as they are."""
     out = dict(views)
     for p in spec.layout.parts:
         w = views[p.name]
@@ -111,7 +121,7 @@ def transpose_resident(store: RankStore, spec: BlockSpec, views: dict) -> dict:
         def read_rows(r0, r1, rows, row0=row0, n_in=w.shape[1]):
             store.read_into(row0 + r0 * n_in * 4, memoryview(rows.numpy()).cast("B"))
 
-        out[p.name] = (native.pack_in_place if native.available() else transpose_in_place)(w, read_rows)
+        out[p.name] = (native.pack_in_place if native.available() else transpose_in_place)(w, read_rows, scratch)
     return out
 
 
@@ -235,6 +245,11 @@ class BlockScheduler:
         self.bytes_read = 0
         self._resident: dict[int, dict] = {}
         self._keep = []  # the mmaps behind every view
+        # one work area for every resident matrix's rewrite, in a mapping of its own that goes back to the
+        # system after the load: a new 4 MiB tensor per matrix left glibc's heap up to 136 MiB larger
+        # (its mmap threshold rises after the first such free), and the peak RSS above the prediction
+        scratch_mm, scratch_arr = aligned_buffer(TRANSPOSE_CHUNK_BYTES if resident else 0)
+        scratch = torch.from_numpy(scratch_arr).view(torch.float32)
         for b in sorted(resident):
             mm, arr = aligned_buffer(specs[b].layout.nbytes)
             store.read_into(specs[b].offset, memoryview(mm))
@@ -248,10 +263,13 @@ class BlockScheduler:
                 mm.close()
                 views = packed
             else:
-                views = transpose_resident(store, specs[b], views)
+                views = transpose_resident(store, specs[b], views, scratch)
                 self._keep.append(mm)
             self._resident[b] = views
             self.bytes_read += specs[b].layout.nbytes
+        del scratch, scratch_arr
+        with contextlib.suppress(BufferError):  # (a view still held: it goes when that does)
+            scratch_mm.close()
         self.seq = [b for b in range(len(specs)) if b not in resident]  # the streamed cycle
         self.window = min(window, len(self.seq))
         self._reader = None

@@ -131,10 +131,11 @@ class Panels:
         return w
 
 
-def pack_in_place(w: torch.Tensor, read_rows=None) -> Panels:
+def pack_in_place(w: torch.Tensor, read_rows=None, scratch: torch.Tensor | None = None) -> Panels:
     """The float32 matrix w [N, K] rewritten in its own buffer as column panels. read_rows(r0, r1, rows)
     fills rows [r1-r0, K] with rows r0..r1 of w as stored (read again from the file), so only `chunk` rows
-    are held besides the buffer; without it, the rows come from a transient copy of the whole matrix."""
+    are held besides the buffer (in `scratch`, if given: scheduler.scratch_rows); without it, the rows come
+    from a transient copy of the whole matrix."""
     N, K = w.shape
     data = w.view(-1)
     if w.numel() == 0:
@@ -142,14 +143,14 @@ def pack_in_place(w: torch.Tensor, read_rows=None) -> Panels:
     if read_rows is None:
         src = w.clone()
         read_rows = lambda r0, r1, rows: rows.copy_(src[r0:r1])  # noqa: E731
-    from ..scheduler import TRANSPOSE_CHUNK_BYTES
+    from ..scheduler import TRANSPOSE_CHUNK_BYTES, scratch_rows
 
     step = max(NB, TRANSPOSE_CHUNK_BYTES // (4 * K) // NB * NB)  # whole panels at a time
-    scratch = torch.empty(min(step, N), K)
+    work = scratch_rows(scratch, min(step, N), K)
     full = N // NB * NB
     for r0 in range(0, N, step):
         r1 = min(N, r0 + step)
-        rows = scratch[: r1 - r0]
+        rows = work[: r1 - r0]
         read_rows(r0, r1, rows)
         f1 = min(r1, full)
         if f1 > r0:  # whole panels r0/NB .. f1/NB: [panels, NB, K] -> [panels, K, NB]
