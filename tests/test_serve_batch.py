@@ -248,9 +248,9 @@ def test_a_prompt_takes_the_free_slot_sharing_its_longest_start():
 
 
 def test_under_a_target_sequences_join_one_at_a_time_while_the_prediction_allows():
-    """DFTSP admission (rank 0's choice, no model needed): with nothing learned only the first sequence
-    runs; then one joins once the running ones all decode, while the predicted step with it, tail added,
-    stays within the target."""
+    """DFTSP admission (rank 0's choice, no model needed): a burst at start-up joins one at a time, each once
+    the running ones all decode, and only while the predicted step with it, tail added, stays within the
+    target (before anything can be predicted, while the recent steps do)."""
     tok = type("Tok", (), {"stream": lambda self: None, "decode": lambda self, ids: ""})()
     b = Batcher(None, tok, 64, 8, 16, 8, max_token_latency_s=0.050)
     for _ in range(6):
@@ -261,16 +261,22 @@ def test_under_a_target_sequences_join_one_at_a_time_while_the_prediction_allows
             s.out_ids = s.out_ids or [0]
 
     b._admit()
-    assert len(b.active) == 1  # a burst at start-up: nobody knows yet what a batch costs
-    decode_all()
     b._admit()
-    assert len(b.active) == 1  # nothing learned yet
-    b.latency.coef = (0.030, 0.002, 0.0005)  # learned: 30 ms + 2 ms a decode row
+    assert len(b.active) == 1  # a burst at start-up: the first prefills alone
+    decode_all()
+    b.recent_s = 0.055  # nothing predicted yet, and the recent steps are over the target
+    b._admit()
+    assert len(b.active) == 1
+    b.recent_s = 0.032
     b._admit()
     b._admit()
     assert len(b.active) == 2  # the new one is still prefilling: nobody else joins
+    decode_all()
+    b.latency.coef = (0.030, 0.002, 0.0005)  # learned: 30 ms + 2 ms a decode row
+    b._admit()
+    assert len(b.active) == 3
     b.latency.over.extend([0.012] * 10)  # steps run 12 ms over the line: 4 rows 50 ms, 5 rows 52 ms
-    for _ in range(4):
+    for _ in range(3):
         decode_all()
         b._admit()
     assert len(b.active) == 4 and len(b.waiting) == 2

@@ -82,7 +82,8 @@ def test_admission_needs_the_tail_prediction_and_the_recent_steps_under_the_targ
     assert may_admit(0.050, 0.049, 0.045)
     assert not may_admit(0.050, 0.051, 0.045)  # the step with one more would be over
     assert not may_admit(0.050, 0.049, 0.052)  # the steps are over already
-    assert not may_admit(0.050, None, None)  # nothing known yet: the running sequence's steps teach the model
+    assert may_admit(0.050, None, 0.045)  # nothing predicted yet: the recent steps decide (one joins at a time)
+    assert not may_admit(0.050, None, 0.052)
     lm = model((0.030, 0.002, 0.0005), [0.010] * 10)
     assert lm.predict_tail(5) == pytest.approx(0.050)  # (30 + 10) ms + 10 ms
     assert may_admit(0.0501, lm.predict_tail(5), None) and not may_admit(0.0501, lm.predict_tail(6), None)

@@ -204,8 +204,8 @@ class Batcher:
     def _admit(self) -> None:
         """Waiting sequences take free slots. Under a latency target one joins at a time, once every running
         sequence decodes (so the steps have measured the batch as it is before it grows; sequences that
-        joined together would all start decoding in one step, at a size nobody has measured), and only
-        while the prediction of a step with it stays within the target."""
+        joined together would all start decoding in one step, at a size nobody has measured, as a burst of
+        requests at start-up did), and only while the prediction of a step with it stays within the target."""
         while self.waiting and self.free:
             if self.target is not None and self.active and (
                     any(not s.out_ids for s in self.active) or not may_admit(

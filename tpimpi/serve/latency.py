@@ -97,12 +97,13 @@ def _solve(xtx: np.ndarray, xty: np.ndarray, max_cond: float = 1e8) -> tuple[flo
 
 def may_admit(target: float, predicted_tail: float | None, recent: float | None) -> bool:
     """Whether one more sequence may join those running: the prediction (tail included) of a step with it,
-    and the recent measured step time, both within the target. Nothing is admitted beside running
-    sequences before the model can predict (its first steps, one sequence's prompt and decode rows, teach
-    it): a burst of requests at start-up would otherwise all join a batch nobody knows the cost of."""
+    and the recent measured step time, both within the target. Before the model can predict (steps that
+    all had the same number of rows teach it nothing: one sequence fed a one-token prompt, say), the
+    recent steps decide alone; the batcher then lets sequences join one at a time, so the steps measure
+    each size before the next."""
     if recent is not None and recent > target:
         return False
-    return predicted_tail is not None and predicted_tail <= target
+    return predicted_tail is None or predicted_tail <= target
 
 
 def prompt_budget(target: float | None, model: LatencyModel, decode: int, chunk: int) -> int:
