@@ -23,8 +23,17 @@ for n in ${MPI_SIZES:-2 3 4 8}; do
     for f in "$logs"/rank*.log; do [ -f "$f" ] && { echo "--- $f"; tail -30 "$f"; }; done
   fi
 done
-echo "== serial tests"
-# the slowest tests are listed at the end: where the suite's time goes differs by CPU (27 min serial on an AMD
-# EPYC with AVX2, 10 on an Intel Xeon with AVX-512)
-python3 -m pytest -q -p no:cacheprovider --durations=20 tests/ "$@" || status=1
+# The rest on two pytest workers (pytest-xdist), a test file to a worker (its module fixtures, the model
+# conversions of its session cache, made once). One pytest process kept two cores busy for 1.14 of them
+# on average (most tests wait on a child process: mpirun, a conversion, a server); on two workers these
+# tests took 10.3 minutes instead of 15 on an AMD EPYC with AVX2, the whole script 12.7 instead of about
+# 17. TEST_WORKERS=0 runs them in this process, one by one. (-p no:benchmark: a pytest-benchmark that
+# some Pythons come with warns on every worker that xdist disables it; no test here uses it.)
+echo "== tests on ${TEST_WORKERS:-2} workers"
+python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n "${TEST_WORKERS:-2}" --dist loadfile -m "not alone" --durations=20 \
+  tests/ "$@" || status=1
+# Tests that compare two stretches of time (marked alone), with no other test beside them. Exit 5: the
+# arguments given selected none of them.
+echo "== tests that run alone"
+python3 -m pytest -q -p no:cacheprovider -m alone tests/ "$@" || { rc=$?; [ $rc = 5 ] || status=1; }
 exit $status

@@ -295,6 +295,7 @@ PROBE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.alone  # the median gap early against late: a test beside it would load one stretch and not the other
 def test_a_thousand_tokens_keep_memory_and_latency_flat(env, long_stores, tmp_path):
     (tmp_path / "probe.py").write_text(PROBE)
     p = generate(env, tmp_path, "--model", long_stores[2], "--prompt", "Hello", "--raw", "--max-new-tokens", 1000,

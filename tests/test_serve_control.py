@@ -216,6 +216,7 @@ else:
 """
 
 
+@pytest.mark.alone  # two runs' counts compared: a test beside one of them would take its ranks' CPU time
 @pytest.mark.skipif(not shutil.which("strace"), reason="needs strace (apt-get install strace) to count sched_yield")
 def test_the_servers_ranks_yield_their_core_while_they_wait_in_mpi(env, tmp_path):
     """The server sets mpi_yield_when_idle before MPI starts, unless the user set it: a rank waiting in MPI
